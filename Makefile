@@ -1,0 +1,27 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   creates .venv, installs ziplm, runs the demo (train + evaluate the default model)
+#   make test   creates .venv, installs ziplm with its dev extra, runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m research demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check research tests experiments benchmarks
+	$(VENV)/bin/ruff format --check research tests experiments benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,122 @@
+"""Tokenizers: byte-level (vocab 256, lossless for any bytes) and Hugging Face tokenizers from a local directory.
+
+A tokenizer spec is a string: "byte", or "hf:<dir or hub id>", or a bare directory path. Hub ids resolve through
+`transformers` (and so `huggingface_hub`) when a network is available; a local directory works offline.
+
+Every tokenizer exposes `encode(text) -> np.ndarray`, `decode(ids) -> str`, `vocab_size`, `fingerprint` (a hash
+that changes when the vocabulary does, used as a cache key) and `token_bytes` (UTF-8 byte length of each token
+id, used for bits per byte).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from research import errors
+
+# Files that make a directory loadable by transformers.AutoTokenizer.
+_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("spiece.model",))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0..255, lossless for any input."""
+
+    vocab_size = 256
+    fingerprint = "byte"
+    spec = "byte"
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(256, np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's printable-unicode alphabet for bytes, inverted: char -> byte value."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    visible += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in visible:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return {c: b for b, c in enumerate(chars)}
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (`transformers.AutoTokenizer`) loaded from a directory or hub id."""
+
+    def __init__(self, name: str):
+        path = Path(name).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise errors.UserError(f"tokenizer path {path} is a file; pass the directory that holds it")
+            if not any(all((path / f).is_file() for f in group) for group in _TOKENIZER_FILES):
+                wanted = ", or ".join(" + ".join(g) for g in _TOKENIZER_FILES)
+                raise errors.UserError(f"tokenizer directory {path} has no tokenizer files (expected {wanted})")
+            name = str(path.resolve())
+        elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise errors.UserError(f"tokenizer directory {name} does not exist")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers import AutoTokenizer
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(name)
+        except OSError as e:  # hub id unreachable or unknown
+            raise errors.UserError(f"cannot load tokenizer {name!r} (offline, or not a tokenizer): {e}") from None
+        self.spec = f"hf:{name}"
+        self.vocab_size = len(self._tok)
+        self._path = path if path.exists() else None
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        vocab = self._tok.get_vocab()
+        for token in sorted(vocab, key=vocab.get):
+            h.update(token.encode("utf-8", "surrogatepass") + b"\0")
+        h.update(repr(self._tok.backend_tokenizer.to_str() if self._tok.is_fast else "").encode())
+        return "hf-" + h.hexdigest()[:16]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False), dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(np.asarray(ids).tolist(), clean_up_tokenization_spaces=False)
+
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for: exact for byte-level BPE, else the length of its decoded text."""
+        tokens = self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))
+        byte_level = self._tok.is_fast and "ByteLevel" in repr(self._tok.backend_tokenizer.decoder)
+        table = _byte_level_decoder()
+        special = set(self._tok.all_special_tokens)
+        out = np.zeros(self.vocab_size, np.int64)
+        for i, t in enumerate(tokens):
+            if t is None or t in special:
+                continue
+            if byte_level and all(c in table for c in t):
+                out[i] = len(t)
+            else:
+                out[i] = len(self._tok.decode([i]).encode("utf-8"))
+        return out
+
+
+def load(spec: str) -> ByteTokenizer | HFTokenizer:
+    """Returns the tokenizer a spec names ("byte", "hf:<dir or id>", or a directory)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    return HFTokenizer(spec.removeprefix("hf:"))

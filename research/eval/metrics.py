@@ -1,0 +1,115 @@
+"""Evaluation: loss (nats per token), perplexity, bits per byte and next-token accuracy over windows.
+
+Protocol. Tokens x_0 .. x_{n-1}; every x_t with t >= 1 is a target, scored exactly once. Windows hold `window`
+tokens of input and start every `stride` tokens. The first window scores all of its targets; each later window
+scores only the targets past the previous window's end, so with stride < window every scored token sees at least
+window - stride tokens of context ("sliding window"), and with stride == window the windows do not overlap
+("non-overlapping windows": the first target of each window sees one token of context).
+
+Bits per byte = total negative log2-likelihood / UTF-8 bytes of the scored targets (the tokenizer's `token_bytes`
+table; for bytes it is one per token). Perplexity = exp(mean NLL per token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from research import errors, models
+from research.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    window: int
+    stride: int
+
+    def __post_init__(self):
+        if self.window <= 0 or not 0 < self.stride <= self.window:
+            raise errors.UserError(f"eval window must be > 0 and 0 < stride <= window, got {self}")
+
+    def describe(self) -> str:
+        if self.stride == self.window:
+            return f"non-overlapping windows of {self.window} tokens"
+        return f"sliding windows of {self.window} tokens, stride {self.stride}"
+
+
+def windows(tokens: np.ndarray, protocol: Protocol, max_windows: int | None = None):
+    """Cuts tokens into evaluation windows.
+
+    Returns:
+      inputs (N, W) int32, targets (N, W) int32, mask (N, W) bool marking the targets each window scores.
+    """
+    n, w, s = len(tokens), protocol.window, protocol.stride
+    if n < 2:
+        raise errors.UserError(f"cannot evaluate {n} token(s): at least 2 are needed")
+    count = 1 if n - 1 <= w else 1 + math.ceil((n - 1 - w) / s)
+    if max_windows:
+        count = min(count, max_windows)
+    starts = np.arange(count) * s  # (N,)
+    target_pos = starts[:, None] + 1 + np.arange(w)  # (N, W) absolute index of each target
+    prev_end = np.concatenate([[0], starts[:-1] + w])  # last target index scored by the window before
+    mask = (target_pos <= n - 1) & (target_pos > prev_end[:, None])
+    pos = np.minimum(starts[:, None] + np.arange(w + 1), n - 1)  # (N, W+1)
+    seq = np.asarray(tokens)[pos].astype(np.int32)
+    return seq[:, :-1], seq[:, 1:], mask
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_step(graphdef, params, inputs, targets, mask):
+    logits = models.merge(graphdef, params)(inputs)  # (B, W, V)
+    nll = step_lib.token_nll(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets) & mask
+    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(correct)
+
+
+def evaluate(graphdef, params, tokens: np.ndarray, token_bytes: np.ndarray, protocol: Protocol, *,
+             batch_size: int = 32, max_windows: int | None = None, progress: bool | None = None,
+             desc: str = "eval") -> dict:
+    """Scores `tokens` with the model (graphdef, params) under `protocol`.
+
+    Args:
+      graphdef, params: the model, as from `models.split`.
+      tokens: 1-D token ids.
+      token_bytes: (vocab,) UTF-8 bytes per token id (the tokenizer's `token_bytes`).
+      protocol: window and stride.
+      batch_size: windows per forward pass (the last batch is padded with masked rows).
+      max_windows: evaluate only the first this many windows.
+      progress: show a progress bar (None: only on a terminal).
+      desc: progress bar label.
+
+    Returns:
+      {"loss" (nats/token), "perplexity", "bits_per_byte", "accuracy", "tokens", "bytes", "protocol"}.
+    """
+    if batch_size <= 0:
+        raise errors.UserError(f"eval batch size must be positive, got {batch_size}")
+    inputs, targets, mask = windows(tokens, protocol, max_windows)
+    pad = -len(inputs) % batch_size
+    if pad:
+        inputs, targets = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (inputs, targets))
+        mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
+    nll, correct = 0.0, 0
+    disable = None if progress is None else not progress
+    for i in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=disable, leave=False):
+        sl = slice(i, i + batch_size)
+        b_nll, b_correct = _eval_step(graphdef, params, inputs[sl], targets[sl], mask[sl])
+        nll += float(b_nll)
+        correct += int(b_correct)
+    count = int(mask.sum())
+    nbytes = int(np.asarray(token_bytes)[targets[mask]].sum())
+    loss = nll / count
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_byte": nll / math.log(2) / max(nbytes, 1),
+        "accuracy": correct / count,
+        "tokens": count,
+        "bytes": nbytes,
+        "protocol": protocol.describe(),
+    }

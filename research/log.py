@@ -1,0 +1,103 @@
+"""Metric logging: a local JSONL file first, W&B as a mirror. Process 0 only.
+
+Every logged record is one JSON line in `<run dir>/metrics.jsonl` ({"step": ..., "split": ..., metrics...}). W&B
+runs offline by default (files under `<run dir>/wandb`, no network, no account); set `wandb.mode="online"` in the
+config, or WANDB_MODE in the environment, to sync. A W&B failure never stops a run: it is reported once and the run
+goes on with the local file. Tests set WANDB_MODE=disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Writes JSON to a temporary file and renames it over `path`, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class Logger:
+    """Writes metrics to `<workdir>/metrics.jsonl` and, when enabled, to W&B.
+
+    Args:
+      workdir: the run directory.
+      config: the run config as a plain dict (W&B's run config).
+      wandb_cfg: {"mode", "project", "entity", "name"}.
+      resume_step: on resume, records after this step (from the interrupted run, beyond its last checkpoint)
+        are dropped from the JSONL, so the file holds one trajectory.
+    """
+
+    def __init__(self, workdir: Path, config: dict, wandb_cfg: dict, resume_step: int | None = None):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._wandb = None
+        if not self.enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, self.path)
+        elif resume_step is None:
+            self.path.write_text("")
+        self._file = self.path.open("a")
+        self._init_wandb(Path(workdir), config, wandb_cfg)
+
+    def _init_wandb(self, workdir: Path, config: dict, wandb_cfg: dict) -> None:
+        mode = os.environ.get("WANDB_MODE") or wandb_cfg.get("mode") or "offline"
+        if mode == "disabled":
+            return
+        id_file = workdir / "wandb_id"
+        try:
+            import wandb
+
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self._wandb = wandb.init(
+                project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"), name=wandb_cfg.get("name"),
+                dir=str(workdir), config=config, mode=mode, id=run_id, resume="allow",
+                settings=wandb.Settings(silent=True, init_timeout=30),
+            )
+        except Exception as e:  # W&B must never stop a run
+            print(f"warning: W&B disabled for this run ({type(e).__name__}: {e}); metrics go to {self.path}",
+                  file=sys.stderr)
+            self._wandb = None
+
+    def log(self, step: int, metrics: dict, split: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            numeric = {f"{split}/{k}": v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+            self._wandb.log(numeric, step=int(step))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        return v.item()
+    return v

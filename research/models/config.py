@@ -1,0 +1,188 @@
+"""Model configuration: one frozen dataclass covers the GPT-2 and Llama families.
+
+`ModelConfig` holds every architectural choice; `gpt2_style` and `llama_style` fill in the defaults of each
+family. `count_params` and `flops_per_token` are analytic, so they work without building the model (a test checks
+`count_params` against the built model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from research import errors
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+POSITIONS = ("learned", "rope", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer.
+
+    Attributes:
+      vocab_size: number of token ids.
+      n_layer: number of transformer blocks.
+      n_head: number of query heads.
+      n_kv_head: number of key/value heads (grouped-query attention); None means n_head.
+      d_model: width of the residual stream.
+      d_ff: hidden width of the MLP; None means 4 * d_model.
+      head_dim: width of one head; None means d_model // n_head.
+      max_seq_len: context length (size of the learned position table; the RoPE limit is advisory).
+      norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
+      norm_eps: epsilon of the norms.
+      activation: MLP non-linearity: "gelu" (exact), "gelu_tanh" (GPT-2's gelu_new), "relu", "silu".
+      gated_mlp: SwiGLU-style MLP, act(gate(x)) * up(x), as in Llama.
+      position: "learned" absolute positions (GPT-2), "rope" (Llama) or "none".
+      rope_theta: RoPE base frequency.
+      rotary_dim: number of leading head dimensions RoPE rotates; None means all of them.
+      tie_embeddings: the output head reuses the token embedding.
+      bias: biases in the linear layers and the LayerNorms.
+      dropout: dropout rate on embeddings and residual branches (only when a dropout key is given).
+      dtype: compute dtype; parameters always stay float32 (master weights).
+    """
+
+    vocab_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None
+    d_model: int = 128
+    d_ff: int | None = None
+    head_dim: int | None = None
+    max_seq_len: int = 256
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu_tanh"
+    gated_mlp: bool = False
+    position: Literal["learned", "rope", "none"] = "learned"
+    rope_theta: float = 10000.0
+    rotary_dim: int | None = None
+    tie_embeddings: bool = True
+    bias: bool = True
+    dropout: float = 0.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise errors.UserError(f"model config: {msg}")
+
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        need(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(
+            self.n_head % self.kv_heads == 0,
+            f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads})",
+        )
+        if self.head_dim is None:
+            need(
+                self.d_model % self.n_head == 0,
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}), or set head_dim",
+            )
+        if self.position == "rope":
+            need(self.rope_dim % 2 == 0 and 0 < self.rope_dim <= self.dim_head, "rotary_dim must be even, <= head_dim")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.dim_head
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Builds a config from a dict, with a one-line error for unknown keys."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise errors.UserError(f"model config: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+        return cls(**d)
+
+
+def gpt2_style(**kw) -> ModelConfig:
+    """GPT-2: learned positions, LayerNorm, tanh-GELU MLP of width 4d, tied embeddings, biases."""
+    base = dict(norm="layernorm", activation="gelu_tanh", gated_mlp=False, position="learned",
+                tie_embeddings=True, bias=True, norm_eps=1e-5)
+    return ModelConfig(**{**base, **kw})
+
+
+def llama_style(**kw) -> ModelConfig:
+    """Llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, untied head, no biases."""
+    d_model = kw.get("d_model", ModelConfig.d_model)
+    base = dict(norm="rmsnorm", activation="silu", gated_mlp=True, position="rope", tie_embeddings=False,
+                bias=False, norm_eps=1e-5, d_ff=_swiglu_width(d_model))
+    return ModelConfig(**{**base, **kw})
+
+
+def _swiglu_width(d_model: int, multiple_of: int = 32) -> int:
+    """Llama's hidden width: 2/3 of 4d, rounded up to a multiple (keeps the MLP's parameter count near 8d^2)."""
+    hidden = int(2 * 4 * d_model / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def count_params(cfg: ModelConfig, *, embeddings: bool = True) -> int:
+    """Number of parameters of the model `cfg` describes.
+
+    Args:
+      cfg: the model configuration.
+      embeddings: count the token and position tables (an untied output head always counts).
+
+    Returns:
+      The parameter count.
+    """
+    d, hd, f, v = cfg.d_model, cfg.dim_head, cfg.ff_dim, cfg.vocab_size
+    q_out, kv_out = cfg.n_head * hd, cfg.kv_heads * hd
+    b = int(cfg.bias)
+    norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    attn = d * q_out + 2 * d * kv_out + q_out * d + b * (q_out + 2 * kv_out + d)
+    mlp = (3 if cfg.gated_mlp else 2) * d * f + b * ((2 if cfg.gated_mlp else 1) * f + d)
+    total = cfg.n_layer * (attn + mlp + 2 * norm) + norm
+    if not cfg.tie_embeddings:
+        total += d * v
+    if embeddings:
+        total += v * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0)
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, training: bool = True) -> float:
+    """Matmul FLOPs per token, following the PaLM appendix B convention.
+
+    Forward FLOPs per token = 2 * (weights used in matmuls: every linear layer and the output head, not the
+    embedding lookups) + 4 * n_layer * seq_len * n_head * head_dim (scores and weighted values, counting the full
+    causal square, as PaLM does). Training (forward + backward) is 3x the forward.
+
+    Args:
+      cfg: the model configuration.
+      seq_len: context length the attention term uses; defaults to cfg.max_seq_len.
+      training: count forward + backward (3x) rather than forward only.
+
+    Returns:
+      FLOPs per token, a float.
+    """
+    t = seq_len or cfg.max_seq_len
+    d, q_out, kv_out = cfg.d_model, cfg.n_head * cfg.dim_head, cfg.kv_heads * cfg.dim_head
+    per_layer = 2 * d * q_out + 2 * d * kv_out + (3 if cfg.gated_mlp else 2) * d * cfg.ff_dim
+    matmul = cfg.n_layer * per_layer + d * cfg.vocab_size
+    fwd = 2 * matmul + 4 * cfg.n_layer * t * cfg.n_head * cfg.dim_head
+    return float(fwd * (3 if training else 1))

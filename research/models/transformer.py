@@ -1,0 +1,187 @@
+"""A decoder-only transformer in Flax NNX covering the GPT-2 and Llama families.
+
+The module holds nothing but `nnx.Param`s, so `nnx.split(model, nnx.Param)` captures all of its state and
+`research.models.split` turns that into a plain nested dict with readable paths:
+
+    embed/embedding                      (V, D)
+    pos_embed/embedding                  (T, D)       learned positions only
+    layers/{i}/attn_norm/scale|bias      (D,)
+    layers/{i}/attn/q|k|v|o/kernel|bias  (D, H*hd) (D, KV*hd) (D, KV*hd) (H*hd, D)
+    layers/{i}/mlp_norm/scale|bias       (D,)
+    layers/{i}/mlp/gate|up|down/kernel   (D, F) (D, F) (F, D)   gate only in gated (SwiGLU) MLPs
+    final_norm/scale|bias                (D,)
+    lm_head/kernel                       (D, V)       untied heads only
+
+Kernels are (in, out). Dropout is functional: it runs only when a `dropout_rng` key is passed, so the module has
+no random state and training stays a pure function of (params, batch, key).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.models import config as config_lib
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def _dropout(x, rate: float, rng):
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def apply_rope(x, positions, theta: float, rot_dim: int):
+    """Rotary position embedding in the "rotate half" layout used by Hugging Face Llama.
+
+    Args:
+      x: (B, T, N, hd) queries or keys.
+      positions: (B, T) integer positions.
+      theta: base frequency.
+      rot_dim: number of leading dimensions of each head to rotate (even); the rest pass through.
+
+    Returns:
+      (B, T, N, hd) array of x's dtype.
+    """
+    half = rot_dim // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rot_dim)  # (half,)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, half)
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # (B, T, 1, half)
+    xf = x.astype(jnp.float32)
+    x1, x2, rest = xf[..., :half], xf[..., half:rot_dim], xf[..., rot_dim:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (scale, optional bias) or RMSNorm (scale), computed in float32."""
+
+    def __init__(self, dim: int, kind: str, eps: float, bias: bool):
+        self.kind, self.eps = kind, eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if (bias and kind == "layernorm") else None
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            xf = xf - xf.mean(-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def _linear(din, dout, cfg, rngs, std):
+    return nnx.Linear(
+        din, dout, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros, rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with grouped-query heads and optional RoPE."""
+
+    def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs, out_std: float):
+        self.cfg = cfg
+        hd = cfg.dim_head
+        self.q = _linear(cfg.d_model, cfg.n_head * hd, cfg, rngs, 0.02)
+        self.k = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02)
+        self.v = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02)
+        self.o = _linear(cfg.n_head * hd, cfg.d_model, cfg, rngs, out_std)
+
+    def __call__(self, x, positions):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, cfg.n_head, cfg.dim_head)  # (B, T, H, hd)
+        k = self.k(x).reshape(b, t, cfg.kv_heads, cfg.dim_head)  # (B, T, KV, hd)
+        v = self.v(x).reshape(b, t, cfg.kv_heads, cfg.dim_head)
+        if cfg.position == "rope":
+            q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_dim)
+            k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_dim)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, H, hd)
+        return self.o(y.reshape(b, t, cfg.n_head * cfg.dim_head))
+
+
+class MLP(nnx.Module):
+    """Position-wise MLP: down(act(up(x))), or down(act(gate(x)) * up(x)) when gated."""
+
+    def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs, out_std: float):
+        self.act = _ACTIVATIONS[cfg.activation]
+        self.gate = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02) if cfg.gated_mlp else None
+        self.up = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02)
+        self.down = _linear(cfg.ff_dim, cfg.d_model, cfg, rngs, out_std)
+
+    def __call__(self, x):
+        h = self.up(x)  # (B, T, F)
+        h = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
+        return self.down(h)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.dropout = cfg.dropout
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg, rngs, out_std)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias)
+        self.mlp = MLP(cfg, rngs, out_std)
+
+    def __call__(self, x, positions, rng=None):
+        r1, r2 = (None, None) if rng is None else jax.random.split(rng)
+        x = x + _dropout(self.attn(self.attn_norm(x), positions), self.dropout, r1)
+        return x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, r2)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model; `model(tokens)` returns next-token logits."""
+
+    def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        emb_init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, embedding_init=emb_init, rngs=rngs)
+        if cfg.position == "learned":
+            self.pos_embed = nnx.Embed(cfg.max_seq_len, cfg.d_model, dtype=dtype, embedding_init=emb_init, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype,
+                                      kernel_init=emb_init, rngs=rngs)
+
+    def __call__(self, tokens, positions=None, *, dropout_rng=None):
+        """Next-token logits.
+
+        Args:
+          tokens: (B, T) int token ids.
+          positions: (B, T) int positions; defaults to 0..T-1 for every row.
+          dropout_rng: a PRNG key to enable dropout (training); None runs deterministically.
+
+        Returns:
+          (B, T, V) float32 logits.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed(tokens)  # (B, T, D)
+        if cfg.position == "learned":
+            x = x + self.pos_embed(positions)
+        rngs = [None] * (cfg.n_layer + 1) if dropout_rng is None else list(jax.random.split(dropout_rng, cfg.n_layer + 1))
+        x = _dropout(x, cfg.dropout, rngs[0])
+        for layer, rng in zip(self.layers, rngs[1:]):
+            x = layer(x, positions, rng)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+        return logits.astype(jnp.float32)

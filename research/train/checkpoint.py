@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a run: the training state plus a JSON record of everything needed to continue it.
+
+Layout: `<run dir>/checkpoints/<step>/{state, meta}`. `state` is {"step", "params", "opt_state"}; `meta` holds the
+run config, the model config, the tokenizer spec and the data position (the sampler's seed and next step). Restoring
+uses an abstract target so optax state objects come back as they were, with the shardings of the current mesh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from research import errors
+
+
+class Checkpoints:
+    """A thin wrapper over `ocp.CheckpointManager` for one run directory."""
+
+    def __init__(self, workdir: Path, keep: int = 2, create: bool = True):
+        self.dir = Path(workdir).resolve() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+        self._mgr = ocp.CheckpointManager(self.dir, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._mgr.save(step, args=args, force=True)
+
+    def meta(self, step: int | None = None) -> dict:
+        step = self._step(step)
+        return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore(self, target, step: int | None = None):
+        """Restores (state, meta) at `step` (default latest) into the structure and shardings of `target`.
+
+        Args:
+          target: a state tree of arrays or ShapeDtypeStructs (with .sharding) giving structure and placement.
+        """
+        step = self._step(step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        try:
+            out = self._mgr.restore(step, args=args)
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise errors.UserError(
+                f"checkpoint {self.dir / str(step)} does not match this model (written by an incompatible config?): "
+                f"{first[:300]}"
+            ) from None
+        return out.state, out.meta
+
+    def _step(self, step):
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise errors.UserError(f"no checkpoint in {self.dir}")
+        return step
+
+    def wait(self) -> None:
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.close()
+
+
+def load_run(workdir: str | Path, step: int | None = None):
+    """Loads a trained model from a run directory.
+
+    Args:
+      workdir: a run directory written by `ziplm train`.
+      step: checkpoint step (default: the latest).
+
+    Returns:
+      (config, graphdef, params, meta): the run's ConfigDict, the model graphdef, its parameters, the
+      checkpoint's meta record (which includes the step under "step").
+    """
+    from research import config as config_lib
+    from research import models
+    from research.train import optim
+    from research.train import step as step_lib
+
+    workdir = Path(workdir).expanduser()
+    if not (workdir / "checkpoints").is_dir():
+        raise errors.UserError(f"{workdir} is not a run directory (no checkpoints/ inside)")
+    ckpts = Checkpoints(workdir, create=False)
+    step = ckpts._step(step)
+    meta = ckpts.meta(step)
+    cfg = config_lib.from_dict(meta["config"])
+    graphdef, abstract_params = models.abstract(config_lib.model_cfg(cfg))
+    tx = optim.make(cfg.train)
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), abstract_params)
+    state, meta = ckpts.restore(abstract_state, step)
+    ckpts.close()
+    return cfg, graphdef, state["params"], {**meta, "step": step}

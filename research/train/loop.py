@@ -1,0 +1,231 @@
+"""The training loop: one function from a config and a run directory to a trained, evaluated, checkpointed model.
+
+A run directory holds `config.json`, `metrics.jsonl` (every logged metric), `checkpoints/` (orbax), `summary.json`
+and, with W&B offline, `wandb/`. Running `train` again on the same directory resumes from its latest checkpoint and
+continues the same trajectory (batches and dropout keys are functions of the seed and step). A directory holding a
+run with a different model, data or seed is refused rather than overwritten. Ctrl-C or SIGTERM stops at the next
+step boundary, saves a checkpoint and raises `Interrupted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from tqdm.auto import tqdm
+
+from research import config as config_lib
+from research import errors, log, models
+from research.data import dataset, tokenizers
+from research.eval import metrics
+from research.train import checkpoint, optim, sharding
+from research.train import step as step_lib
+
+# Settings that may change between an interrupted run and its resumption.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
+                  "train.keep_checkpoints", "eval", "mesh", "wandb")
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint; rerunning the same command resumes."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
+    """True if `workdir` holds a compatible run to resume; False if it is new or empty. Raises on a conflict."""
+    if not workdir.exists():
+        return False
+    if not workdir.is_dir():
+        raise errors.UserError(f"run directory {workdir} is a file")
+    saved = workdir / "config.json"
+    if not saved.exists():
+        if any(workdir.iterdir()):
+            raise errors.UserError(f"{workdir} exists and is not a ziplm run directory; choose another --workdir")
+        return False
+    old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(config_lib.to_json(cfg)))
+    changed = sorted(
+        k for k in set(old) | set(new)
+        if old.get(k) != new.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)
+    )
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        raise errors.UserError(
+            f"{workdir} holds a run with a different config ({diff}); choose another --workdir or remove it"
+        )
+    return True
+
+
+@contextlib.contextmanager
+def _stop_on_signal():
+    """Yields a list that becomes non-empty when SIGINT/SIGTERM arrives (main thread only)."""
+    flag: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag:  # a second signal stops at once
+            raise KeyboardInterrupt
+        flag.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = None,
+          progress: bool | None = None) -> dict:
+    """Trains (or resumes) the run `cfg` describes in `workdir`.
+
+    Args:
+      cfg: the run config (see research.config.base_config).
+      workdir: the run directory; created if missing, resumed if it holds this run.
+      stop_at: stop after this many steps as if interrupted (saves a checkpoint first); for tests and debugging.
+      progress: show progress bars (None: only on a terminal).
+
+    Returns:
+      The summary: parameters, steps, final validation metrics, tokens/s, wall time.
+    """
+    t_start = time.time()
+    config_lib.validate(cfg)
+    workdir = Path(workdir).expanduser().resolve()
+    resume = check_run_dir(workdir, cfg)
+    mcfg = config_lib.model_cfg(cfg)
+    tok = tokenizers.load(cfg.data.tokenizer)
+    if tok.vocab_size > mcfg.vocab_size:
+        raise errors.UserError(
+            f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary ({tok.vocab_size}): "
+            f"set --config.model.vocab_size={tok.vocab_size}"
+        )
+    splits = dataset.prepare(cfg.data.corpus, tok, cfg.data.val_fraction)
+    batches = dataset.Batches(splits.train, cfg.data.batch_size, cfg.data.seq_len, cfg.seed, cfg.data.sampling)
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
+    batch_axes = sharding.batch_axes_for(cfg.mesh.rules)
+    sharding.check_batch(cfg.data.batch_size, mesh, batch_axes)
+    tx = optim.make(cfg.train)
+    graphdef, abstract_params = models.abstract(mcfg)
+    param_sh = sharding.named(sharding.param_specs(abstract_params, cfg.mesh.rules, mesh), mesh)
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), abstract_params)
+    state_sh = sharding.mirror(abstract_state, abstract_params, param_sh, mesh)
+    batch_sh = sharding.batch_sharding(mesh, batch_axes)
+
+    ckpts = checkpoint.Checkpoints(workdir, keep=cfg.train.keep_checkpoints)
+    if resume and ckpts.latest_step() is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+        state, _ = ckpts.restore(target)
+        start = int(state["step"])
+    else:
+        init = jax.jit(lambda: step_lib.init_state(models.init(mcfg, cfg.seed)[1], tx), out_shardings=state_sh)
+        state, start = init(), 0
+    log.write_json_atomic(workdir / "config.json", cfg.to_dict())
+
+    train_step = step_lib.make_train_step(graphdef, tx, seed=cfg.seed, dropout=mcfg.dropout > 0,
+                                          state_shardings=state_sh, batch_sharding=batch_sh)
+    protocol = metrics.Protocol(cfg.eval.window or cfg.data.seq_len,
+                                cfg.eval.stride or cfg.eval.window or cfg.data.seq_len)
+    logger = log.Logger(workdir, cfg.to_dict(), cfg.wandb.to_dict(), resume_step=start if resume else None)
+    schedule = optim.schedule(cfg.train)
+    n_params = config_lib.model_config.count_params(mcfg)
+
+    def evaluate(max_windows):
+        return metrics.evaluate(graphdef, state["params"], splits.val, tok.token_bytes, protocol,
+                                batch_size=cfg.eval.batch_size, max_windows=max_windows, progress=progress)
+
+    def save(step):
+        meta = {"config": cfg.to_dict(), "tokenizer": tok.spec, "corpus_sha256": splits.corpus_sha256,
+                "data": {"sampler": cfg.data.sampling, "seed": cfg.seed, "next_step": step}}
+        ckpts.save(step, state, meta)
+
+    end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+    print(f"run {workdir}: {n_params:,} parameters; {splits.corpus} with {tok.spec}: {len(splits.train):,} train / "
+          f"{len(splits.val):,} val tokens; steps {start}->{end} of {cfg.train.steps}, "
+          f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens each; mesh {dict(mesh.shape)} on "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    timed_steps, timed_seconds, t_mark, eval_seconds = 0, 0.0, None, 0.0
+    last_loss, interrupted = float("nan"), False
+    bar = tqdm(range(start, end), desc="train", initial=start, total=end,
+               disable=None if progress is None else not progress)
+    with _stop_on_signal() as stop:
+        for s in bar:
+            batch = jax.device_put(batches(s), batch_sh)
+            state, m = train_step(state, batch)
+            done = s + 1
+            if s == start:  # the first step compiles: time from its end
+                jax.block_until_ready(m["loss"])
+                t_mark = time.time()
+            else:
+                timed_steps += 1
+            if done % cfg.train.log_every == 0 or done == end:
+                last_loss = float(m["loss"])
+                logger.log(done, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s))})
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+            if done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+                t0 = time.time()
+                val = evaluate(cfg.eval.max_windows)
+                logger.log(done, _numeric(val), split="val")
+                tqdm.write(f"step {done}: train loss {last_loss:.4f}, val loss {val['loss']:.4f} nats/token, "
+                           f"{val['bits_per_byte']:.4f} bits/byte")
+                eval_seconds += time.time() - t0
+            if done % cfg.train.ckpt_every == 0 or done == end:
+                save(done)
+            if stop:
+                interrupted = True
+                if done % cfg.train.ckpt_every and done != end:
+                    save(done)
+                break
+    bar.close()
+    jax.block_until_ready(state)
+    if t_mark is not None:
+        timed_seconds = time.time() - t_mark - eval_seconds
+    done = int(state["step"])
+    previous = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else {}
+    final = evaluate(None) if done >= cfg.train.steps else None
+    if final is not None:
+        logger.log(done, _numeric(final), split="val")
+    ckpts.wait()
+    ckpts.close()
+    logger.close()
+    summary = {
+        "workdir": str(workdir),
+        "params": n_params,
+        "steps": done,
+        "resumed_from": start if resume else None,
+        "train_loss": last_loss,
+        "val": final,
+        # A resumed run that had nothing left to do reports the throughput of the run that trained it.
+        "tokens_per_second": (timed_steps * tokens_per_step / timed_seconds if timed_steps > 0 and timed_seconds > 0
+                              else previous.get("tokens_per_second")),
+        "flops_per_token": config_lib.model_config.flops_per_token(mcfg, cfg.data.seq_len),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "mesh": dict(mesh.shape),
+        "wall_seconds": time.time() - t_start,
+    }
+    log.write_json_atomic(workdir / "summary.json", summary)
+    if interrupted:
+        raise Interrupted(f"stopped at step {done}; checkpoint saved in {workdir}; rerun the same command to resume")
+    return summary
+
+
+def _numeric(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, int | float | np.floating)}

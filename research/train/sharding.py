@@ -1,0 +1,130 @@
+"""Device mesh and shardings given by rules over parameter paths.
+
+The mesh has two axes, "data" and "model". A rule set is a list of (regex, spec) pairs: the first regex that
+matches a parameter's path ("layers/0/attn/q/kernel") gives its PartitionSpec, and unmatched leaves are
+replicated. A dimension that the mesh axis does not divide stays unsharded. Presets:
+
+  "replicated"  plain data parallelism: every parameter on every device, the batch split over all of them.
+  "fsdp"        fully sharded data parallelism: matrices split along their first dimension over "model", the batch
+                split over ("data", "model"); XLA gathers each weight where it is used.
+  "tensor"      Megatron-style tensor parallelism over "model": q/k/v/up/gate column-parallel, o/down row-parallel,
+                embeddings split over the vocabulary; the batch split over "data".
+
+Optimizer state leaves inherit the sharding of the parameter whose path they end with (Adam's mu and nu mirror the
+parameters), so the same rules shard the whole training state. With one device every spec is trivial and the same
+code runs unsharded.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from research import errors, tree
+
+AXES = ("data", "model")
+
+PRESETS = {
+    "replicated": [],
+    "fsdp": [(r"(kernel|embedding)$", ("model", None))],
+    "tensor": [
+        (r"attn/(q|k|v)/kernel$", (None, "model")),
+        (r"attn/(q|k|v)/bias$", ("model",)),
+        (r"attn/o/kernel$", ("model", None)),
+        (r"mlp/(up|gate)/kernel$", (None, "model")),
+        (r"mlp/(up|gate)/bias$", ("model",)),
+        (r"mlp/down/kernel$", ("model", None)),
+        (r"(embed|pos_embed)/embedding$", ("model", None)),
+        (r"lm_head/kernel$", (None, "model")),
+    ],
+}
+BATCH_AXES = {"replicated": ("data", "model"), "fsdp": ("data", "model"), "tensor": ("data",)}
+
+
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A ("data", "model") mesh; -1 for `data` takes all devices left after `model`."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    if model <= 0 or n % model:
+        raise errors.UserError(f"mesh.model={model} must be positive and divide the {n} available devices")
+    if data == -1:
+        data = n // model
+    if data <= 0 or data * model > n:
+        raise errors.UserError(f"mesh {data} x {model} needs {data * model} devices, but {n} are available")
+    grid = np.asarray(devices[: data * model]).reshape(data, model)
+    return jax.sharding.Mesh(grid, AXES)
+
+
+def rules_for(rules) -> list[tuple[str, tuple]]:
+    """A preset name or an explicit list of (regex, spec) pairs, as a list of pairs."""
+    if isinstance(rules, str):
+        if rules not in PRESETS:
+            raise errors.UserError(f"unknown sharding rules {rules!r}; presets: {sorted(PRESETS)}")
+        return PRESETS[rules]
+    return [(str(r), tuple(s)) for r, s in rules]
+
+
+def batch_axes_for(rules) -> tuple[str, ...]:
+    return BATCH_AXES.get(rules, ("data",)) if isinstance(rules, str) else ("data",)
+
+
+def _fit(spec: tuple, shape: tuple, mesh) -> P:
+    """The spec, padded to the array's rank, with axes that do not divide their dimension dropped."""
+    spec = tuple(spec)[: len(shape)] + (None,) * max(0, len(shape) - len(spec))
+    out = []
+    for dim, axis in zip(shape, spec):
+        names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(axis if names and dim % size == 0 else None)
+    return P(*out)
+
+
+def param_specs(params, rules, mesh) -> dict:
+    """PartitionSpecs for a parameter tree, by the first matching rule on each path."""
+    compiled = [(re.compile(r), s) for r, s in rules_for(rules)]
+
+    def spec(path, leaf):
+        for regex, s in compiled:
+            if regex.search(path):
+                return _fit(s, leaf.shape, mesh)
+        return P()
+
+    return tree.map_with_path(spec, params)
+
+
+def named(specs, mesh):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def mirror(target, params, param_shardings, mesh):
+    """Shardings for a tree (e.g. optimizer state) whose leaves end with parameter paths, by suffix match."""
+    by_path = {p: (leaf.shape, s) for (p, leaf), s in zip(tree.flatten(params).items(), jax.tree.leaves(
+        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        parts = path.split("/")
+        for i in range(len(parts)):
+            hit = by_path.get("/".join(parts[i:]))
+            if hit is not None and hit[0] == getattr(leaf, "shape", None):
+                return hit[1]
+        return replicated
+
+    return tree.map_with_path(pick, target)
+
+
+def batch_sharding(mesh, axes: tuple[str, ...]) -> NamedSharding:
+    """Shards the leading (batch) dimension over `axes`."""
+    return NamedSharding(mesh, P(axes))
+
+
+def check_batch(batch_size: int, mesh, axes) -> None:
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    if batch_size % shards:
+        raise errors.UserError(
+            f"batch size {batch_size} is not divisible by the {shards} devices it is split over (mesh axes {axes})"
+        )

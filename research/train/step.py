@@ -1,0 +1,75 @@
+"""The loss and the jitted train step over split state.
+
+The training state is a plain dict {"step": int32, "params": ..., "opt_state": ...}. The step merges the graphdef
+with the parameters inside the traced function (no `nnx.jit`), takes one optimizer step, and donates the old state's
+buffers. Dropout keys are `fold_in(key(seed), step)`, so a step's randomness depends only on the seed and the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from research import models
+
+
+def token_nll(logits, targets):
+    """Per-token negative log-likelihood in nats: logits (..., V), targets (...) -> (...), float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def loss_fn(params, graphdef, batch, dropout_rng=None, apply_fn: Callable | None = None):
+    """Mean next-token cross-entropy (nats per token) of a batch.
+
+    Args:
+      params: parameter tree.
+      graphdef: the model's graphdef from `models.split`.
+      batch: {"inputs": (B, T) int, "targets": (B, T) int}.
+      dropout_rng: PRNG key enabling dropout, or None.
+      apply_fn: maps params to the effective parameters the forward pass sees (a compression transform's
+        apply); None uses params as they are.
+
+    Returns:
+      Scalar float32 loss.
+    """
+    effective = apply_fn(params) if apply_fn is not None else params
+    model = models.merge(graphdef, effective)
+    logits = model(batch["inputs"], dropout_rng=dropout_rng)  # (B, T, V)
+    return token_nll(logits, batch["targets"]).mean()
+
+
+def init_state(params, tx) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def make_train_step(graphdef, tx, *, seed: int, dropout: bool, state_shardings=None, batch_sharding=None,
+                    apply_fn: Callable | None = None):
+    """Builds the jitted step: (state, batch) -> (new state, {"loss", "grad_norm"}).
+
+    Args:
+      graphdef: the model's graphdef.
+      tx: the optax optimizer.
+      seed: run seed; dropout keys derive from it and the step.
+      dropout: whether to pass dropout keys to the model.
+      state_shardings: shardings of the state tree (None: let jit infer from the inputs).
+      batch_sharding: sharding of each batch array.
+      apply_fn: see `loss_fn`.
+    """
+    key = jax.random.key(seed)
+
+    def step(state, batch):
+        rng = jax.random.fold_in(key, state["step"]) if dropout else None
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], graphdef, batch, rng, apply_fn)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    batch_sh = {"inputs": batch_sharding, "targets": batch_sharding}
+    return jax.jit(step, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, None),
+                   donate_argnums=0)
