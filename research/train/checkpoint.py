@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from research import errors
+from research import errors, tree
 
 
 class Checkpoints:
@@ -21,10 +21,17 @@ class Checkpoints:
     def __init__(self, workdir: Path, keep: int = 2, create: bool = True):
         self.dir = Path(workdir).resolve() / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-        self._mgr = ocp.CheckpointManager(self.dir, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._mgr = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def delete(self, step: int) -> None:
+        self._mgr.delete(step)
 
     def save(self, step: int, state, meta: dict) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
@@ -42,16 +49,24 @@ class Checkpoints:
         """
         step = self._step(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        self._check_shapes(step, abstract)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        try:
-            out = self._mgr.restore(step, args=args)
-        except (ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise errors.UserError(
-                f"checkpoint {self.dir / str(step)} does not match this model (written by an incompatible config?): "
-                f"{first[:300]}"
-            ) from None
+        out = self._mgr.restore(step, args=args)
         return out.state, out.meta
+
+    def _check_shapes(self, step: int, abstract) -> None:
+        """Compares the stored arrays' shapes with the target's, naming the first tensor that disagrees."""
+        stored = {k: tuple(v.shape) for k, v in tree.flatten(self._mgr.item_metadata(step)["state"]).items()}
+        wanted = {k: tuple(v.shape) for k, v in tree.flatten(abstract).items()}
+        where = f"checkpoint {self.dir / str(step)} was written by an incompatible config"
+        for k in wanted:
+            if k not in stored:
+                raise errors.UserError(f"{where}: it has no tensor {k}")
+            if stored[k] != wanted[k]:
+                raise errors.UserError(f"{where}: {k} has shape {stored[k]} there, but the config gives {wanted[k]}")
+        extra = sorted(set(stored) - set(wanted))
+        if extra:
+            raise errors.UserError(f"{where}: it has tensors this model lacks ({', '.join(extra[:3])})")
 
     def _step(self, step):
         step = self.latest_step() if step is None else step

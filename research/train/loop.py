@@ -199,6 +199,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = Non
     if t_mark is not None:
         timed_seconds = time.time() - t_mark - eval_seconds
     done = int(state["step"])
+    interrupted = interrupted or done < cfg.train.steps
     previous = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else {}
     final = evaluate(None) if done >= cfg.train.steps else None
     if final is not None:

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from research import errors
+from research.data import tokenizers
+from tests import helpers
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=50, deadline=None)
+def test_byte_tokenizer_is_lossless(data):
+    tok = tokenizers.ByteTokenizer()
+    ids = tok.encode(data)
+    assert ids.tolist() == list(data)
+    assert bytes(np.asarray(ids, np.uint8).tolist()) == data
+
+
+def test_byte_tokenizer_text_roundtrip():
+    tok = tokenizers.load("byte")
+    text = "héllo, wörld ✓"
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(text)) == len(text.encode("utf-8"))
+
+
+@helpers.needs_shared
+def test_gpt2_tokenizer_offline():
+    tok = tokenizers.load(str(helpers.GPT2_TOKENIZER))
+    assert tok.vocab_size == 50257
+    assert tok.encode("Hello world").tolist() == [15496, 995]
+    assert tok.decode([15496, 995]) == "Hello world"
+    assert tok.fingerprint == tokenizers.load("hf:" + str(helpers.GPT2_TOKENIZER)).fingerprint
+
+
+@helpers.needs_shared
+def test_gpt2_tokenizer_reproduces_all_test_vectors():
+    tok = tokenizers.load(str(helpers.GPT2_TOKENIZER))
+    folder = helpers.GPT2_TOKENIZER / "testvectors"
+    inputs = (folder / "ggml-vocab-gpt-2.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    outputs = (folder / "ggml-vocab-gpt-2.gguf.out").read_text(encoding="utf-8").split("\n")
+    assert len(inputs) == len(outputs) == 47  # both files end with a separator: the last vector is "" -> []
+    for text, want in zip(inputs, outputs):
+        assert tok.encode(text).tolist() == [int(i) for i in want.split()], repr(text)
+
+
+@helpers.needs_shared
+def test_token_bytes_sum_to_utf8_length():
+    tok = tokenizers.load(str(helpers.GPT2_TOKENIZER))
+    text = "Naïve café — 東京 😀 tokens\n\n  spaced"
+    ids = tok.encode(text)
+    assert tok.token_bytes[ids].sum() == len(text.encode("utf-8"))
+    assert tok.token_bytes[50256] == 0  # <|endoftext|> stands for no text
+
+
+def test_directory_without_tokenizer_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(errors.UserError, match="has no tokenizer files"):
+        tokenizers.load(str(tmp_path))
+
+
+def test_missing_tokenizer_directory(tmp_path):
+    with pytest.raises(errors.UserError, match="does not exist"):
+        tokenizers.load(str(tmp_path / "nope"))

@@ -1,0 +1,71 @@
+import math
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from research import errors, models
+from research.eval import metrics
+from research.models import config as mc
+
+
+@given(n=st.integers(2, 300), window=st.integers(1, 40), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_every_target_scored_exactly_once(n, window, data):
+    stride = data.draw(st.integers(1, window))
+    tokens = np.arange(n)
+    inputs, targets, mask = metrics.windows(tokens, metrics.Protocol(window, stride))
+    scored = targets[mask]
+    assert sorted(scored.tolist()) == list(range(1, n))  # targets 1..n-1, once each
+    np.testing.assert_array_equal(targets[mask], inputs[mask] + 1)  # each target follows its input
+    # Sliding windows: every scored target after the first window sees >= window - stride tokens of context.
+    pos = np.broadcast_to(np.arange(window), mask.shape)
+    if len(inputs) > 1:
+        assert pos[1:][mask[1:]].min() >= window - stride
+
+
+def test_windows_respect_max_windows():
+    inputs, _, mask = metrics.windows(np.arange(100), metrics.Protocol(10, 10), max_windows=3)
+    assert inputs.shape == (3, 10) and mask.sum() == 30
+
+
+def test_protocol_names():
+    assert metrics.Protocol(128, 128).describe() == "non-overlapping windows of 128 tokens"
+    assert metrics.Protocol(128, 64).describe() == "sliding windows of 128 tokens, stride 64"
+    with pytest.raises(errors.UserError):
+        metrics.Protocol(8, 9)
+
+
+def test_uniform_model_scores_log_vocab():
+    # All-zero weights give all-zero logits: every token costs ln(V) nats, log2(V) bits per byte-token.
+    cfg = mc.gpt2_style(vocab_size=256, n_layer=1, n_head=1, d_model=8, max_seq_len=16)
+    graphdef, params = models.init(cfg)
+    zeros = jax.tree.map(lambda x: x * 0, params)
+    tokens = np.random.default_rng(0).integers(0, 256, 101)
+    r = metrics.evaluate(graphdef, zeros, tokens, np.ones(256), metrics.Protocol(16, 8), batch_size=3)
+    assert r["tokens"] == r["bytes"] == 100
+    assert r["loss"] == pytest.approx(math.log(256), rel=1e-6)
+    assert r["perplexity"] == pytest.approx(256, rel=1e-5)
+    assert r["bits_per_byte"] == pytest.approx(8.0, rel=1e-6)
+
+
+def test_bits_per_byte_uses_token_bytes():
+    cfg = mc.gpt2_style(vocab_size=4, n_layer=1, n_head=1, d_model=8, max_seq_len=8)
+    graphdef, params = models.init(cfg)
+    zeros = jax.tree.map(lambda x: x * 0, params)
+    tokens = np.array([0, 1, 2, 3, 1])
+    token_bytes = np.array([1, 2, 3, 4])
+    r = metrics.evaluate(graphdef, zeros, tokens, token_bytes, metrics.Protocol(8, 8))
+    assert r["bytes"] == 2 + 3 + 4 + 2
+    assert r["bits_per_byte"] == pytest.approx(4 * 2 / 11, rel=1e-6)  # 4 targets x 2 bits over 11 bytes
+
+
+def test_accuracy_of_a_model_that_learned_the_pattern():
+    cfg = mc.gpt2_style(vocab_size=4, n_layer=1, n_head=1, d_model=8, max_seq_len=8)
+    graphdef, params = models.init(cfg)
+    # Zero weights: argmax picks token 0 everywhere, so accuracy = share of targets equal to 0.
+    zeros = jax.tree.map(lambda x: x * 0, params)
+    r = metrics.evaluate(graphdef, zeros, np.array([1, 0, 0, 2, 0]), np.ones(4), metrics.Protocol(8, 8))
+    assert r["accuracy"] == pytest.approx(3 / 4)
