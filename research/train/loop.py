@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from research import config as config_lib
-from research import errors, log, models
+from research import errors, hardware, log, models
 from research.data import dataset, tokenizers
 from research.eval import metrics
 from research.train import checkpoint, optim, sharding
@@ -207,6 +207,11 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = Non
     ckpts.wait()
     ckpts.close()
     logger.close()
+    # A resumed run that had nothing left to do reports the throughput of the run that trained it.
+    tokens_per_s = (timed_steps * tokens_per_step / timed_seconds if timed_steps > 0 and timed_seconds > 0
+                    else previous.get("tokens_per_second"))
+    flops = config_lib.model_config.flops_per_token(mcfg, cfg.data.seq_len)
+    peak = hardware.peak_flops(mcfg.dtype)
     summary = {
         "workdir": str(workdir),
         "params": n_params,
@@ -214,11 +219,10 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = Non
         "resumed_from": start if resume else None,
         "train_loss": last_loss,
         "val": final,
-        # A resumed run that had nothing left to do reports the throughput of the run that trained it.
-        "tokens_per_second": (timed_steps * tokens_per_step / timed_seconds if timed_steps > 0 and timed_seconds > 0
-                              else previous.get("tokens_per_second")),
-        "flops_per_token": config_lib.model_config.flops_per_token(mcfg, cfg.data.seq_len),
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "tokens_per_second": tokens_per_s,
+        "flops_per_token": flops,
+        "mfu": tokens_per_s * flops / peak if tokens_per_s and peak else None,
+        "devices": hardware.describe(),
         "mesh": dict(mesh.shape),
         "wall_seconds": time.time() - t_start,
     }

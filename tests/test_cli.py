@@ -1,0 +1,100 @@
+"""End-to-end: the CLI trains, evaluates and resumes; bad input gets one line on stderr and exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from research import cli
+from tests import helpers
+
+TINY = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.d_model=32",
+        "--config.model.max_seq_len=32", "--config.data.seq_len=32", "--config.data.batch_size=4",
+        "--config.train.steps=4", "--config.train.warmup_steps=1", "--config.train.eval_every=2",
+        "--config.train.ckpt_every=2", "--config.eval.max_windows=8", "--config.mesh.data=1"]
+
+
+def _run(*args, env=None):
+    env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "research", *args], capture_output=True, text=True, env=env,
+                          cwd=helpers.REPO, timeout=300)
+
+
+def test_train_eval_resume_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    r = _run("train", "--workdir", str(run), *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "val bits per byte" in r.stdout and "non-overlapping windows of 32 tokens" in r.stdout
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= {p.name for p in run.iterdir()}
+
+    r = _run("eval", "--workdir", str(run), "--window", "16", "--stride", "8", "--json", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    assert "sliding windows of 16 tokens, stride 8" in r.stdout
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["step"] == 4 and result["bits_per_byte"] > 0 and result["tokens"] == 46598
+
+    r = _run("train", "--workdir", str(run), *TINY, "--config.train.steps=6")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] == 4 and summary["steps"] == 6
+
+
+def test_demo_writes_table_and_plot(tmp_path, capsys):
+    assert cli.main(["demo", "--workdir", str(tmp_path / "demo"), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "ziplm demo" in out and "parameters" in out and "tokens/s" in out
+    assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
+
+
+def _bad(args, capsys, match):
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and match in err, err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    _bad(["train", "--workdir", str(tmp_path / "r"), *TINY, f"--config.data.corpus={tmp_path}/none.txt"],
+         capsys, "none.txt does not exist")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    _bad(["train", "--workdir", str(tmp_path / "r"), "--config.train.lrr=1"], capsys, "unknown config key")
+
+
+def test_tokenizer_directory_without_files(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    _bad(["train", "--workdir", str(tmp_path / "r"), *TINY, f"--config.data.tokenizer={tmp_path}/tok"],
+         capsys, "has no tokenizer files")
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_positive_batch_size(tmp_path, capsys):
+    _bad(["train", "--workdir", str(tmp_path / "r"), *TINY, "--config.data.batch_size=0"], capsys,
+         "data.batch_size must be a positive integer")
+
+
+def test_bad_config_file(tmp_path, capsys):
+    _bad(["train", "--config", str(tmp_path / "nope.py")], capsys, "does not exist")
+
+
+def test_eval_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    _bad(["eval", "--workdir", str(tmp_path)], capsys, "is not a run directory")
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--workdir", str(run), *TINY]) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    _bad(["train", "--workdir", str(run), *TINY, "--config.model.d_model=64"], capsys, "different config")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+def test_help(argv):
+    r = _run(*argv)
+    assert r.returncode == 0 and "usage: ziplm" in r.stdout
