@@ -77,8 +77,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     log.write_json_atomic(out, result)
     shutil.rmtree(workdir.parent, ignore_errors=True)
-    print(json.dumps({k: result[k] for k in ("final_val_loss", "meets_target", "wall_seconds", "tokens_per_second",
-                                             "mfu")}, indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("final_val_loss", "meets_target", "wall_seconds", "tokens_per_second", "mfu")},
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

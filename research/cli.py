@@ -53,8 +53,9 @@ def _eval(args, overrides) -> int:
     protocol = metrics.Protocol(window, args.stride or window)
     if window > cfg.model.max_seq_len:
         raise errors.UserError(f"--window {window} exceeds the model's context ({cfg.model.max_seq_len})")
-    result = metrics.evaluate(graphdef, params, tokens, tok.token_bytes, protocol,
-                              batch_size=args.batch_size or cfg.eval.batch_size)
+    result = metrics.evaluate(
+        graphdef, params, tokens, tok.token_bytes, protocol, batch_size=args.batch_size or cfg.eval.batch_size
+    )
     result.update(corpus=spec, split=args.split, step=meta["step"], workdir=str(args.workdir))
     print(report.eval_table(result))
     if args.json:
@@ -75,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     d = sub.add_parser("demo", help="train, evaluate and summarise the default model on the embedded corpus")
     d.add_argument("--workdir", help="run directory (default runs/demo; an existing demo run is resumed)")
-    t = sub.add_parser("train", help="train a model from a config file",
-                       epilog="Any --config.KEY=VALUE overrides that config entry.")
+    t = sub.add_parser(
+        "train", help="train a model from a config file", epilog="Any --config.KEY=VALUE overrides that config entry."
+    )
     t.add_argument("--config", help="config file with get_config() (default: the demo's base config)")
     t.add_argument("--workdir", help="run directory (default runs/<config name>); resumed if it holds this run")
     e = sub.add_parser("eval", help="evaluate a trained run's checkpoint")

@@ -124,7 +124,7 @@ def apply_overrides(cfg: mlc.ConfigDict, args: list[str]) -> mlc.ConfigDict:
         arg = args[i]
         if not arg.startswith("--config."):
             raise errors.UserError(f"unrecognised argument {arg!r} (overrides look like --config.train.lr=3e-4)")
-        key, eq, value = arg[len("--config."):].partition("=")
+        key, eq, value = arg[len("--config.") :].partition("=")
         if not eq:
             if i + 1 >= len(args):
                 raise errors.UserError(f"override {arg} has no value")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import jax
@@ -66,16 +67,24 @@ class Logger:
         try:
             import wandb
 
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self._wandb = wandb.init(
-                project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"), name=wandb_cfg.get("name"),
-                dir=str(workdir), config=config, mode=mode, id=run_id, resume="allow",
+                project=wandb_cfg.get("project"),
+                entity=wandb_cfg.get("entity"),
+                name=wandb_cfg.get("name"),
+                dir=str(workdir),
+                config=config,
+                mode=mode,
+                id=run_id,
+                resume="allow",
                 settings=wandb.Settings(silent=True, init_timeout=30),
             )
         except Exception as e:  # W&B must never stop a run
-            print(f"warning: W&B disabled for this run ({type(e).__name__}: {e}); metrics go to {self.path}",
-                  file=sys.stderr)
+            print(
+                f"warning: W&B disabled for this run ({type(e).__name__}: {e}); metrics go to {self.path}",
+                file=sys.stderr,
+            )
             self._wandb = None
 
     def log(self, step: int, metrics: dict, split: str = "train") -> None:

@@ -1,7 +1,6 @@
 """Test setup: 8 forced CPU devices (for sharding tests), W&B disabled, a private token cache."""
 
 import os
-from pathlib import Path
 
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -11,7 +10,6 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 import pytest  # noqa: E402
-
 
 
 @pytest.fixture(autouse=True, scope="session")

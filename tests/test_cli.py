@@ -10,16 +10,32 @@ import pytest
 from research import cli
 from tests import helpers
 
-TINY = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.d_model=32",
-        "--config.model.max_seq_len=32", "--config.data.seq_len=32", "--config.data.batch_size=4",
-        "--config.train.steps=4", "--config.train.warmup_steps=1", "--config.train.eval_every=2",
-        "--config.train.ckpt_every=2", "--config.eval.max_windows=8", "--config.mesh.data=1"]
+TINY = [
+    "--config.model.n_layer=1",
+    "--config.model.n_head=2",
+    "--config.model.d_model=32",
+    "--config.model.max_seq_len=32",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=4",
+    "--config.train.steps=4",
+    "--config.train.warmup_steps=1",
+    "--config.train.eval_every=2",
+    "--config.train.ckpt_every=2",
+    "--config.eval.max_windows=8",
+    "--config.mesh.data=1",
+]
 
 
 def _run(*args, env=None):
     env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "research", *args], capture_output=True, text=True, env=env,
-                          cwd=helpers.REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "research", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=helpers.REPO,
+        timeout=300,
+    )
 
 
 def test_train_eval_resume_end_to_end(tmp_path):
@@ -56,8 +72,11 @@ def _bad(args, capsys, match):
 
 
 def test_missing_data_path(tmp_path, capsys):
-    _bad(["train", "--workdir", str(tmp_path / "r"), *TINY, f"--config.data.corpus={tmp_path}/none.txt"],
-         capsys, "none.txt does not exist")
+    _bad(
+        ["train", "--workdir", str(tmp_path / "r"), *TINY, f"--config.data.corpus={tmp_path}/none.txt"],
+        capsys,
+        "none.txt does not exist",
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -67,14 +86,20 @@ def test_unknown_config_key(tmp_path, capsys):
 
 def test_tokenizer_directory_without_files(tmp_path, capsys):
     (tmp_path / "tok").mkdir()
-    _bad(["train", "--workdir", str(tmp_path / "r"), *TINY, f"--config.data.tokenizer={tmp_path}/tok"],
-         capsys, "has no tokenizer files")
+    _bad(
+        ["train", "--workdir", str(tmp_path / "r"), *TINY, f"--config.data.tokenizer={tmp_path}/tok"],
+        capsys,
+        "has no tokenizer files",
+    )
     assert not (tmp_path / "r").exists()
 
 
 def test_non_positive_batch_size(tmp_path, capsys):
-    _bad(["train", "--workdir", str(tmp_path / "r"), *TINY, "--config.data.batch_size=0"], capsys,
-         "data.batch_size must be a positive integer")
+    _bad(
+        ["train", "--workdir", str(tmp_path / "r"), *TINY, "--config.data.batch_size=0"],
+        capsys,
+        "data.batch_size must be a positive integer",
+    )
 
 
 def test_bad_config_file(tmp_path, capsys):

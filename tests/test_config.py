@@ -10,9 +10,18 @@ CONFIGS = sorted((helpers.REPO / "experiments" / "configs").glob("*.py"))
 
 def test_overrides_set_typed_values():
     cfg = config.base_config()
-    config.apply_overrides(cfg, ["--config.train.lr=3e-4", "--config.train.steps", "7",
-                                 "--config.train.min_lr=0", "--config.model.n_kv_head=2",
-                                 "--config.data.corpus=some/file.txt", "--config.model.bias=True"])
+    config.apply_overrides(
+        cfg,
+        [
+            "--config.train.lr=3e-4",
+            "--config.train.steps",
+            "7",
+            "--config.train.min_lr=0",
+            "--config.model.n_kv_head=2",
+            "--config.data.corpus=some/file.txt",
+            "--config.model.bias=True",
+        ],
+    )
     assert cfg.train.lr == 3e-4 and cfg.train.steps == 7
     assert cfg.train.min_lr == 0.0 and isinstance(cfg.train.min_lr, float)
     assert cfg.model.n_kv_head == 2 and cfg.data.corpus == "some/file.txt" and cfg.model.bias is True
@@ -33,13 +42,16 @@ def test_non_override_argument_is_rejected():
         config.apply_overrides(config.base_config(), ["--lr=3"])
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("data.batch_size", 0, "data.batch_size must be a positive integer"),
-    ("train.steps", -1, "train.steps must be a positive integer"),
-    ("data.seq_len", 4096, "exceeds model.max_seq_len"),
-    ("eval.stride", 1000, "eval.stride"),
-    ("wandb.mode", "sometimes", "wandb.mode"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("data.batch_size", 0, "data.batch_size must be a positive integer"),
+        ("train.steps", -1, "train.steps must be a positive integer"),
+        ("data.seq_len", 4096, "exceeds model.max_seq_len"),
+        ("eval.stride", 1000, "eval.stride"),
+        ("wandb.mode", "sometimes", "wandb.mode"),
+    ],
+)
 def test_validate_names_the_problem(key, value, match):
     cfg = config.base_config()
     config.override(cfg, key, value)
@@ -49,8 +61,10 @@ def test_validate_names_the_problem(key, value, match):
 
 def test_load_with_argument(tmp_path):
     f = tmp_path / "c.py"
-    f.write_text("from research import config\n"
-                 "def get_config(arg='1'):\n    c = config.base_config(); c.seed = int(arg); return c\n")
+    f.write_text(
+        "from research import config\n"
+        "def get_config(arg='1'):\n    c = config.base_config(); c.seed = int(arg); return c\n"
+    )
     assert config.load(str(f)).seed == 1
     assert config.load(f"{f}:5").seed == 5
 

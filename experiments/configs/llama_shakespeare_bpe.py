@@ -20,9 +20,16 @@ DATA = Path(os.environ.get("ZIPLM_DATA", Path(__file__).resolve().parents[2].par
 
 def get_config():
     c = config.base_config()
-    c.model = model_config.llama_style(vocab_size=50304, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
-                                       max_seq_len=128).to_dict()
-    c.data.update(corpus=str(DATA / "tinyshakespeare" / "input.txt"), tokenizer=str(DATA / "gpt2-tokenizer"),
-                  val_fraction=0.1, seq_len=128, batch_size=16, sampling="random")
+    c.model = model_config.llama_style(
+        vocab_size=50304, n_layer=4, n_head=4, n_kv_head=2, d_model=128, max_seq_len=128
+    ).to_dict()
+    c.data.update(
+        corpus=str(DATA / "tinyshakespeare" / "input.txt"),
+        tokenizer=str(DATA / "gpt2-tokenizer"),
+        val_fraction=0.1,
+        seq_len=128,
+        batch_size=16,
+        sampling="random",
+    )
     c.train.update(steps=600, lr=2e-3, min_lr=2e-4, warmup_steps=60, eval_every=200, ckpt_every=200)
     return c

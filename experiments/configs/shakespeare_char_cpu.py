@@ -26,11 +26,29 @@ DATA = Path(os.environ.get("ZIPLM_DATA", Path(__file__).resolve().parents[2].par
 
 def get_config():
     c = config.base_config()
-    c.model = model_config.gpt2_style(vocab_size=256, n_layer=4, n_head=4, d_model=128, max_seq_len=64,
-                                      bias=False, dropout=0.0).to_dict()
-    c.data.update(corpus=str(DATA / "tinyshakespeare" / "input.txt"), tokenizer="byte", val_fraction=0.1,
-                  seq_len=64, batch_size=12, sampling="random")
-    c.train.update(steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.99,
-                   grad_clip=1.0, log_every=10, eval_every=250, ckpt_every=500)
+    c.model = model_config.gpt2_style(
+        vocab_size=256, n_layer=4, n_head=4, d_model=128, max_seq_len=64, bias=False, dropout=0.0
+    ).to_dict()
+    c.data.update(
+        corpus=str(DATA / "tinyshakespeare" / "input.txt"),
+        tokenizer="byte",
+        val_fraction=0.1,
+        seq_len=64,
+        batch_size=12,
+        sampling="random",
+    )
+    c.train.update(
+        steps=2000,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=100,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.99,
+        grad_clip=1.0,
+        log_every=10,
+        eval_every=250,
+        ckpt_every=500,
+    )
     c.eval.update(window=None, stride=None, batch_size=128, max_windows=None)
     return c

@@ -69,9 +69,18 @@ def _eval_step(graphdef, params, inputs, targets, mask):
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(correct)
 
 
-def evaluate(graphdef, params, tokens: np.ndarray, token_bytes: np.ndarray, protocol: Protocol, *,
-             batch_size: int = 32, max_windows: int | None = None, progress: bool | None = None,
-             desc: str = "eval") -> dict:
+def evaluate(
+    graphdef,
+    params,
+    tokens: np.ndarray,
+    token_bytes: np.ndarray,
+    protocol: Protocol,
+    *,
+    batch_size: int = 32,
+    max_windows: int | None = None,
+    progress: bool | None = None,
+    desc: str = "eval",
+) -> dict:
     """Scores `tokens` with the model (graphdef, params) under `protocol`.
 
     Args:

@@ -122,16 +122,31 @@ class ModelConfig:
 
 def gpt2_style(**kw) -> ModelConfig:
     """GPT-2: learned positions, LayerNorm, tanh-GELU MLP of width 4d, tied embeddings, biases."""
-    base = dict(norm="layernorm", activation="gelu_tanh", gated_mlp=False, position="learned",
-                tie_embeddings=True, bias=True, norm_eps=1e-5)
+    base = dict(
+        norm="layernorm",
+        activation="gelu_tanh",
+        gated_mlp=False,
+        position="learned",
+        tie_embeddings=True,
+        bias=True,
+        norm_eps=1e-5,
+    )
     return ModelConfig(**{**base, **kw})
 
 
 def llama_style(**kw) -> ModelConfig:
     """Llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, untied head, no biases."""
     d_model = kw.get("d_model", ModelConfig.d_model)
-    base = dict(norm="rmsnorm", activation="silu", gated_mlp=True, position="rope", tie_embeddings=False,
-                bias=False, norm_eps=1e-5, d_ff=_swiglu_width(d_model))
+    base = dict(
+        norm="rmsnorm",
+        activation="silu",
+        gated_mlp=True,
+        position="rope",
+        tie_embeddings=False,
+        bias=False,
+        norm_eps=1e-5,
+        d_ff=_swiglu_width(d_model),
+    )
     return ModelConfig(**{**base, **kw})
 
 

@@ -83,8 +83,14 @@ class Norm(nnx.Module):
 
 def _linear(din, dout, cfg, rngs, std):
     return nnx.Linear(
-        din, dout, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros, rngs=rngs,
+        din,
+        dout,
+        use_bias=cfg.bias,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(std),
+        bias_init=nnx.initializers.zeros,
+        rngs=rngs,
     )
 
 
@@ -157,8 +163,9 @@ class Transformer(nnx.Module):
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias)
         if not cfg.tie_embeddings:
-            self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype,
-                                      kernel_init=emb_init, rngs=rngs)
+            self.lm_head = nnx.Linear(
+                cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=emb_init, rngs=rngs
+            )
 
     def __call__(self, tokens, positions=None, *, dropout_rng=None):
         """Next-token logits.
@@ -178,7 +185,8 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)  # (B, T, D)
         if cfg.position == "learned":
             x = x + self.pos_embed(positions)
-        rngs = [None] * (cfg.n_layer + 1) if dropout_rng is None else list(jax.random.split(dropout_rng, cfg.n_layer + 1))
+        n = cfg.n_layer + 1
+        rngs = [None] * n if dropout_rng is None else list(jax.random.split(dropout_rng, n))
         x = _dropout(x, cfg.dropout, rngs[0])
         for layer, rng in zip(self.layers, rngs[1:]):
             x = layer(x, positions, rng)

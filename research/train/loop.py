@@ -29,8 +29,16 @@ from research.train import checkpoint, optim, sharding
 from research.train import step as step_lib
 
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
-                  "train.keep_checkpoints", "eval", "mesh", "wandb")
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "eval",
+    "mesh",
+    "wandb",
+)
 
 
 class Interrupted(Exception):
@@ -60,7 +68,8 @@ def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
         return False
     old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(config_lib.to_json(cfg)))
     changed = sorted(
-        k for k in set(old) | set(new)
+        k
+        for k in set(old) | set(new)
         if old.get(k) != new.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)
     )
     if changed:
@@ -92,8 +101,9 @@ def _stop_on_signal():
             signal.signal(s, h)
 
 
-def train(cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = None,
-          progress: bool | None = None) -> dict:
+def train(
+    cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = None, progress: bool | None = None
+) -> dict:
     """Trains (or resumes) the run `cfg` describes in `workdir`.
 
     Args:
@@ -139,33 +149,51 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = Non
         state, start = init(), 0
     log.write_json_atomic(workdir / "config.json", cfg.to_dict())
 
-    train_step = step_lib.make_train_step(graphdef, tx, seed=cfg.seed, dropout=mcfg.dropout > 0,
-                                          state_shardings=state_sh, batch_sharding=batch_sh)
-    protocol = metrics.Protocol(cfg.eval.window or cfg.data.seq_len,
-                                cfg.eval.stride or cfg.eval.window or cfg.data.seq_len)
+    train_step = step_lib.make_train_step(
+        graphdef, tx, seed=cfg.seed, dropout=mcfg.dropout > 0, state_shardings=state_sh, batch_sharding=batch_sh
+    )
+    protocol = metrics.Protocol(
+        cfg.eval.window or cfg.data.seq_len, cfg.eval.stride or cfg.eval.window or cfg.data.seq_len
+    )
     logger = log.Logger(workdir, cfg.to_dict(), cfg.wandb.to_dict(), resume_step=start if resume else None)
     schedule = optim.schedule(cfg.train)
     n_params = config_lib.model_config.count_params(mcfg)
 
     def evaluate(max_windows):
-        return metrics.evaluate(graphdef, state["params"], splits.val, tok.token_bytes, protocol,
-                                batch_size=cfg.eval.batch_size, max_windows=max_windows, progress=progress)
+        return metrics.evaluate(
+            graphdef,
+            state["params"],
+            splits.val,
+            tok.token_bytes,
+            protocol,
+            batch_size=cfg.eval.batch_size,
+            max_windows=max_windows,
+            progress=progress,
+        )
 
     def save(step):
-        meta = {"config": cfg.to_dict(), "tokenizer": tok.spec, "corpus_sha256": splits.corpus_sha256,
-                "data": {"sampler": cfg.data.sampling, "seed": cfg.seed, "next_step": step}}
+        meta = {
+            "config": cfg.to_dict(),
+            "tokenizer": tok.spec,
+            "corpus_sha256": splits.corpus_sha256,
+            "data": {"sampler": cfg.data.sampling, "seed": cfg.seed, "next_step": step},
+        }
         ckpts.save(step, state, meta)
 
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
-    print(f"run {workdir}: {n_params:,} parameters; {splits.corpus} with {tok.spec}: {len(splits.train):,} train / "
-          f"{len(splits.val):,} val tokens; steps {start}->{end} of {cfg.train.steps}, "
-          f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens each; mesh {dict(mesh.shape)} on "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
+    print(
+        f"run {workdir}: {n_params:,} parameters; {splits.corpus} with {tok.spec}: {len(splits.train):,} train / "
+        f"{len(splits.val):,} val tokens; steps {start}->{end} of {cfg.train.steps}, "
+        f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens each; mesh {dict(mesh.shape)} on "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
+        flush=True,
+    )
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     timed_steps, timed_seconds, t_mark, eval_seconds = 0, 0.0, None, 0.0
     last_loss, interrupted = float("nan"), False
-    bar = tqdm(range(start, end), desc="train", initial=start, total=end,
-               disable=None if progress is None else not progress)
+    bar = tqdm(
+        range(start, end), desc="train", initial=start, total=end, disable=None if progress is None else not progress
+    )
     with _stop_on_signal() as stop:
         for s in bar:
             batch = jax.device_put(batches(s), batch_sh)
@@ -184,8 +212,10 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = Non
                 t0 = time.time()
                 val = evaluate(cfg.eval.max_windows)
                 logger.log(done, _numeric(val), split="val")
-                tqdm.write(f"step {done}: train loss {last_loss:.4f}, val loss {val['loss']:.4f} nats/token, "
-                           f"{val['bits_per_byte']:.4f} bits/byte")
+                tqdm.write(
+                    f"step {done}: train loss {last_loss:.4f}, val loss {val['loss']:.4f} nats/token, "
+                    f"{val['bits_per_byte']:.4f} bits/byte"
+                )
                 eval_seconds += time.time() - t0
             if done % cfg.train.ckpt_every == 0 or done == end:
                 save(done)
@@ -208,8 +238,11 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = Non
     ckpts.close()
     logger.close()
     # A resumed run that had nothing left to do reports the throughput of the run that trained it.
-    tokens_per_s = (timed_steps * tokens_per_step / timed_seconds if timed_steps > 0 and timed_seconds > 0
-                    else previous.get("tokens_per_second"))
+    tokens_per_s = (
+        timed_steps * tokens_per_step / timed_seconds
+        if timed_steps > 0 and timed_seconds > 0
+        else previous.get("tokens_per_second")
+    )
     flops = config_lib.model_config.flops_per_token(mcfg, cfg.data.seq_len)
     peak = hardware.peak_flops(mcfg.dtype)
     summary = {

@@ -102,8 +102,13 @@ def named(specs, mesh):
 
 def mirror(target, params, param_shardings, mesh):
     """Shardings for a tree (e.g. optimizer state) whose leaves end with parameter paths, by suffix match."""
-    by_path = {p: (leaf.shape, s) for (p, leaf), s in zip(tree.flatten(params).items(), jax.tree.leaves(
-        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))}
+    by_path = {
+        p: (leaf.shape, s)
+        for (p, leaf), s in zip(
+            tree.flatten(params).items(),
+            jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)),
+        )
+    }
     replicated = NamedSharding(mesh, P())
 
     def pick(path, leaf):

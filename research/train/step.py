@@ -45,8 +45,16 @@ def init_state(params, tx) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def make_train_step(graphdef, tx, *, seed: int, dropout: bool, state_shardings=None, batch_sharding=None,
-                    apply_fn: Callable | None = None):
+def make_train_step(
+    graphdef,
+    tx,
+    *,
+    seed: int,
+    dropout: bool,
+    state_shardings=None,
+    batch_sharding=None,
+    apply_fn: Callable | None = None,
+):
     """Builds the jitted step: (state, batch) -> (new state, {"loss", "grad_norm"}).
 
     Args:
@@ -71,5 +79,6 @@ def make_train_step(graphdef, tx, *, seed: int, dropout: bool, state_shardings=N
     if state_shardings is None:
         return jax.jit(step, donate_argnums=0)
     batch_sh = {"inputs": batch_sharding, "targets": batch_sharding}
-    return jax.jit(step, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, None),
-                   donate_argnums=0)
+    return jax.jit(
+        step, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, None), donate_argnums=0
+    )

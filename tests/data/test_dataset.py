@@ -80,9 +80,14 @@ def test_epoch_sampling_visits_every_window_once_per_epoch():
     assert not np.array_equal(starts[:10], starts[10:])
 
 
-@pytest.mark.parametrize("kw, match", [(dict(batch_size=0), "batch size must be positive"),
-                                       (dict(seq_len=100), "fewer than seq_len"),
-                                       (dict(sampling="shuffle"), "sampling")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(batch_size=0), "batch size must be positive"),
+        (dict(seq_len=100), "fewer than seq_len"),
+        (dict(sampling="shuffle"), "sampling"),
+    ],
+)
 def test_bad_batch_settings(kw, match):
     args = dict(tokens=np.arange(50), batch_size=2, seq_len=8, seed=0) | kw
     with pytest.raises(errors.UserError, match=match):

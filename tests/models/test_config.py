@@ -8,8 +8,9 @@ CONFIGS = {
     "gpt2": mc.gpt2_style(vocab_size=97, n_layer=3, n_head=4, d_model=32, max_seq_len=24),
     "gpt2_nobias": mc.gpt2_style(vocab_size=97, n_layer=2, n_head=2, d_model=16, bias=False),
     "llama_gqa": mc.llama_style(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32),
-    "llama_tied_headdim": mc.llama_style(vocab_size=50, n_layer=1, n_head=2, head_dim=24, d_model=32,
-                                         tie_embeddings=True, bias=True),
+    "llama_tied_headdim": mc.llama_style(
+        vocab_size=50, n_layer=1, n_head=2, head_dim=24, d_model=32, tie_embeddings=True, bias=True
+    ),
 }
 
 

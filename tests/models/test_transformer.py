@@ -30,8 +30,15 @@ def test_forward_shape_and_causality(cfg):
 def test_param_paths_are_readable_and_stable():
     _, params = models.init(GPT2)
     paths = set(tree.flatten(params))
-    assert {"layers/3/attn/q/kernel", "layers/0/mlp/up/kernel", "layers/0/mlp/down/bias", "embed/embedding",
-            "pos_embed/embedding", "final_norm/scale", "final_norm/bias"} <= paths
+    assert {
+        "layers/3/attn/q/kernel",
+        "layers/0/mlp/up/kernel",
+        "layers/0/mlp/down/bias",
+        "embed/embedding",
+        "pos_embed/embedding",
+        "final_norm/scale",
+        "final_norm/bias",
+    } <= paths
     assert not any("lm_head" in p or "gate" in p for p in paths)
     _, lp = models.init(LLAMA)
     flat = tree.flatten(lp)

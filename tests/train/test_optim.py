@@ -6,8 +6,9 @@ from research.train import optim
 
 
 def _t(**kw):
-    return mlc.ConfigDict(dict(steps=1000, lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1, b1=0.9,
-                               b2=0.99, grad_clip=1.0) | kw)
+    return mlc.ConfigDict(
+        dict(steps=1000, lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip=1.0) | kw
+    )
 
 
 def test_schedule_warmup_then_cosine_to_min_lr():

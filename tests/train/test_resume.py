@@ -80,6 +80,9 @@ def test_checkpoint_shape_mismatch_is_a_user_error(tmp_path):
     meta["config"]["model"]["d_ff"] = 64  # a meta record that disagrees with the stored arrays
     (tmp_path / "checkpoints" / "4" / "meta" / "metadata").write_text(json.dumps(meta))
     assert saved["model"]["d_ff"] is None
-    with pytest.raises(errors.UserError, match=r"incompatible config: .*mlp/down/kernel has shape \(128, 32\) "
-                                               r"there, but the config gives \(64, 32\)"):
+    with pytest.raises(
+        errors.UserError,
+        match=r"incompatible config: .*mlp/down/kernel has shape \(128, 32\) "
+        r"there, but the config gives \(64, 32\)",
+    ):
         checkpoint.load_run(tmp_path)

@@ -71,8 +71,9 @@ def test_sharded_loss_and_steps_equal_unsharded(rules, mesh_shape):
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     state_sh = sharding.mirror(abstract, params, param_sh, mesh)
     batch_sh = sharding.batch_sharding(mesh, sharding.batch_axes_for(rules))
-    sharded = step_lib.make_train_step(graphdef, tx, seed=0, dropout=False, state_shardings=state_sh,
-                                       batch_sharding=batch_sh)
+    sharded = step_lib.make_train_step(
+        graphdef, tx, seed=0, dropout=False, state_shardings=state_sh, batch_sharding=batch_sh
+    )
     params_copy = jax.tree.map(lambda a: a.copy(), models.init(CFG)[1])
     state = jax.device_put(step_lib.init_state(params_copy, tx), state_sh)
     got = []
