@@ -7,7 +7,7 @@ Usage:
 Trains the config `experiments/configs/shakespeare_char_<setting>.py` in a fresh run directory and writes
 `benchmarks/results/shakespeare_char_<setting>_<device>.json`: the loss curve (train every 10 steps, validation
 every 250), the final validation loss and bits per byte, wall time, tokens/s after compilation, and model FLOPs
-utilisation where the device's peak is known.
+utilisation where the device's peak is known, and the loss curve as a PNG beside it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from research import config, hardware, log
+from research import config, hardware, log, report
 from research.train import loop
 
 HERE = Path(__file__).resolve().parent
@@ -76,6 +76,7 @@ def main() -> None:
     out = Path(args.out or HERE / "results" / f"shakespeare_char_{args.setting}_{hardware.slug()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     log.write_json_atomic(out, result)
+    report.plot_losses(workdir, out.with_suffix(".png"))
     shutil.rmtree(workdir.parent, ignore_errors=True)
     print(
         json.dumps(

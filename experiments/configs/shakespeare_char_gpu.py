@@ -12,40 +12,18 @@ Expected: validation loss about 1.47 nats/char (non-overlapping 256-character wi
 split). On CPU use --config.model.dtype=float32; it runs, slowly.
 """
 
-import os
 from pathlib import Path
 
 from research import config
 from research.models import config as model_config
 
-DATA = Path(os.environ.get("ZIPLM_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-
 
 def get_config():
-    c = config.base_config()
+    c = config.load(str(Path(__file__).with_name("shakespeare_char_cpu.py")))
     c.model = model_config.gpt2_style(
         vocab_size=256, n_layer=6, n_head=6, d_model=384, max_seq_len=256, bias=False, dropout=0.2, dtype="bfloat16"
     ).to_dict()
-    c.data.update(
-        corpus=str(DATA / "tinyshakespeare" / "input.txt"),
-        tokenizer="byte",
-        val_fraction=0.1,
-        seq_len=256,
-        batch_size=64,
-        sampling="random",
-    )
-    c.train.update(
-        steps=5000,
-        lr=1e-3,
-        min_lr=1e-4,
-        warmup_steps=100,
-        weight_decay=0.1,
-        b1=0.9,
-        b2=0.99,
-        grad_clip=1.0,
-        log_every=10,
-        eval_every=250,
-        ckpt_every=1000,
-    )
-    c.eval.update(window=None, stride=None, batch_size=64, max_windows=None)
+    c.data.update(seq_len=256, batch_size=64)
+    c.train.update(steps=5000, lr=1e-3, min_lr=1e-4, ckpt_every=1000)
+    c.eval.batch_size = 64
     return c

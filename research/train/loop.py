@@ -189,7 +189,7 @@ def train(
         flush=True,
     )
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    timed_steps, timed_seconds, t_mark, eval_seconds = 0, 0.0, None, 0.0
+    timed_steps, timed_seconds, t_mark, paused = 0, 0.0, None, 0.0  # paused: eval and checkpoint time
     last_loss, interrupted = float("nan"), False
     bar = tqdm(
         range(start, end), desc="train", initial=start, total=end, disable=None if progress is None else not progress
@@ -208,17 +208,17 @@ def train(
                 last_loss = float(m["loss"])
                 logger.log(done, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s))})
                 bar.set_postfix(loss=f"{last_loss:.4f}")
+            t0 = time.time()
             if done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-                t0 = time.time()
                 val = evaluate(cfg.eval.max_windows)
                 logger.log(done, _numeric(val), split="val")
                 tqdm.write(
                     f"step {done}: train loss {last_loss:.4f}, val loss {val['loss']:.4f} nats/token, "
                     f"{val['bits_per_byte']:.4f} bits/byte"
                 )
-                eval_seconds += time.time() - t0
             if done % cfg.train.ckpt_every == 0 or done == end:
                 save(done)
+            paused += time.time() - t0
             if stop:
                 interrupted = True
                 if done % cfg.train.ckpt_every and done != end:
@@ -227,7 +227,7 @@ def train(
     bar.close()
     jax.block_until_ready(state)
     if t_mark is not None:
-        timed_seconds = time.time() - t_mark - eval_seconds
+        timed_seconds = time.time() - t_mark - paused
     done = int(state["step"])
     interrupted = interrupted or done < cfg.train.steps
     previous = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else {}
@@ -250,7 +250,7 @@ def train(
         "params": n_params,
         "steps": done,
         "resumed_from": start if resume else None,
-        "train_loss": last_loss,
+        "train_loss": last_loss if start < done else previous.get("train_loss"),
         "val": final,
         "tokens_per_second": tokens_per_s,
         "flops_per_token": flops,
