@@ -49,13 +49,13 @@ def _eval(args, overrides) -> int:
     else:
         splits = dataset.prepare(spec, tok, cfg.data.val_fraction)
         tokens = splits.val if args.split == "val" else splits.train
-    window = args.window or cfg.eval.window or cfg.data.seq_len
-    protocol = metrics.Protocol(window, args.stride or window)
+    window = _first(args.window, cfg.eval.window, cfg.data.seq_len)
+    stride = _first(args.stride, cfg.eval.stride if args.window is None else None, window)
     if window > cfg.model.max_seq_len:
         raise errors.UserError(f"--window {window} exceeds the model's context ({cfg.model.max_seq_len})")
-    result = metrics.evaluate(
-        graphdef, params, tokens, tok.token_bytes, protocol, batch_size=args.batch_size or cfg.eval.batch_size
-    )
+    protocol = metrics.Protocol(window, stride)
+    batch_size = _first(args.batch_size, cfg.eval.batch_size)
+    result = metrics.evaluate(graphdef, params, tokens, tok.token_bytes, protocol, batch_size=batch_size)
     result.update(corpus=spec, split=args.split, step=meta["step"], workdir=str(args.workdir))
     print(report.eval_table(result))
     if args.json:
@@ -63,6 +63,11 @@ def _eval(args, overrides) -> int:
 
         log.write_json_atomic(Path(args.json), result)
     return 0
+
+
+def _first(*values):
+    """The first value that is not None (so an explicit 0 reaches validation instead of becoming a default)."""
+    return next(v for v in values if v is not None)
 
 
 def _demo(args, overrides) -> int:

@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
@@ -64,15 +65,36 @@ def load(path: str) -> mlc.ConfigDict:
     p = Path(file)
     if not p.is_file():
         raise errors.UserError(f"config file {p} does not exist")
+    if p.suffix != ".py":
+        raise errors.UserError(f"config file {p} is not a Python file (configs are .py files with get_config())")
     spec = importlib.util.spec_from_file_location(f"_ziplm_config_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise errors.UserError(f"config file {p} defines no get_config()")
+    n_params = len(inspect.signature(module.get_config).parameters)
+    if arg and n_params == 0:
+        raise errors.UserError(f"get_config() in {p} takes no argument, but '{path}' passes {arg!r}")
     cfg = module.get_config(arg) if arg else module.get_config()
     if not isinstance(cfg, mlc.ConfigDict):
         cfg = mlc.ConfigDict(cfg)
     return cfg
+
+
+# Entries whose default is None, and the type a value must have when one is set.
+NULLABLE = {
+    "model.n_kv_head": int,
+    "model.d_ff": int,
+    "model.head_dim": int,
+    "model.rotary_dim": int,
+    "eval.window": int,
+    "eval.stride": int,
+    "eval.max_windows": int,
+    "wandb.entity": str,
+    "wandb.name": str,
+}
+# Entries that take more than one type: a preset name or an explicit list of rules.
+UNIONS = {"mesh.rules": (str, list, tuple)}
 
 
 def parse_value(text: str):
@@ -92,8 +114,42 @@ def _keys(cfg: mlc.ConfigDict, prefix: str = "") -> list[str]:
     return out
 
 
+def _coerce(key: str, old, value):
+    """`value` (a Python object, or the text of a command-line value) as the type entry `key` holds."""
+    text = value if isinstance(value, str) else None
+    if value is None or (text is not None and text.lower() in ("none", "null")):
+        if old is None or key in NULLABLE:
+            return None
+        raise errors.UserError(f"config key '{key}' cannot be None (it holds a {type(old).__name__})")
+    wanted = UNIONS.get(key) or ((NULLABLE.get(key),) if old is None else (type(old),))
+    if wanted == (None,):  # a user-added entry without a declared type
+        return parse_value(text) if text is not None else value
+    if text is not None:
+        if str in wanted:
+            value = text if not (text.startswith(("[", "(")) and list in wanted) else parse_value(text)
+        elif bool in wanted and text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            value = parse_value(text)
+    if float in wanted and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, list | tuple) and (list in wanted or tuple in wanted) and type(value) not in wanted:
+        value = wanted[0](value)
+    if type(value) not in wanted:
+        names = " or ".join(t.__name__ for t in wanted)
+        raise errors.UserError(f"config key '{key}' expects {names}, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def override(cfg: mlc.ConfigDict, key: str, value) -> None:
-    """Sets a dotted key ("train.lr") of an existing config entry; unknown keys and wrong types are UserErrors."""
+    """Sets a dotted key ("train.lr") of an existing config entry; unknown keys and wrong types are UserErrors.
+
+    Args:
+      cfg: the config, changed in place.
+      key: dotted path of an existing entry.
+      value: a Python value, or command-line text that is parsed according to the entry's type (text for
+        string entries, true/false for booleans, Python literals otherwise; "None" where None is allowed).
+    """
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts):
@@ -103,17 +159,8 @@ def override(cfg: mlc.ConfigDict, key: str, value) -> None:
             raise errors.UserError(f"unknown config key '{key}'{hint}")
         if i < len(parts) - 1:
             node = node[part]
-    old = node[parts[-1]]
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if old is not None and value is not None and type(old) is not type(value):
-        if isinstance(old, tuple | list) and isinstance(value, tuple | list):
-            value = type(old)(value)
-        else:
-            raise errors.UserError(
-                f"config key '{key}' expects {type(old).__name__}, got {value!r} ({type(value).__name__})"
-            )
-    with node.unlocked():
+    value = _coerce(key, node[parts[-1]], value)
+    with node.unlocked(), node.ignore_type():
         node[parts[-1]] = value
 
 
@@ -130,7 +177,7 @@ def apply_overrides(cfg: mlc.ConfigDict, args: list[str]) -> mlc.ConfigDict:
                 raise errors.UserError(f"override {arg} has no value")
             i += 1
             value = args[i]
-        override(cfg, key, parse_value(value))
+        override(cfg, key, value)
         i += 1
     return cfg
 
@@ -151,6 +198,16 @@ def validate(cfg: mlc.ConfigDict) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise errors.UserError(f"{name} must be a positive integer, got {value!r}")
 
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise errors.UserError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    for name in ("corpus", "tokenizer", "sampling"):
+        if not isinstance(d[name], str) or not d[name]:
+            raise errors.UserError(f"data.{name} must be a non-empty string, got {d[name]!r}")
+    if not isinstance(cfg.mesh.rules, str | list | tuple):
+        raise errors.UserError(f"mesh.rules must be a preset name or a list of (regex, spec), got {cfg.mesh.rules!r}")
+    for name in ("window", "stride", "max_windows"):
+        if e[name] is not None:
+            positive(f"eval.{name}", e[name])
     positive("data.batch_size", d.batch_size)
     positive("data.seq_len", d.seq_len)
     positive("train.steps", t.steps)
@@ -164,7 +221,7 @@ def validate(cfg: mlc.ConfigDict) -> None:
     window = e.window or d.seq_len
     if window > m.max_seq_len:
         raise errors.UserError(f"eval.window ({window}) exceeds model.max_seq_len ({m.max_seq_len})")
-    if e.stride is not None and not 0 < e.stride <= window:
+    if e.stride is not None and e.stride > window:
         raise errors.UserError(f"eval.stride must be in [1, eval.window={window}], got {e.stride}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise errors.UserError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -57,6 +59,46 @@ def test_train_eval_resume_end_to_end(tmp_path):
     assert summary["resumed_from"] == 4 and summary["steps"] == 6
 
 
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--workdir", str(run), *TINY, "--config.train.steps=100000", "--config.train.ckpt_every=100000"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "research", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=helpers.REPO,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: stopped at step" in err and "Traceback" not in err
+    stopped = json.loads((run / "summary.json").read_text())["steps"]
+    assert stopped >= 5 and (run / "checkpoints" / str(stopped)).is_dir()
+    r = _run(
+        "train", "--workdir", str(run), *TINY, f"--config.train.steps={stopped + 2}", "--config.train.ckpt_every=100000"
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] == stopped
+
+
+def test_eval_on_fewer_devices_than_training_used(tmp_path):
+    from research.train import loop
+
+    cfg = helpers.tiny_config(steps=2)
+    cfg.mesh.update(dict(data=2, model=4))  # 8 forced CPU devices in this process, 1 in the subprocess
+    loop.train(cfg, tmp_path / "run", progress=False)
+    r = _run("eval", "--workdir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert "bits per byte" in r.stdout
+
+
 def test_demo_writes_table_and_plot(tmp_path, capsys):
     assert cli.main(["demo", "--workdir", str(tmp_path / "demo"), *TINY]) == 0
     out = capsys.readouterr().out
@@ -104,6 +146,13 @@ def test_non_positive_batch_size(tmp_path, capsys):
 
 def test_bad_config_file(tmp_path, capsys):
     _bad(["train", "--config", str(tmp_path / "nope.py")], capsys, "does not exist")
+
+
+def test_eval_of_a_missing_step(tmp_path, capsys):
+    assert cli.main(["train", "--workdir", str(tmp_path), *TINY]) == 0
+    capsys.readouterr()
+    _bad(["eval", "--workdir", str(tmp_path), "--step", "3"], capsys, "available steps: [2, 4]")
+    _bad(["eval", "--workdir", str(tmp_path), "--stride", "0"], capsys, "stride")
 
 
 def test_eval_of_a_directory_that_is_not_a_run(tmp_path, capsys):

@@ -27,6 +27,36 @@ def test_overrides_set_typed_values():
     assert cfg.model.n_kv_head == 2 and cfg.data.corpus == "some/file.txt" and cfg.model.bias is True
 
 
+@pytest.mark.parametrize(
+    "arg, match",
+    [
+        ("--config.model.n_kv_head=two", "expects int"),
+        ("--config.model.d_ff=1e3", "expects int"),
+        ("--config.eval.stride=2.5", "expects int"),
+        ("--config.data.corpus=None", "cannot be None"),
+        ("--config.mesh.rules=None", "cannot be None"),
+    ],
+)
+def test_typed_overrides_of_optional_and_string_entries(arg, match):
+    with pytest.raises(errors.UserError, match=match):
+        config.apply_overrides(config.base_config(), [arg])
+
+
+def test_text_and_boolean_overrides():
+    cfg = config.apply_overrides(
+        config.base_config(),
+        [
+            "--config.wandb.project=2024",
+            "--config.model.tie_embeddings=false",
+            "--config.model.n_kv_head=None",
+            "--config.data.corpus=a=b.txt",
+            "--config.mesh.rules=[('kernel$', ('model', None))]",
+        ],
+    )
+    assert cfg.wandb.project == "2024" and cfg.model.tie_embeddings is False and cfg.model.n_kv_head is None
+    assert cfg.data.corpus == "a=b.txt" and cfg.mesh.rules == [("kernel$", ("model", None))]
+
+
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(errors.UserError, match=r"unknown config key 'train\.lrr' \(did you mean train\.lr"):
         config.apply_overrides(config.base_config(), ["--config.train.lrr=1"])
@@ -50,6 +80,8 @@ def test_non_override_argument_is_rejected():
         ("data.seq_len", 4096, "exceeds model.max_seq_len"),
         ("eval.stride", 1000, "eval.stride"),
         ("wandb.mode", "sometimes", "wandb.mode"),
+        ("seed", -1, "seed must be a non-negative integer"),
+        ("eval.max_windows", -1, "eval.max_windows must be a positive integer"),
     ],
 )
 def test_validate_names_the_problem(key, value, match):
@@ -75,6 +107,12 @@ def test_load_errors(tmp_path):
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(errors.UserError, match="no get_config"):
         config.load(str(tmp_path / "empty.py"))
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(errors.UserError, match="not a Python file"):
+        config.load(str(tmp_path / "c.txt"))
+    (tmp_path / "noarg.py").write_text("def get_config():\n    return {}\n")
+    with pytest.raises(errors.UserError, match="takes no argument"):
+        config.load(f"{tmp_path / 'noarg.py'}:x")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -51,7 +51,7 @@ def _read(path: str) -> str:
     if not p.is_file():
         raise errors.UserError(f"corpus file {p} does not exist (pass a text file path, or 'pydoc' for the default)")
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_bytes().decode("utf-8")  # bytes as they are: no newline translation
     except UnicodeDecodeError as e:
         raise errors.UserError(f"corpus file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from research import errors
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # Files that make a directory loadable by transformers.AutoTokenizer.
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("spiece.model",))
 
@@ -78,6 +80,9 @@ class HFTokenizer:
             self._tok = AutoTokenizer.from_pretrained(name)
         except OSError as e:  # hub id unreachable or unknown
             raise errors.UserError(f"cannot load tokenizer {name!r} (offline, or not a tokenizer): {e}") from None
+        except Exception as e:  # damaged files: transformers raises many types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise errors.UserError(f"cannot load tokenizer from {name}: {type(e).__name__}: {first}") from None
         self.spec = f"hf:{name}"
         self.vocab_size = len(self._tok)
         self._path = path if path.exists() else None
@@ -99,17 +104,27 @@ class HFTokenizer:
 
     @functools.cached_property
     def token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes each token stands for: exact for byte-level BPE, else the length of its decoded text."""
+        """UTF-8 bytes of text each token id stands for.
+
+        Exact for byte-level BPE (GPT-2, Llama 3, Qwen2, Pythia) and for SentencePiece-style vocabularies with
+        byte fallback (Llama 2, Mistral: "<0xE2>" is one byte, "▁" one space); otherwise the length of the
+        token's decoded text. Special tokens count the text they are written as, since they only appear in
+        encoded text where that text appeared (`encode` adds none).
+        """
         tokens = self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))
-        byte_level = self._tok.is_fast and "ByteLevel" in repr(self._tok.backend_tokenizer.decoder)
+        decoder = repr(self._tok.backend_tokenizer.decoder) if self._tok.is_fast else ""
+        byte_level, metaspace = "ByteLevel" in decoder, "Metaspace" in decoder or "▁" in decoder
         table = _byte_level_decoder()
-        special = set(self._tok.all_special_tokens)
         out = np.zeros(self.vocab_size, np.int64)
         for i, t in enumerate(tokens):
-            if t is None or t in special:
+            if t is None:
                 continue
             if byte_level and all(c in table for c in t):
                 out[i] = len(t)
+            elif _BYTE_TOKEN.fullmatch(t):
+                out[i] = 1
+            elif metaspace:
+                out[i] = len(t.replace("▁", " ").encode("utf-8"))
             else:
                 out[i] = len(self._tok.decode([i]).encode("utf-8"))
         return out

@@ -69,8 +69,20 @@ class ModelConfig:
             if not ok:
                 raise errors.UserError(f"model config: {msg}")
 
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            v = getattr(self, name)
+            need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        for name in ("n_kv_head", "d_ff", "head_dim", "rotary_dim"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v > 0), f"{name} must be a positive integer or None, got {v!r}")
+        for name in ("norm_eps", "rope_theta", "dropout"):
+            v = getattr(self, name)
+            need(isinstance(v, int | float) and not isinstance(v, bool), f"{name} must be a number, got {v!r}")
+        for name in ("gated_mlp", "tie_embeddings", "bias"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         need(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")

@@ -12,8 +12,9 @@ The module holds nothing but `nnx.Param`s, so `nnx.split(model, nnx.Param)` capt
     final_norm/scale|bias                (D,)
     lm_head/kernel                       (D, V)       untied heads only
 
-Kernels are (in, out). Dropout is functional: it runs only when a `dropout_rng` key is passed, so the module has
-no random state and training stays a pure function of (params, batch, key).
+Kernels are (in, out). Dropout (on embeddings, attention probabilities and both residual branches, as in
+GPT-2 / nanoGPT) is functional: it runs only when a `dropout_rng` key is passed, so the module has no random state
+and training stays a pure function of (params, batch, key).
 """
 
 from __future__ import annotations
@@ -63,6 +64,29 @@ def apply_rope(x, positions, theta: float, rot_dim: int):
     return out.astype(x.dtype)
 
 
+def causal_attention(q, k, v, dropout: float = 0.0, rng=None):
+    """Causal softmax attention with grouped-query heads.
+
+    Args:
+      q: (B, T, H, hd) queries; k, v: (B, T, KV, hd) with H a multiple of KV (query head n reads kv head
+        n // (H // KV), as in Hugging Face's repeat_kv).
+      dropout: dropout rate on the attention probabilities, applied only when `rng` is given.
+      rng: PRNG key enabling dropout.
+
+    Returns:
+      (B, T, H, hd). Without dropout this is `jax.nn.dot_product_attention` (fused kernels where available).
+    """
+    if rng is None or dropout == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    t = q.shape[1]
+    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(jnp.float32).min)
+    probs = _dropout(jax.nn.softmax(scores, axis=-1), dropout, rng).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class Norm(nnx.Module):
     """LayerNorm (scale, optional bias) or RMSNorm (scale), computed in float32."""
 
@@ -105,7 +129,7 @@ class Attention(nnx.Module):
         self.v = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02)
         self.o = _linear(cfg.n_head * hd, cfg.d_model, cfg, rngs, out_std)
 
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, rng=None):
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, cfg.n_head, cfg.dim_head)  # (B, T, H, hd)
@@ -114,7 +138,7 @@ class Attention(nnx.Module):
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_dim)
             k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_dim)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, H, hd)
+        y = causal_attention(q, k, v, cfg.dropout, rng)  # (B, T, H, hd)
         return self.o(y.reshape(b, t, cfg.n_head * cfg.dim_head))
 
 
@@ -145,8 +169,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs, out_std)
 
     def __call__(self, x, positions, rng=None):
-        r1, r2 = (None, None) if rng is None else jax.random.split(rng)
-        x = x + _dropout(self.attn(self.attn_norm(x), positions), self.dropout, r1)
+        r_attn, r1, r2 = (None, None, None) if rng is None else jax.random.split(rng, 3)
+        x = x + _dropout(self.attn(self.attn_norm(x), positions, r_attn), self.dropout, r1)
         return x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, r2)
 
 

@@ -69,9 +69,13 @@ class Checkpoints:
             raise errors.UserError(f"{where}: it has tensors this model lacks ({', '.join(extra[:3])})")
 
     def _step(self, step):
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = self.all_steps()
+        if not steps:
             raise errors.UserError(f"no checkpoint in {self.dir}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise errors.UserError(f"no checkpoint for step {step} in {self.dir}; available steps: {steps}")
         return step
 
     def wait(self) -> None:
@@ -107,6 +111,9 @@ def load_run(workdir: str | Path, step: int | None = None):
     graphdef, abstract_params = models.abstract(config_lib.model_cfg(cfg))
     tx = optim.make(cfg.train)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), abstract_params)
-    state, meta = ckpts.restore(abstract_state, step)
+    # Restore onto this process's first device, whatever mesh wrote the checkpoint.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
+    state, meta = ckpts.restore(target, step)
     ckpts.close()
     return cfg, graphdef, state["params"], {**meta, "step": step}

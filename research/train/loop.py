@@ -55,16 +55,32 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _has_checkpoint(workdir: Path) -> bool:
+    ckpt_dir = workdir / "checkpoints"
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
 def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
-    """True if `workdir` holds a compatible run to resume; False if it is new or empty. Raises on a conflict."""
+    """Decides what to do with a run directory.
+
+    Returns:
+      True if `workdir` holds a checkpointed run of this config to resume; False if the run starts afresh there
+      (a new or empty directory, or one whose run never reached a checkpoint).
+
+    Raises:
+      UserError: the directory holds something else: a checkpointed run of a different config, or files that are
+        not a ziplm run. Nothing in it is touched.
+    """
     if not workdir.exists():
         return False
     if not workdir.is_dir():
         raise errors.UserError(f"run directory {workdir} is a file")
     saved = workdir / "config.json"
     if not saved.exists():
-        if any(workdir.iterdir()):
+        if any(p.name != "checkpoints" for p in workdir.iterdir()) or _has_checkpoint(workdir):
             raise errors.UserError(f"{workdir} exists and is not a ziplm run directory; choose another --workdir")
+        return False
+    if not _has_checkpoint(workdir):
         return False
     old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(config_lib.to_json(cfg)))
     changed = sorted(
@@ -78,6 +94,18 @@ def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
             f"{workdir} holds a run with a different config ({diff}); choose another --workdir or remove it"
         )
     return True
+
+
+def _check_same_data(meta: dict, tok, splits, workdir: Path) -> None:
+    """Refuses to resume on other data: the corpus text or the tokenizer changed since the checkpoint."""
+    if meta.get("tokenizer") != tok.spec:
+        raise errors.UserError(f"{workdir} was trained with tokenizer {meta.get('tokenizer')}, not {tok.spec}")
+    if meta.get("corpus_sha256") != splits.corpus_sha256:
+        raise errors.UserError(
+            f"the corpus {splits.corpus!r} changed since {workdir} was checkpointed (sha256 "
+            f"{str(meta.get('corpus_sha256'))[:12]}... then, {splits.corpus_sha256[:12]}... now); "
+            "resuming would train on other data: choose another --workdir"
+        )
 
 
 @contextlib.contextmanager
@@ -113,7 +141,11 @@ def train(
       progress: show progress bars (None: only on a terminal).
 
     Returns:
-      The summary: parameters, steps, final validation metrics, tokens/s, wall time.
+      The summary: parameters, steps, final validation metrics, tokens/s, MFU, wall time.
+
+    Raises:
+      UserError: bad config, data or run directory (raised before anything is written).
+      Interrupted: stopped by a signal or `stop_at` after saving a checkpoint.
     """
     t_start = time.time()
     config_lib.validate(cfg)
@@ -128,10 +160,16 @@ def train(
         )
     splits = dataset.prepare(cfg.data.corpus, tok, cfg.data.val_fraction)
     batches = dataset.Batches(splits.train, cfg.data.batch_size, cfg.data.seq_len, cfg.seed, cfg.data.sampling)
-
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
     batch_axes = sharding.batch_axes_for(cfg.mesh.rules)
     sharding.check_batch(cfg.data.batch_size, mesh, batch_axes)
+    protocol = metrics.Protocol(
+        cfg.eval.window or cfg.data.seq_len, cfg.eval.stride or cfg.eval.window or cfg.data.seq_len
+    )
+
+    # Everything is checked: from here on the run directory is written.
+    workdir.mkdir(parents=True, exist_ok=True)
+    log.write_json_atomic(workdir / "config.json", cfg.to_dict())
     tx = optim.make(cfg.train)
     graphdef, abstract_params = models.abstract(mcfg)
     param_sh = sharding.named(sharding.param_specs(abstract_params, cfg.mesh.rules, mesh), mesh)
@@ -139,110 +177,112 @@ def train(
     state_sh = sharding.mirror(abstract_state, abstract_params, param_sh, mesh)
     batch_sh = sharding.batch_sharding(mesh, batch_axes)
 
-    ckpts = checkpoint.Checkpoints(workdir, keep=cfg.train.keep_checkpoints)
-    if resume and ckpts.latest_step() is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
-        state, _ = ckpts.restore(target)
+    with contextlib.ExitStack() as cleanup:
+        ckpts = checkpoint.Checkpoints(workdir, keep=cfg.train.keep_checkpoints)
+        cleanup.callback(ckpts.close)
+        cleanup.callback(ckpts.wait)
+        if resume:
+            _check_same_data(ckpts.meta(), tok, splits, workdir)
+            target = jax.tree.map(
+                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state, state_sh
+            )
+            state, _ = ckpts.restore(target)
+        else:
+            init = jax.jit(lambda: step_lib.init_state(models.init(mcfg, cfg.seed)[1], tx), out_shardings=state_sh)
+            state = init()
         start = int(state["step"])
-    else:
-        init = jax.jit(lambda: step_lib.init_state(models.init(mcfg, cfg.seed)[1], tx), out_shardings=state_sh)
-        state, start = init(), 0
-    log.write_json_atomic(workdir / "config.json", cfg.to_dict())
-
-    train_step = step_lib.make_train_step(
-        graphdef, tx, seed=cfg.seed, dropout=mcfg.dropout > 0, state_shardings=state_sh, batch_sharding=batch_sh
-    )
-    protocol = metrics.Protocol(
-        cfg.eval.window or cfg.data.seq_len, cfg.eval.stride or cfg.eval.window or cfg.data.seq_len
-    )
-    logger = log.Logger(workdir, cfg.to_dict(), cfg.wandb.to_dict(), resume_step=start if resume else None)
-    schedule = optim.schedule(cfg.train)
-    n_params = config_lib.model_config.count_params(mcfg)
-
-    def evaluate(max_windows):
-        return metrics.evaluate(
-            graphdef,
-            state["params"],
-            splits.val,
-            tok.token_bytes,
-            protocol,
-            batch_size=cfg.eval.batch_size,
-            max_windows=max_windows,
-            progress=progress,
+        logger = log.Logger(workdir, cfg.to_dict(), cfg.wandb.to_dict(), resume_step=start if resume else None)
+        cleanup.callback(logger.close)
+        train_step = step_lib.make_train_step(
+            graphdef, tx, seed=cfg.seed, dropout=mcfg.dropout > 0, state_shardings=state_sh, batch_sharding=batch_sh
         )
+        schedule = optim.schedule(cfg.train)
+        n_params = config_lib.model_config.count_params(mcfg)
 
-    def save(step):
-        meta = {
-            "config": cfg.to_dict(),
-            "tokenizer": tok.spec,
-            "corpus_sha256": splits.corpus_sha256,
-            "data": {"sampler": cfg.data.sampling, "seed": cfg.seed, "next_step": step},
-        }
-        ckpts.save(step, state, meta)
+        def evaluate(max_windows):
+            return metrics.evaluate(
+                graphdef,
+                state["params"],
+                splits.val,
+                tok.token_bytes,
+                protocol,
+                batch_size=cfg.eval.batch_size,
+                max_windows=max_windows,
+                progress=progress,
+            )
 
-    end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
-    print(
-        f"run {workdir}: {n_params:,} parameters; {splits.corpus} with {tok.spec}: {len(splits.train):,} train / "
-        f"{len(splits.val):,} val tokens; steps {start}->{end} of {cfg.train.steps}, "
-        f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens each; mesh {dict(mesh.shape)} on "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
-        flush=True,
-    )
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    timed_steps, timed_seconds, t_mark, paused = 0, 0.0, None, 0.0  # paused: eval and checkpoint time
-    last_loss, interrupted = float("nan"), False
-    bar = tqdm(
-        range(start, end), desc="train", initial=start, total=end, disable=None if progress is None else not progress
-    )
-    with _stop_on_signal() as stop:
-        for s in bar:
-            batch = jax.device_put(batches(s), batch_sh)
-            state, m = train_step(state, batch)
-            done = s + 1
-            if s == start:  # the first step compiles: time from its end
-                jax.block_until_ready(m["loss"])
-                t_mark = time.time()
-            else:
-                timed_steps += 1
-            if done % cfg.train.log_every == 0 or done == end:
-                last_loss = float(m["loss"])
-                logger.log(done, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s))})
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-            t0 = time.time()
-            if done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-                val = evaluate(cfg.eval.max_windows)
-                logger.log(done, _numeric(val), split="val")
-                tqdm.write(
-                    f"step {done}: train loss {last_loss:.4f}, val loss {val['loss']:.4f} nats/token, "
-                    f"{val['bits_per_byte']:.4f} bits/byte"
-                )
-            if done % cfg.train.ckpt_every == 0 or done == end:
-                save(done)
-            paused += time.time() - t0
-            if stop:
-                interrupted = True
-                if done % cfg.train.ckpt_every and done != end:
-                    save(done)
-                break
-    bar.close()
-    jax.block_until_ready(state)
-    if t_mark is not None:
-        timed_seconds = time.time() - t_mark - paused
-    done = int(state["step"])
-    interrupted = interrupted or done < cfg.train.steps
-    previous = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else {}
-    final = evaluate(None) if done >= cfg.train.steps else None
-    if final is not None:
-        logger.log(done, _numeric(final), split="val")
-    ckpts.wait()
-    ckpts.close()
-    logger.close()
+        def save(step):
+            meta = {
+                "config": cfg.to_dict(),
+                "tokenizer": tok.spec,
+                "corpus_sha256": splits.corpus_sha256,
+                "data": {"sampler": cfg.data.sampling, "seed": cfg.seed, "next_step": step},
+            }
+            ckpts.save(step, state, meta)
+
+        end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+        print(
+            f"run {workdir}: {n_params:,} parameters; {splits.corpus} with {tok.spec}: {len(splits.train):,} train "
+            f"/ {len(splits.val):,} val tokens; steps {start}->{end} of {cfg.train.steps}, "
+            f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens each; mesh {dict(mesh.shape)} on "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
+            flush=True,
+        )
+        timed_steps, t_mark, paused = 0, None, 0.0  # paused: evaluation and checkpoint time inside the timing
+        last_loss, signalled = float("nan"), False
+        bar = tqdm(
+            range(start, end),
+            desc="train",
+            initial=start,
+            total=end,
+            disable=None if progress is None else not progress,
+        )
+        with _stop_on_signal() as stop:
+            for s in bar:
+                state, m = train_step(state, jax.device_put(batches(s), batch_sh))
+                done = s + 1
+                if s == start:  # the first step compiles: time from its end
+                    jax.block_until_ready(m["loss"])
+                    t_mark = time.time()
+                else:
+                    timed_steps += 1
+                if done % cfg.train.log_every == 0 or done == end:
+                    last_loss = float(m["loss"])
+                    logger.log(done, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s))})
+                    bar.set_postfix(loss=f"{last_loss:.4f}")
+                do_eval = done % cfg.train.eval_every == 0 and done < cfg.train.steps
+                stopping = bool(stop)  # read once: a signal during this step's evaluation stops the next one
+                do_save = done % cfg.train.ckpt_every == 0 or done == end or stopping
+                if do_eval or do_save:
+                    jax.block_until_ready(state)  # queued steps finish inside the timing, not in the pause
+                    t0 = time.time()
+                    if do_eval:
+                        val = evaluate(cfg.eval.max_windows)
+                        logger.log(done, _numeric(val), split="val")
+                        tqdm.write(
+                            f"step {done}: train loss {last_loss:.4f}, val loss {val['loss']:.4f} nats/token, "
+                            f"{val['bits_per_byte']:.4f} bits/byte"
+                        )
+                    if do_save:
+                        save(done)
+                    paused += time.time() - t0
+                if stopping:
+                    signalled = True
+                    break
+        bar.close()
+        jax.block_until_ready(state)
+        timed_seconds = time.time() - t_mark - paused if t_mark is not None else 0.0
+        done = int(state["step"])
+        summary_file = workdir / "summary.json"
+        previous = json.loads(summary_file.read_text()) if resume and summary_file.exists() else {}
+        final = evaluate(None) if done >= cfg.train.steps else None
+        if final is not None:
+            logger.log(done, _numeric(final), split="val")
+
     # A resumed run that had nothing left to do reports the throughput of the run that trained it.
-    tokens_per_s = (
-        timed_steps * tokens_per_step / timed_seconds
-        if timed_steps > 0 and timed_seconds > 0
-        else previous.get("tokens_per_second")
-    )
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    tokens_per_s = timed_steps * tokens_per_step / timed_seconds if timed_steps and timed_seconds > 0 else None
+    tokens_per_s = tokens_per_s or previous.get("tokens_per_second")
     flops = config_lib.model_config.flops_per_token(mcfg, cfg.data.seq_len)
     peak = hardware.peak_flops(mcfg.dtype)
     summary = {
@@ -259,8 +299,8 @@ def train(
         "mesh": dict(mesh.shape),
         "wall_seconds": time.time() - t_start,
     }
-    log.write_json_atomic(workdir / "summary.json", summary)
-    if interrupted:
+    log.write_json_atomic(summary_file, summary)
+    if signalled or done < cfg.train.steps:
         raise Interrupted(f"stopped at step {done}; checkpoint saved in {workdir}; rerun the same command to resume")
     return summary
 

@@ -17,6 +17,11 @@ def test_missing_corpus_file_is_a_user_error(tmp_path):
         corpora.load(str(tmp_path / "missing.txt"))
 
 
+def test_corpus_files_are_read_byte_for_byte(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb\rc\n")
+    assert corpora.load(str(tmp_path / "crlf.txt")).text.encode() == b"a\r\nb\rc\n"
+
+
 def test_non_utf8_file_is_a_user_error(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe")
     with pytest.raises(errors.UserError, match="not UTF-8"):

@@ -50,7 +50,28 @@ def test_token_bytes_sum_to_utf8_length():
     text = "Naïve café — 東京 😀 tokens\n\n  spaced"
     ids = tok.encode(text)
     assert tok.token_bytes[ids].sum() == len(text.encode("utf-8"))
-    assert tok.token_bytes[50256] == 0  # <|endoftext|> stands for no text
+    literal = "a<|endoftext|>b"  # a special token written in the text stands for its 13 bytes
+    assert tok.token_bytes[tok.encode(literal)].sum() == len(literal)
+    assert tok.decode(tok.encode(literal)) == literal
+
+
+def test_token_bytes_of_a_sentencepiece_style_vocabulary(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for piece in ("▁", "a", "b", "▁a", "ab", "▁ab"):
+        vocab[piece] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab, [("▁", "a"), ("a", "b"), ("▁a", "b")], byte_fallback=True, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path)
+    tok = tokenizers.load(str(tmp_path))
+    text = "ab a ☃ bab"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.token_bytes[vocab["<0xE2>"]] == 1 and tok.token_bytes[vocab["▁ab"]] == 3
+    assert tok.token_bytes[ids].sum() == len(text.encode("utf-8"))
 
 
 def test_directory_without_tokenizer_files(tmp_path):

@@ -45,7 +45,7 @@ def test_llama_swiglu_width_is_rounded_two_thirds_of_4d():
         (dict(n_head=3, d_model=32), "divisible"),
         (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
         (dict(norm="batchnorm"), "norm must be one of"),
-        (dict(vocab_size=0), "vocab_size must be positive"),
+        (dict(vocab_size=0), "vocab_size must be a positive integer"),
         (dict(dropout=1.0), "dropout"),
     ],
 )

@@ -119,3 +119,21 @@ def test_abstract_allocates_nothing_and_matches_init():
     shapes = jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
     assert shapes == jax.tree.map(lambda a: (a.shape, a.dtype), params)
     assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(abstract))
+
+
+def test_attention_paths_agree_and_dropout_hits_probabilities():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 6, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 8)), jnp.float32) for _ in range(2))
+    fused = transformer.causal_attention(q, k, v)
+    # The explicit path (used with dropout) at a vanishing rate equals the fused kernel, GQA grouping included.
+    explicit = transformer.causal_attention(q, k, v, dropout=1e-9, rng=jax.random.key(0))
+    np.testing.assert_allclose(explicit, fused, atol=1e-5)
+    dropped = transformer.causal_attention(q, k, v, dropout=0.5, rng=jax.random.key(0))
+    assert not np.allclose(dropped, fused)
+    # Position 0 attends to one key: dropout keeps it (doubling its value vector) or drops it (zero).
+    first = np.asarray(dropped[:, 0])  # (B, H, hd)
+    value = 2 * np.repeat(np.asarray(v[:, 0]), 2, axis=1)  # (B, H, hd)
+    kept = np.all(np.isclose(first, value, atol=1e-5), -1)
+    zeroed = np.all(first == 0, -1)
+    assert np.all(kept | zeroed) and kept.any() and zeroed.any()

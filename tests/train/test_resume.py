@@ -86,3 +86,24 @@ def test_checkpoint_shape_mismatch_is_a_user_error(tmp_path):
         r"there, but the config gives \(64, 32\)",
     ):
         checkpoint.load_run(tmp_path)
+
+
+def test_directory_left_by_a_crash_before_any_checkpoint_starts_afresh(tmp_path):
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)  # crash while creating the checkpoint manager
+    loop.train(helpers.tiny_config(steps=2), tmp_path / "a", progress=False)
+    cfg = helpers.tiny_config(steps=2)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"seed": 7}))  # a start that never checkpointed
+    assert loop.train(cfg, tmp_path / "b", progress=False)["resumed_from"] is None
+
+
+def test_resume_refuses_a_changed_corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    cfg = helpers.tiny_config(steps=6)
+    cfg.data.corpus = str(corpus)
+    with pytest.raises(loop.Interrupted):
+        loop.train(cfg, tmp_path / "run", stop_at=4, progress=False)
+    corpus.write_text("a different text entirely, of about the same size. " * 40)
+    with pytest.raises(errors.UserError, match="changed since"):
+        loop.train(cfg, tmp_path / "run", progress=False)
