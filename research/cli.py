@@ -40,7 +40,7 @@ def _eval(args, overrides) -> int:
     from research.train import checkpoint
 
     if overrides:
-        raise errors.UserError(f"eval takes no config overrides, got {overrides[0]!r}")
+        raise errors.UserError(f"unrecognised argument {overrides[0]!r} for eval (see ziplm eval --help)")
     cfg, graphdef, params, meta = checkpoint.load_run(args.workdir, args.step)
     tok = tokenizers.load(meta["tokenizer"])
     spec = args.corpus or cfg.data.corpus
