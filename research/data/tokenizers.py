@@ -85,7 +85,6 @@ class HFTokenizer:
             raise errors.UserError(f"cannot load tokenizer from {name}: {type(e).__name__}: {first}") from None
         self.spec = f"hf:{name}"
         self.vocab_size = len(self._tok)
-        self._path = path if path.exists() else None
 
     @functools.cached_property
     def fingerprint(self) -> str:

@@ -15,6 +15,12 @@ import orbax.checkpoint as ocp
 from research import errors, tree
 
 
+def exists(workdir: Path) -> bool:
+    """Whether `workdir` holds at least one finished checkpoint (without starting a CheckpointManager)."""
+    ckpt_dir = Path(workdir) / "checkpoints"
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
 class Checkpoints:
     """A thin wrapper over `ocp.CheckpointManager` for one run directory."""
 
@@ -23,9 +29,6 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._mgr = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
-
-    def latest_step(self) -> int | None:
-        return self._mgr.latest_step()
 
     def all_steps(self) -> list[int]:
         return sorted(self._mgr.all_steps())
@@ -38,7 +41,7 @@ class Checkpoints:
         self._mgr.save(step, args=args, force=True)
 
     def meta(self, step: int | None = None) -> dict:
-        step = self._step(step)
+        step = self.resolve(step)
         return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore(self, target, step: int | None = None):
@@ -47,7 +50,7 @@ class Checkpoints:
         Args:
           target: a state tree of arrays or ShapeDtypeStructs (with .sharding) giving structure and placement.
         """
-        step = self._step(step)
+        step = self.resolve(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         self._check_shapes(step, abstract)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
@@ -68,7 +71,8 @@ class Checkpoints:
         if extra:
             raise errors.UserError(f"{where}: it has tensors this model lacks ({', '.join(extra[:3])})")
 
-    def _step(self, step):
+    def resolve(self, step: int | None) -> int:
+        """`step` if it was saved, else the latest step for None; a UserError when there is none."""
         steps = self.all_steps()
         if not steps:
             raise errors.UserError(f"no checkpoint in {self.dir}")
@@ -105,12 +109,12 @@ def load_run(workdir: str | Path, step: int | None = None):
     if not (workdir / "checkpoints").is_dir():
         raise errors.UserError(f"{workdir} is not a run directory (no checkpoints/ inside)")
     ckpts = Checkpoints(workdir, create=False)
-    step = ckpts._step(step)
+    step = ckpts.resolve(step)
     meta = ckpts.meta(step)
     cfg = config_lib.from_dict(meta["config"])
     graphdef, abstract_params = models.abstract(config_lib.model_cfg(cfg))
     tx = optim.make(cfg.train)
-    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), abstract_params)
+    abstract_state = step_lib.abstract_state(abstract_params, tx)
     # Restore onto this process's first device, whatever mesh wrote the checkpoint.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)

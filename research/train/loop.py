@@ -55,11 +55,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _has_checkpoint(workdir: Path) -> bool:
-    ckpt_dir = workdir / "checkpoints"
-    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-
-
 def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
     """Decides what to do with a run directory.
 
@@ -77,10 +72,10 @@ def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
         raise errors.UserError(f"run directory {workdir} is a file")
     saved = workdir / "config.json"
     if not saved.exists():
-        if any(p.name != "checkpoints" for p in workdir.iterdir()) or _has_checkpoint(workdir):
+        if any(p.name != "checkpoints" for p in workdir.iterdir()) or checkpoint.exists(workdir):
             raise errors.UserError(f"{workdir} exists and is not a ziplm run directory; choose another --workdir")
         return False
-    if not _has_checkpoint(workdir):
+    if not checkpoint.exists(workdir):
         return False
     old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(config_lib.to_json(cfg)))
     changed = sorted(
@@ -173,7 +168,7 @@ def train(
     tx = optim.make(cfg.train)
     graphdef, abstract_params = models.abstract(mcfg)
     param_sh = sharding.named(sharding.param_specs(abstract_params, cfg.mesh.rules, mesh), mesh)
-    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), abstract_params)
+    abstract_state = step_lib.abstract_state(abstract_params, tx)
     state_sh = sharding.mirror(abstract_state, abstract_params, param_sh, mesh)
     batch_sh = sharding.batch_sharding(mesh, batch_axes)
 

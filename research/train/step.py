@@ -45,6 +45,11 @@ def init_state(params, tx) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
+def abstract_state(params, tx) -> dict:
+    """The training state's structure as ShapeDtypeStructs, for (abstract) params; allocates nothing."""
+    return jax.eval_shape(lambda p: init_state(p, tx), params)
+
+
 def make_train_step(
     graphdef,
     tx,

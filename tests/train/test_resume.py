@@ -20,7 +20,7 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path, stop_at):
 
     with pytest.raises(loop.Interrupted):
         loop.train(cfg, tmp_path / "resumed", stop_at=stop_at, progress=False)
-    assert checkpoint.Checkpoints(tmp_path / "resumed").latest_step() == stop_at
+    assert checkpoint.Checkpoints(tmp_path / "resumed").all_steps()[-1] == stop_at
     resumed = loop.train(cfg, tmp_path / "resumed", progress=False)
 
     assert resumed["resumed_from"] == stop_at

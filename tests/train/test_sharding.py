@@ -68,7 +68,7 @@ def test_sharded_loss_and_steps_equal_unsharded(rules, mesh_shape):
 
     mesh = sharding.make_mesh(*mesh_shape)
     param_sh = sharding.named(sharding.param_specs(params, rules, mesh), mesh)
-    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
+    abstract = step_lib.abstract_state(params, tx)
     state_sh = sharding.mirror(abstract, params, param_sh, mesh)
     batch_sh = sharding.batch_sharding(mesh, sharding.batch_axes_for(rules))
     sharded = step_lib.make_train_step(
