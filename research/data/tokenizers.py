@@ -23,6 +23,22 @@ from research import errors
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # Files that make a directory loadable by transformers.AutoTokenizer.
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("spiece.model",))
+# Everything of a tokenizer that a Hugging Face checkpoint directory may hold (copied on export).
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def has_files(directory: Path) -> bool:
+    """Whether `directory` holds a tokenizer `AutoTokenizer` can load offline."""
+    return any(all((Path(directory) / f).is_file() for f in group) for group in _TOKENIZER_FILES)
 
 
 class ByteTokenizer:
@@ -67,7 +83,7 @@ class HFTokenizer:
         if path.exists():
             if not path.is_dir():
                 raise errors.UserError(f"tokenizer path {path} is a file; pass the directory that holds it")
-            if not any(all((path / f).is_file() for f in group) for group in _TOKENIZER_FILES):
+            if not has_files(path):
                 wanted = ", or ".join(" + ".join(g) for g in _TOKENIZER_FILES)
                 raise errors.UserError(f"tokenizer directory {path} has no tokenizer files (expected {wanted})")
             name = str(path.resolve())

@@ -1,4 +1,4 @@
-"""Model configuration: one frozen dataclass covers the GPT-2 and Llama families.
+"""Model configuration: one frozen dataclass covers the GPT-2, Llama (Mistral, Qwen2), OPT and GPT-NeoX families.
 
 `ModelConfig` holds every architectural choice; `gpt2_style` and `llama_style` fill in the defaults of each
 family. `count_params` and `flops_per_token` are analytic, so they work without building the model (a test checks
@@ -39,7 +39,13 @@ class ModelConfig:
       rope_theta: RoPE base frequency.
       rotary_dim: number of leading head dimensions RoPE rotates; None means all of them.
       tie_embeddings: the output head reuses the token embedding.
-      bias: biases in the linear layers and the LayerNorms.
+      bias: biases in the linear layers and the LayerNorms (the default for the four flags below).
+      qkv_bias: biases on the query, key and value projections; None means `bias` (Qwen2: True with bias False).
+      o_bias: bias on the attention output projection; None means `bias`.
+      mlp_bias: biases in the MLP; None means `bias`.
+      norm_bias: LayerNorm biases; None means `bias` (OPT without linear biases keeps them).
+      parallel_residual: x + attn(norm1(x)) + mlp(norm2(x)) in one step (GPT-NeoX / Pythia).
+      sliding_window: each query sees at most this many keys, itself included (Mistral); None means all.
       dropout: dropout rate on embeddings and residual branches (only when a dropout key is given).
       dtype: compute dtype; parameters always stay float32 (master weights).
     """
@@ -61,6 +67,12 @@ class ModelConfig:
     rotary_dim: int | None = None
     tie_embeddings: bool = True
     bias: bool = True
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    mlp_bias: bool | None = None
+    norm_bias: bool | None = None
+    parallel_residual: bool = False
+    sliding_window: int | None = None
     dropout: float = 0.0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -75,14 +87,17 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        for name in ("n_kv_head", "d_ff", "head_dim", "rotary_dim"):
+        for name in ("n_kv_head", "d_ff", "head_dim", "rotary_dim", "sliding_window"):
             v = getattr(self, name)
             need(v is None or (is_int(v) and v > 0), f"{name} must be a positive integer or None, got {v!r}")
         for name in ("norm_eps", "rope_theta", "dropout"):
             v = getattr(self, name)
             need(isinstance(v, int | float) and not isinstance(v, bool), f"{name} must be a number, got {v!r}")
-        for name in ("gated_mlp", "tie_embeddings", "bias"):
+        for name in ("gated_mlp", "tie_embeddings", "bias", "parallel_residual"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "norm_bias"):
+            v = getattr(self, name)
+            need(v is None or isinstance(v, bool), f"{name} must be True, False or None, got {v!r}")
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         need(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")
@@ -115,6 +130,12 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         return self.rotary_dim or self.dim_head
+
+    def has_bias(self, part: str) -> bool:
+        """Whether `part` ("qkv", "o", "mlp" or "norm") has biases; a norm bias needs a LayerNorm."""
+        flag = getattr(self, f"{part}_bias")
+        on = self.bias if flag is None else flag
+        return on and (part != "norm" or self.norm == "layernorm")
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -180,10 +201,9 @@ def count_params(cfg: ModelConfig, *, embeddings: bool = True) -> int:
     """
     d, hd, f, v = cfg.d_model, cfg.dim_head, cfg.ff_dim, cfg.vocab_size
     q_out, kv_out = cfg.n_head * hd, cfg.kv_heads * hd
-    b = int(cfg.bias)
-    norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    attn = d * q_out + 2 * d * kv_out + q_out * d + b * (q_out + 2 * kv_out + d)
-    mlp = (3 if cfg.gated_mlp else 2) * d * f + b * ((2 if cfg.gated_mlp else 1) * f + d)
+    norm = d * (2 if cfg.has_bias("norm") else 1)
+    attn = d * q_out + 2 * d * kv_out + q_out * d + cfg.has_bias("qkv") * (q_out + 2 * kv_out) + cfg.has_bias("o") * d
+    mlp = (3 if cfg.gated_mlp else 2) * d * f + cfg.has_bias("mlp") * ((2 if cfg.gated_mlp else 1) * f + d)
     total = cfg.n_layer * (attn + mlp + 2 * norm) + norm
     if not cfg.tie_embeddings:
         total += d * v

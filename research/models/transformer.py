@@ -1,4 +1,4 @@
-"""A decoder-only transformer in Flax NNX covering the GPT-2 and Llama families.
+"""A decoder-only transformer in Flax NNX covering the GPT-2, Llama, OPT and GPT-NeoX families.
 
 The module holds nothing but `nnx.Param`s, so `nnx.split(model, nnx.Param)` captures all of its state and
 `research.models.split` turns that into a plain nested dict with readable paths:
@@ -20,6 +20,7 @@ and training stays a pure function of (params, batch, key).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ def apply_rope(x, positions, theta: float, rot_dim: int):
     return out.astype(x.dtype)
 
 
-def causal_attention(q, k, v, dropout: float = 0.0, rng=None):
+def causal_attention(q, k, v, dropout: float = 0.0, rng=None, window: int | None = None):
     """Causal softmax attention with grouped-query heads.
 
     Args:
@@ -72,19 +73,61 @@ def causal_attention(q, k, v, dropout: float = 0.0, rng=None):
         n // (H // KV), as in Hugging Face's repeat_kv).
       dropout: dropout rate on the attention probabilities, applied only when `rng` is given.
       rng: PRNG key enabling dropout.
+      window: sliding window (each query sees at most this many keys, itself included); None sees all.
 
     Returns:
       (B, T, H, hd). Without dropout this is `jax.nn.dot_product_attention` (fused kernels where available).
     """
     if rng is None or dropout == 0.0:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local)
+    t = q.shape[1]
+    pos = jnp.arange(t)
+    return _masked_attention(q, k, v, _visible(pos[None], pos, window), dropout, rng)
+
+
+def cached_attention(q, k_cache, v_cache, positions, window: int | None = None):
+    """Attention of new queries over a key/value cache whose slot s holds position s.
+
+    Args:
+      q: (B, T, H, hd) queries at `positions`.
+      k_cache, v_cache: (B, S, KV, hd), already holding the new keys and values.
+      positions: (B, T) positions of the queries; slots after a query's position are masked.
+      window: sliding window, as in `causal_attention`.
+
+    Returns:
+      (B, T, H, hd).
+    """
+    mask = _visible(positions, jnp.arange(k_cache.shape[1]), window)  # (B, T, S)
+    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask[:, None])
+
+
+def _visible(q_pos, k_pos, window):
+    """(B, T, S) bool: key at k_pos is visible from the query at q_pos."""
+    ok = k_pos[None, None, :] <= q_pos[..., None]
+    if window is not None:
+        ok &= k_pos[None, None, :] > q_pos[..., None] - window
+    return ok
+
+
+def _masked_attention(q, k, v, mask, dropout, rng):
     groups = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    t = q.shape[1]
-    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = _dropout(jax.nn.softmax(scores, axis=-1), dropout, rng).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the positions seen so far; slot s of every layer holds position s.
+
+    k, v: one (B, S, KV, hd) array per layer, S the cache capacity; length: () int32, the positions filled.
+    """
+
+    k: tuple
+    v: tuple
+    length: jax.Array
 
 
 class Norm(nnx.Module):
@@ -105,11 +148,11 @@ class Norm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def _linear(din, dout, cfg, rngs, std):
+def _linear(din, dout, cfg, rngs, std, bias):
     return nnx.Linear(
         din,
         dout,
-        use_bias=cfg.bias,
+        use_bias=bias,
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.float32,
         kernel_init=nnx.initializers.normal(std),
@@ -124,12 +167,18 @@ class Attention(nnx.Module):
     def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs, out_std: float):
         self.cfg = cfg
         hd = cfg.dim_head
-        self.q = _linear(cfg.d_model, cfg.n_head * hd, cfg, rngs, 0.02)
-        self.k = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02)
-        self.v = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02)
-        self.o = _linear(cfg.n_head * hd, cfg.d_model, cfg, rngs, out_std)
+        qkv_bias = cfg.has_bias("qkv")
+        self.q = _linear(cfg.d_model, cfg.n_head * hd, cfg, rngs, 0.02, qkv_bias)
+        self.k = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02, qkv_bias)
+        self.v = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02, qkv_bias)
+        self.o = _linear(cfg.n_head * hd, cfg.d_model, cfg, rngs, out_std, cfg.has_bias("o"))
 
-    def __call__(self, x, positions, rng=None):
+    def __call__(self, x, positions, rng=None, kv=None, length=None):
+        """Attention output, plus the updated (k_cache, v_cache) when `kv` is given (else None).
+
+        With a cache, the new keys and values are written at slots length .. length + T - 1, which must equal
+        `positions`.
+        """
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, cfg.n_head, cfg.dim_head)  # (B, T, H, hd)
@@ -138,8 +187,14 @@ class Attention(nnx.Module):
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_dim)
             k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_dim)
-        y = causal_attention(q, k, v, cfg.dropout, rng)  # (B, T, H, hd)
-        return self.o(y.reshape(b, t, cfg.n_head * cfg.dim_head))
+        if kv is None:
+            y = causal_attention(q, k, v, cfg.dropout, rng, cfg.sliding_window)  # (B, T, H, hd)
+        else:
+            k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, length, 0, 0))  # (B, S, KV, hd)
+            v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, length, 0, 0))
+            y = cached_attention(q, k_cache, v_cache, positions, cfg.sliding_window)
+            kv = (k_cache, v_cache)
+        return self.o(y.reshape(b, t, cfg.n_head * cfg.dim_head)), kv
 
 
 class MLP(nnx.Module):
@@ -147,9 +202,10 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs, out_std: float):
         self.act = _ACTIVATIONS[cfg.activation]
-        self.gate = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02) if cfg.gated_mlp else None
-        self.up = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02)
-        self.down = _linear(cfg.ff_dim, cfg.d_model, cfg, rngs, out_std)
+        bias = cfg.has_bias("mlp")
+        self.gate = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02, bias) if cfg.gated_mlp else None
+        self.up = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02, bias)
+        self.down = _linear(cfg.ff_dim, cfg.d_model, cfg, rngs, out_std, bias)
 
     def __call__(self, x):
         h = self.up(x)  # (B, T, F)
@@ -158,20 +214,24 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); or, with a parallel residual,
+    x + attn(norm1(x)) + mlp(norm2(x))."""
 
     def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        self.dropout = cfg.dropout
-        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias)
+        self.dropout, self.parallel = cfg.dropout, cfg.parallel_residual
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.has_bias("norm"))
         self.attn = Attention(cfg, rngs, out_std)
-        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.has_bias("norm"))
         self.mlp = MLP(cfg, rngs, out_std)
 
-    def __call__(self, x, positions, rng=None):
+    def __call__(self, x, positions, rng=None, kv=None, length=None):
         r_attn, r1, r2 = (None, None, None) if rng is None else jax.random.split(rng, 3)
-        x = x + _dropout(self.attn(self.attn_norm(x), positions, r_attn), self.dropout, r1)
-        return x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, r2)
+        a, kv = self.attn(self.attn_norm(x), positions, r_attn, kv, length)
+        a = _dropout(a, self.dropout, r1)
+        h = x if self.parallel else x + a
+        m = _dropout(self.mlp(self.mlp_norm(h)), self.dropout, r2)
+        return (x + a + m if self.parallel else h + m), kv
 
 
 class Transformer(nnx.Module):
@@ -185,26 +245,33 @@ class Transformer(nnx.Module):
         if cfg.position == "learned":
             self.pos_embed = nnx.Embed(cfg.max_seq_len, cfg.d_model, dtype=dtype, embedding_init=emb_init, rngs=rngs)
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
-        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias)
+        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.has_bias("norm"))
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Linear(
                 cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=emb_init, rngs=rngs
             )
 
-    def __call__(self, tokens, positions=None, *, dropout_rng=None):
+    def __call__(self, tokens, positions=None, *, dropout_rng=None, cache: KVCache | None = None):
         """Next-token logits.
 
         Args:
           tokens: (B, T) int token ids.
-          positions: (B, T) int positions; defaults to 0..T-1 for every row.
+          positions: (B, T) int positions; defaults to 0..T-1 for every row (cache.length + 0..T-1 with a cache;
+            positions cannot be given together with a cache).
           dropout_rng: a PRNG key to enable dropout (training); None runs deterministically.
+          cache: a `KVCache` (see `research.models.decode`): the tokens continue the cached sequence, and the
+            call returns (logits, updated cache).
 
         Returns:
-          (B, T, V) float32 logits.
+          (B, T, V) float32 logits, or (logits, cache) when a cache is given.
         """
         cfg = self.cfg
         b, t = tokens.shape
-        if positions is None:
+        if cache is not None:
+            if positions is not None:
+                raise ValueError("positions cannot be given with a cache: they follow from cache.length")
+            positions = jnp.broadcast_to(cache.length + jnp.arange(t, dtype=jnp.int32), (b, t))
+        elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens)  # (B, T, D)
         if cfg.position == "learned":
@@ -212,8 +279,15 @@ class Transformer(nnx.Module):
         n = cfg.n_layer + 1
         rngs = [None] * n if dropout_rng is None else list(jax.random.split(dropout_rng, n))
         x = _dropout(x, cfg.dropout, rngs[0])
-        for layer, rng in zip(self.layers, rngs[1:]):
-            x = layer(x, positions, rng)
+        new_k, new_v = [], []
+        for i, (layer, rng) in enumerate(zip(self.layers, rngs[1:])):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, positions, rng, kv, None if cache is None else cache.length)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
         x = self.final_norm(x)
-        logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
-        return logits.astype(jnp.float32)
+        logits = (self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)).astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, KVCache(tuple(new_k), tuple(new_v), cache.length + t)

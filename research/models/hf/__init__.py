@@ -1,0 +1,252 @@
+"""Hugging Face checkpoints: load them into our NNX transformer exactly, and export any model back.
+
+    pre = hf.load("path/to/gpt2")            # a directory with config.json + model.safetensors (or sharded)
+    pre = hf.load("facebook/opt-125m")       # a hub id: downloaded through huggingface_hub (needs a network)
+    graphdef, params = models.split(models.create(pre.cfg)) ... or simply pre.cfg / pre.params
+    hf.export(pre.cfg, params, "out/dir", tokenizer=pre.tokenizer)   # transformers' from_pretrained loads it
+
+Families (see `families`): gpt2, llama, mistral, qwen2, opt, gpt_neox. Weights are read straight from the
+safetensors files (no torch); fp32, bf16 and fp16 checkpoints load into float32 master weights, and the compute
+dtype is the `dtype` argument. Every name, shape and dtype is checked against `config.json` before any weight is
+converted: a missing or extra tensor, or a shape that disagrees, is a one-line error naming the tensor.
+
+Known gaps, each refused with a clear error: RoPE scaling (Llama 3.1 style `rope_type`), OPT-350m's post-LN and
+projection layers, Qwen2 per-layer sliding windows, PyTorch `.bin` checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from research import errors, models, tree
+from research.data import tokenizers
+from research.models import config as config_lib
+from research.models.hf import families, files
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DTYPES = {"F32": np.float32, "BF16": jnp.bfloat16, "F16": np.float16}
+_HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *tokenizers.TOKENIZER_FILE_NAMES]
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded checkpoint.
+
+    Attributes:
+      cfg: our model config.
+      params: the parameter tree (float32), as `models.split` returns it.
+      model_type: the Hugging Face family.
+      directory: where it was read from.
+      tokenizer: a tokenizer spec ("hf:<dir>") when the directory holds tokenizer files, else None.
+    """
+
+    cfg: config_lib.ModelConfig
+    params: dict
+    model_type: str
+    directory: Path
+    tokenizer: str | None
+
+
+def is_checkpoint_dir(path) -> bool:
+    """Whether `path` is a directory holding a Hugging Face `config.json`."""
+    return (Path(path) / "config.json").is_file()
+
+
+def resolve(source: str) -> Path:
+    """A local checkpoint directory for `source`: the directory itself, or a hub id downloaded to the HF cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not is_checkpoint_dir(path):
+            raise errors.UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        return path
+    if path.exists():
+        raise errors.UserError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+    if not _HUB_ID.match(source) or source.startswith("."):
+        raise errors.UserError(f"checkpoint directory {source} does not exist")
+    try:
+        import huggingface_hub
+
+        return Path(huggingface_hub.snapshot_download(source, allow_patterns=_HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated repo: the hub raises many types
+        raise errors.UserError(
+            f"{source} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}); pass a local checkpoint directory"
+        ) from None
+
+
+def read_hf_config(directory: Path):
+    """The transformers config object of a checkpoint directory, after checking its model_type."""
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except ValueError as e:
+        raise errors.UserError(f"{directory / 'config.json'} is not valid JSON ({e})") from None
+    kind = raw.get("model_type")
+    if kind not in families.SUPPORTED:
+        raise errors.UserError(
+            f"model_type {kind!r} in {directory / 'config.json'} is not supported; "
+            f"supported: {', '.join(families.SUPPORTED)}"
+        )
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(str(directory))
+    except Exception as e:
+        raise errors.UserError(f"cannot read {directory / 'config.json'}: {type(e).__name__}: {e}") from None
+
+
+def load(source: str, dtype: str = "float32") -> Pretrained:
+    """Loads a Hugging Face checkpoint (directory or hub id) into our parameter tree.
+
+    Args:
+      source: a directory with config.json and safetensors weights, or a hub id.
+      dtype: compute dtype of the model ("float32", "bfloat16", "float16"); weights stay float32.
+
+    Returns:
+      A `Pretrained`.
+    """
+    directory = resolve(source)
+    hf_cfg = read_hf_config(directory)
+    try:
+        cfg = families.model_config(hf_cfg, dtype)
+    except families.Unsupported as e:
+        raise errors.UserError(f"{directory}: {e}") from None
+    ckpt = files.Checkpoint(directory)
+    kind = hf_cfg.model_type
+    names = _canonical_names(ckpt.names(), kind)
+    rules = families.rules(cfg, kind)
+    _, abstract = models.abstract(cfg)
+    shapes = {p: tuple(a.shape) for p, a in tree.flatten(abstract).items()}
+    _check_names(rules, names, cfg, directory)
+    flat = {}
+    for rule in rules:
+        stored = names[rule.hf]
+        want = families.hf_shape(rule, [shapes[p] for p in rule.ours])
+        got = ckpt.shapes[stored]
+        if tuple(got) != tuple(want):
+            raise errors.UserError(
+                f"tensor {stored} has shape {tuple(got)} but config.json implies {tuple(want)} ({directory})"
+            )
+        if ckpt.dtypes[stored] not in _DTYPES:
+            raise errors.UserError(f"tensor {stored} has dtype {ckpt.dtypes[stored]}; only F32, BF16 and F16 load")
+        array = np.asarray(ckpt.get(stored)).astype(np.float32)
+        for path, part in zip(rule.ours, families.to_ours(rule, array, [shapes[p] for p in rule.ours])):
+            flat[path] = part
+    params = tree.map_with_path(lambda p, _: jnp.asarray(np.ascontiguousarray(flat[p])), abstract)
+    tok = f"hf:{directory}" if tokenizers.has_files(directory) else None
+    return Pretrained(cfg, params, kind, directory, tok)
+
+
+def _canonical_names(stored: set[str], kind: str) -> dict[str, str]:
+    """{canonical name: stored name}: adds the base-model prefix some checkpoints omit (GPT-2's "h.0...")
+    and maps GPT-NeoX's "embed_out" to "lm_head"."""
+    prefix = families.PREFIX.get(kind, "")
+    bare = prefix and not any(n.startswith(prefix) for n in stored)
+    out = {}
+    for name in stored:
+        canon = name
+        if kind == "gpt_neox" and name == "embed_out.weight":
+            canon = "lm_head.weight"
+        elif bare and not name.startswith("lm_head."):
+            canon = prefix + name
+        out[canon] = name
+    return out
+
+
+def _check_names(rules, names: dict[str, str], cfg, directory) -> None:
+    expected = {r.hf for r in rules}
+    missing = sorted(expected - set(names))
+    extra = sorted(
+        names[n]
+        for n in set(names) - expected
+        if not n.endswith(families.IGNORED) and not (cfg.tie_embeddings and n == "lm_head.weight")
+    )
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise errors.UserError(f"{directory}: tensor(s) missing from the checkpoint: {missing[:3]}{more}")
+    if extra:
+        more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
+        raise errors.UserError(f"{directory}: unexpected tensor(s) for this config.json: {extra[:3]}{more}")
+
+
+def export(
+    cfg: config_lib.ModelConfig,
+    params,
+    out: str | Path,
+    *,
+    model_type: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+) -> dict:
+    """Writes a model as a Hugging Face checkpoint directory that `transformers` loads with from_pretrained.
+
+    Args:
+      cfg, params: the model (dense weights; a compressed model passes its effective weights).
+      out: target directory; an existing non-empty one is refused unless `overwrite`.
+      model_type: the family to write; default: the first that represents `cfg` exactly.
+      tokenizer: a tokenizer spec; the files of an "hf:<dir>" tokenizer are copied alongside.
+      dtype: stored dtype ("float32", "bfloat16", "float16").
+      overwrite: replace an existing directory (only once the new one is complete).
+      max_shard_bytes: split the weights into shards plus an index past this size.
+
+    Returns:
+      {"directory", "model_type", "files", "tokenizer_files"}.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    if dtype not in config_lib.DTYPES:
+        raise errors.UserError(f"export dtype must be one of {config_lib.DTYPES}, got {dtype!r}")
+    try:
+        model_type = model_type or families.default_model_type(cfg)
+        hf_cfg = transformers.AutoConfig.for_model(model_type, **families.hf_config_dict(cfg, model_type))
+        full = families.model_config(hf_cfg, cfg.dtype)
+    except families.Unsupported as e:
+        raise errors.UserError(str(e)) from None
+    diff = families.same_function(cfg, full)
+    if diff:
+        raise errors.UserError(f"a {model_type} config.json cannot express this model exactly (differs in {diff})")
+    hf_cfg.architectures = [families.architecture(model_type)]
+    hf_cfg.dtype = dtype
+    flat = {p: np.asarray(a, np.float32) for p, a in tree.flatten(params).items()}
+    _, abstract = models.abstract(full)
+    shapes = {p: tuple(a.shape) for p, a in tree.flatten(abstract).items()}
+    tensors, used = {}, set()
+    for rule in families.rules(full, model_type):
+        arrays = []
+        for path in rule.ours:
+            if path not in flat and not path.endswith("bias"):
+                raise errors.UserError(f"parameter {path} is missing from the model being exported")
+            arrays.append(flat.get(path, np.zeros(shapes[path], np.float32)))
+            used.add(path)
+        tensors[rule.hf] = np.ascontiguousarray(families.to_hf(rule, arrays).astype(jnp.dtype(dtype)))
+    unused = sorted(p for p in set(flat) - used if np.any(flat[p]))
+    if unused:
+        raise errors.UserError(f"a {model_type} checkpoint has no place for parameter(s) {unused[:3]}")
+    tok_dir = _tokenizer_dir(tokenizer)
+    with files.AtomicDir(Path(out), overwrite) as tmp:
+        hf_cfg.save_pretrained(str(tmp))
+        written = files.write(tmp, tensors, max_shard_bytes)
+        copied = []
+        for name in tokenizers.TOKENIZER_FILE_NAMES if tok_dir else ():
+            if (tok_dir / name).is_file():
+                shutil.copy2(tok_dir / name, tmp / name)
+                copied.append(name)
+    return {"directory": str(out), "model_type": model_type, "files": written, "tokenizer_files": copied}
+
+
+def _tokenizer_dir(spec: str | None) -> Path | None:
+    if not spec or spec == "byte":
+        return None
+    path = Path(spec.removeprefix("hf:")).expanduser()
+    return path if path.is_dir() and tokenizers.has_files(path) else None
