@@ -2,7 +2,12 @@
 
     ziplm demo  [--workdir runs/demo]
     ziplm train --config experiments/configs/shakespeare_char_cpu.py [--workdir DIR] [--config.train.lr=3e-4 ...]
-    ziplm eval  --workdir DIR [--corpus SPEC] [--split val|train|all] [--window W] [--stride S] [--json OUT]
+    ziplm eval  --model SRC [--corpus SPEC] [--split val|train|all] [--protocol windows|gptq] [--window W]
+                [--stride S] [--json OUT]
+    ziplm sample --model SRC [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
+    ziplm export --model SRC --out DIR [--model-type gpt2|llama|...] [--dtype float32|bfloat16|float16] [--overwrite]
+
+SRC is a run directory (ours), a Hugging Face checkpoint directory (config.json + safetensors), or a hub id.
 
 A mistake in the input (a missing file, an unknown config key, a bad value) prints one line, "error: ...", and
 exits with status 2; an interrupted run exits with 130 after saving a checkpoint.
@@ -34,35 +39,119 @@ def _train(args, overrides) -> int:
 
 
 def _eval(args, overrides) -> int:
-    from research import report
+    from research import report, sources
     from research.data import corpora, dataset, tokenizers
     from research.eval import metrics
-    from research.train import checkpoint
 
-    if overrides:
-        raise errors.UserError(f"unrecognised argument {overrides[0]!r} for eval (see ziplm eval --help)")
-    cfg, graphdef, params, meta = checkpoint.load_run(args.workdir, args.step)
-    tok = tokenizers.load(meta["tokenizer"])
-    spec = args.corpus or cfg.data.corpus
-    if args.split == "all":
+    _no_extra(overrides, "eval")
+    source = _model_arg(args)
+    m = sources.load(source, args.step, args.dtype)
+    tok = tokenizers.load(_tokenizer(args, m))
+    run = m.run_config
+    spec = args.corpus or (run.data.corpus if run else None)
+    if spec is None:
+        raise errors.UserError(f"{source} is not a run of ours, so name the text: --corpus SPEC (e.g. wikitext:PATH)")
+    split = args.split or ("val" if run else "all")
+    if split == "all":
         tokens = dataset.tokenize_cached(corpora.load(spec).text, tok)
     else:
-        splits = dataset.prepare(spec, tok, cfg.data.val_fraction)
-        tokens = splits.val if args.split == "val" else splits.train
-    window = _first(args.window, cfg.eval.window, cfg.data.seq_len)
-    stride = _first(args.stride, cfg.eval.stride if args.window is None else None, window)
-    if window > cfg.model.max_seq_len:
-        raise errors.UserError(f"--window {window} exceeds the model's context ({cfg.model.max_seq_len})")
-    protocol = metrics.Protocol(window, stride)
-    batch_size = _first(args.batch_size, cfg.eval.batch_size)
-    result = metrics.evaluate(graphdef, params, tokens, tok.token_bytes, protocol, batch_size=batch_size)
-    result.update(corpus=spec, split=args.split, step=meta["step"], workdir=str(args.workdir))
+        splits = dataset.prepare(spec, tok, run.data.val_fraction if run else 0.1)
+        tokens = splits.val if split == "val" else splits.train
+    context = m.cfg.max_seq_len
+    if args.protocol == "gptq":
+        if args.stride is not None:
+            raise errors.UserError("--stride does not apply to the gptq protocol (its windows are disjoint)")
+        protocol = metrics.Protocol.gptq(_first(args.window, context))
+    else:
+        default_window = (run.eval.window or run.data.seq_len) if run else context
+        window = _first(args.window, default_window)
+        stride = _first(args.stride, run.eval.stride if (run and args.window is None) else None, window)
+        protocol = metrics.Protocol(window, stride)
+    if protocol.window > context:
+        raise errors.UserError(f"--window {protocol.window} exceeds the model's context ({context})")
+    batch_size = _first(args.batch_size, run.eval.batch_size if run else 8)
+    result = metrics.evaluate(m.graphdef, m.params, tokens, tok.token_bytes, protocol, batch_size=batch_size)
+    result.update(corpus=spec, split=split, step=m.step, model=str(source))
     print(report.eval_table(result))
     if args.json:
         from research import log
 
         log.write_json_atomic(Path(args.json), result)
     return 0
+
+
+def _sample(args, overrides) -> int:
+    import numpy as np
+
+    from research import sources
+    from research.data import tokenizers
+    from research.models import decode
+
+    _no_extra(overrides, "sample")
+    m = sources.load(args.model, args.step, args.dtype)
+    tok = tokenizers.load(_tokenizer(args, m))
+    prompt = tok.encode(args.prompt)
+    if len(prompt) == 0:
+        raise errors.UserError("the prompt encodes to no tokens; give a non-empty --prompt")
+    room = m.cfg.max_seq_len - len(prompt)
+    if room < 1:
+        raise errors.UserError(f"the prompt is {len(prompt)} tokens, the model's context is {m.cfg.max_seq_len}")
+    new = min(args.max_new_tokens, room)
+    out = decode.generate(
+        m.graphdef,
+        m.params,
+        np.asarray(prompt)[None],
+        new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+    )
+    print(args.prompt + tok.decode(out[0, len(prompt) :]))
+    if new < args.max_new_tokens:
+        print(f"(stopped after {new} new tokens: the model's context is {m.cfg.max_seq_len})", file=sys.stderr)
+    return 0
+
+
+def _export(args, overrides) -> int:
+    from research import sources
+    from research.models import hf
+
+    _no_extra(overrides, "export")
+    m = sources.load(args.model, args.step)
+    info = hf.export(
+        m.cfg,
+        m.params,
+        args.out,
+        model_type=args.model_type or m.model_type,
+        tokenizer=m.tokenizer,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    tok = ", tokenizer files copied" if info["tokenizer_files"] else " (no tokenizer files: the source has none)"
+    print(f"wrote {info['model_type']} checkpoint to {info['directory']}: {', '.join(info['files'])}{tok}")
+    return 0
+
+
+def _no_extra(overrides, command):
+    if overrides:
+        raise errors.UserError(f"unrecognised argument {overrides[0]!r} for {command} (see ziplm {command} --help)")
+
+
+def _model_arg(args) -> str:
+    if args.model and args.workdir and args.model != args.workdir:
+        raise errors.UserError("give --model or --workdir, not both")
+    source = args.model or args.workdir
+    if not source:
+        raise errors.UserError("name the model: --model RUN_DIR | HF_DIR | HUB_ID")
+    return source
+
+
+def _tokenizer(args, m) -> str:
+    spec = args.tokenizer or m.tokenizer
+    if spec is None:
+        raise errors.UserError(f"{m.source} has no tokenizer files; pass --tokenizer SPEC (byte, hf:DIR)")
+    return spec
 
 
 def _first(*values):
@@ -76,6 +165,15 @@ def _demo(args, overrides) -> int:
     return demo.main(args.workdir or "runs/demo", overrides)
 
 
+def _model_args(p, workdir: bool = False) -> None:
+    p.add_argument("--model", required=not workdir, help="run directory, HF checkpoint directory or hub id")
+    if workdir:
+        p.add_argument("--workdir", help="same as --model (a run directory)")
+    p.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
+    p.add_argument("--tokenizer", help="tokenizer spec overriding the model's (byte, hf:DIR)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype for HF checkpoints")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ziplm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command")
@@ -86,15 +184,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--config", help="config file with get_config() (default: the demo's base config)")
     t.add_argument("--workdir", help="run directory (default runs/<config name>); resumed if it holds this run")
-    e = sub.add_parser("eval", help="evaluate a trained run's checkpoint")
-    e.add_argument("--workdir", required=True, help="run directory written by `ziplm train`")
-    e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    e = sub.add_parser("eval", help="evaluate a model (run, HF directory or hub id) on a corpus")
+    _model_args(e, workdir=True)
     e.add_argument("--corpus", help="corpus spec (default: the run's corpus); see research/data/corpora.py")
-    e.add_argument("--split", choices=["val", "train", "all"], default="val", help="which part of the corpus")
-    e.add_argument("--window", type=int, help="context window in tokens (default: the run's eval window)")
+    e.add_argument(
+        "--split", choices=["val", "train", "all"], help="which part of the corpus (default: val for runs, else all)"
+    )
+    e.add_argument(
+        "--protocol",
+        choices=["windows", "gptq"],
+        default="windows",
+        help="windows: every token scored (sliding with --stride); gptq: the GPTQ/SparseGPT perplexity protocol",
+    )
+    e.add_argument("--window", type=int, help="context window in tokens (default: the run's eval window / context)")
     e.add_argument("--stride", type=int, help="tokens between window starts (default: window, non-overlapping)")
     e.add_argument("--batch-size", type=int, help="windows per forward pass")
     e.add_argument("--json", help="also write the result to this JSON file")
+    s_ = sub.add_parser("sample", help="print a continuation of a prompt")
+    _model_args(s_)
+    s_.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    s_.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    s_.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    s_.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    s_.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s_.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (slow baseline)")
+    x = sub.add_parser("export", help="write a model as a Hugging Face checkpoint directory")
+    x.add_argument("--model", required=True, help="run directory, HF checkpoint directory or hub id")
+    x.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
+    x.add_argument("--out", required=True, help="directory to write (must be new or empty, unless --overwrite)")
+    x.add_argument("--model-type", help="HF family to write (default: the source's, or the first that fits)")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored dtype")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
     return p
 
 
@@ -108,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from research.train import loop
 
-    handlers = {"train": _train, "eval": _eval, "demo": _demo}
+    handlers = {"train": _train, "eval": _eval, "demo": _demo, "sample": _sample, "export": _export}
     try:
         return handlers[args.command](args, rest)
     except errors.UserError as e:

@@ -49,7 +49,8 @@ def eval_table(r: dict) -> str:
         ["tokens scored", r["tokens"]],
         ["bytes scored", r["bytes"]],
     ]
-    foot = f"\nprotocol: {r['corpus']} ({r['split']}), {r['protocol']}; checkpoint step {r['step']}"
+    where = f"checkpoint step {r['step']}" if r.get("step") is not None else f"model {r.get('model', '-')}"
+    foot = f"\nprotocol: {r['corpus']} ({r['split']}), {r['protocol']}; perplexity = exp(mean NLL); {where}"
     return table(["metric", "value"], rows) + foot
 
 

@@ -156,7 +156,7 @@ def test_eval_of_a_missing_step(tmp_path, capsys):
 
 
 def test_eval_of_a_directory_that_is_not_a_run(tmp_path, capsys):
-    _bad(["eval", "--workdir", str(tmp_path)], capsys, "is not a run directory")
+    _bad(["eval", "--workdir", str(tmp_path)], capsys, "is neither a run directory")
 
 
 def test_incompatible_checkpoint_is_refused_and_kept(tmp_path, capsys):

@@ -6,6 +6,11 @@ scores only the targets past the previous window's end, so with stride < window 
 window - stride tokens of context ("sliding window"), and with stride == window the windows do not overlap
 ("non-overlapping windows": the first target of each window sees one token of context).
 
+The GPTQ/SparseGPT protocol (`Protocol.gptq(window)`), used by the published WikiText-2 perplexity tables: the
+token stream is cut into n // window disjoint windows of `window` tokens (the last partial window is dropped), and
+each window scores its tokens 1 .. window-1 (its first token is context only). Perplexity = exp(mean NLL), which
+equals their exp(sum of window losses * window / (windows * window)) because every window scores the same count.
+
 Bits per byte = total negative log2-likelihood / UTF-8 bytes of the scored targets (the tokenizer's `token_bytes`
 table; for bytes it is one per token). Perplexity = exp(mean NLL per token).
 """
@@ -27,14 +32,32 @@ from research.train import step as step_lib
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
+    """Which tokens are scored with what context: `window`, `stride`, and `style` ("windows" or "gptq")."""
+
     window: int
     stride: int
+    style: str = "windows"
 
     def __post_init__(self):
         if self.window <= 0 or not 0 < self.stride <= self.window:
             raise errors.UserError(f"eval window must be > 0 and 0 < stride <= window, got {self}")
+        if self.style not in ("windows", "gptq"):
+            raise errors.UserError(f"eval protocol must be 'windows' or 'gptq', got {self.style!r}")
+        if self.style == "gptq" and (self.stride != self.window or self.window < 2):
+            raise errors.UserError(
+                f"the gptq protocol uses disjoint windows of >= 2 tokens (stride = window), got {self}"
+            )
+
+    @classmethod
+    def gptq(cls, window: int) -> Protocol:
+        return cls(window, window, "gptq")
 
     def describe(self) -> str:
+        if self.style == "gptq":
+            return (
+                f"GPTQ/SparseGPT protocol: disjoint windows of {self.window} tokens, last partial window dropped, "
+                "first token of each window unscored"
+            )
         if self.stride == self.window:
             return f"non-overlapping windows of {self.window} tokens"
         return f"sliding windows of {self.window} tokens, stride {self.stride}"
@@ -47,6 +70,8 @@ def windows(tokens: np.ndarray, protocol: Protocol, max_windows: int | None = No
       inputs (N, W) int32, targets (N, W) int32, mask (N, W) bool marking the targets each window scores.
     """
     n, w, s = len(tokens), protocol.window, protocol.stride
+    if protocol.style == "gptq":
+        return _gptq_windows(np.asarray(tokens), w, max_windows)
     if n < 2:
         raise errors.UserError(f"cannot evaluate {n} token(s): at least 2 are needed")
     count = 1 if n - 1 <= w else 1 + math.ceil((n - 1 - w) / s)
@@ -59,6 +84,19 @@ def windows(tokens: np.ndarray, protocol: Protocol, max_windows: int | None = No
     pos = np.minimum(starts[:, None] + np.arange(w + 1), n - 1)  # (N, W+1)
     seq = np.asarray(tokens)[pos].astype(np.int32)
     return seq[:, :-1], seq[:, 1:], mask
+
+
+def _gptq_windows(tokens: np.ndarray, w: int, max_windows: int | None):
+    count = len(tokens) // w
+    if max_windows:
+        count = min(count, max_windows)
+    if count == 0:
+        raise errors.UserError(f"the gptq protocol needs at least one full window of {w} tokens, got {len(tokens)}")
+    seq = tokens[: count * w].reshape(count, w).astype(np.int32)  # (N, W)
+    targets = np.concatenate([seq[:, 1:], np.zeros((count, 1), np.int32)], axis=1)
+    mask = np.ones((count, w), bool)
+    mask[:, -1] = False
+    return seq, targets, mask
 
 
 @functools.partial(jax.jit, static_argnums=0)

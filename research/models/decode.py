@@ -156,4 +156,3 @@ def generate(
     args = (graphdef, params, jnp.asarray(prompt), max_new_tokens, float(temperature), top_k or None)
     out = _generate_cached(*args, total, key) if use_cache else _generate_uncached(*args, key)
     return np.asarray(out)
-

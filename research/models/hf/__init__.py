@@ -65,7 +65,10 @@ def resolve(source: str) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         if not is_checkpoint_dir(path):
-            raise errors.UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+            raise errors.UserError(
+                f"{path} is neither a run directory (no checkpoints/ inside) nor a Hugging Face checkpoint "
+                "directory (no config.json)"
+            )
         return path
     if path.exists():
         raise errors.UserError(f"{path} is a file; pass the checkpoint directory that holds config.json")
@@ -125,7 +128,7 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
     rules = families.rules(cfg, kind)
     _, abstract = models.abstract(cfg)
     shapes = {p: tuple(a.shape) for p, a in tree.flatten(abstract).items()}
-    _check_names(rules, names, cfg, directory)
+    _check_names(rules, names, cfg, kind, directory)
     flat = {}
     for rule in rules:
         stored = names[rule.hf]
@@ -147,27 +150,28 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
 
 def _canonical_names(stored: set[str], kind: str) -> dict[str, str]:
     """{canonical name: stored name}: adds the base-model prefix some checkpoints omit (GPT-2's "h.0...")
-    and maps GPT-NeoX's "embed_out" to "lm_head"."""
+    and accepts "lm_head" for GPT-NeoX's "embed_out"."""
     prefix = families.PREFIX.get(kind, "")
+    head = families.head_name(kind)
     bare = prefix and not any(n.startswith(prefix) for n in stored)
     out = {}
     for name in stored:
         canon = name
-        if kind == "gpt_neox" and name == "embed_out.weight":
-            canon = "lm_head.weight"
-        elif bare and not name.startswith("lm_head."):
+        if name in ("lm_head.weight", "embed_out.weight"):
+            canon = head
+        elif bare:
             canon = prefix + name
         out[canon] = name
     return out
 
 
-def _check_names(rules, names: dict[str, str], cfg, directory) -> None:
+def _check_names(rules, names: dict[str, str], cfg, kind: str, directory) -> None:
     expected = {r.hf for r in rules}
     missing = sorted(expected - set(names))
     extra = sorted(
         names[n]
         for n in set(names) - expected
-        if not n.endswith(families.IGNORED) and not (cfg.tie_embeddings and n == "lm_head.weight")
+        if not n.endswith(families.IGNORED) and not (cfg.tie_embeddings and n == families.head_name(kind))
     )
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""

@@ -396,8 +396,13 @@ def rules(cfg: config_lib.ModelConfig, model_type: str) -> list[Rule]:
     fam = {"gpt2": _gpt2_rules, "opt": _opt_rules, "gpt_neox": _neox_rules}.get(model_type, _llama_rules)
     out = fam(cfg)
     if not cfg.tie_embeddings:
-        out.append(Rule("lm_head.weight", ("lm_head/kernel",), "linear"))
+        out.append(Rule(head_name(model_type), ("lm_head/kernel",), "linear"))
     return out
+
+
+def head_name(model_type: str) -> str:
+    """The output head's tensor name (GPT-NeoX checkpoints call it embed_out)."""
+    return "embed_out.weight" if model_type == "gpt_neox" else "lm_head.weight"
 
 
 def _norm(hf, ours, cfg, weight="weight"):

@@ -1,0 +1,66 @@
+"""One entry point for "a model": a run directory of ours, a Hugging Face checkpoint directory, or a hub id.
+
+m = sources.load("runs/demo")              # our orbax checkpoint (latest step, or step=N)
+m = sources.load("path/to/opt-125m")       # config.json + safetensors
+m = sources.load("EleutherAI/pythia-70m")  # downloaded when a network is available
+logits = models.merge(m.graphdef, m.params)(tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from research import errors, models
+from research.models import config as config_lib
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model and where it came from.
+
+    Attributes:
+      cfg: the model config; graphdef, params: as `models.split` returns them.
+      tokenizer: a tokenizer spec, or None when the source has none.
+      kind: "run" or "hf".
+      source: what was asked for; step: the checkpoint step of a run (None for HF).
+      run_config: the run's ConfigDict (None for HF), with its corpus, eval settings and seed.
+      model_type: the Hugging Face family (for HF sources), used again on export.
+    """
+
+    cfg: config_lib.ModelConfig
+    graphdef: object
+    params: dict
+    tokenizer: str | None
+    kind: str
+    source: str
+    step: int | None = None
+    run_config: object = None
+    model_type: str | None = None
+
+
+def is_run(path) -> bool:
+    return (Path(path).expanduser() / "checkpoints").is_dir()
+
+
+def load(source: str, step: int | None = None, dtype: str | None = None) -> Model:
+    """Loads the model `source` names (see the module docstring).
+
+    Args:
+      source: a run directory, a Hugging Face checkpoint directory, or a hub id.
+      step: checkpoint step of a run (default: the latest); not allowed for HF sources.
+      dtype: compute dtype for HF checkpoints (default float32); runs keep their configured dtype.
+    """
+    if is_run(source):
+        from research import config as run_config
+        from research.train import checkpoint
+
+        cfg, graphdef, params, meta = checkpoint.load_run(source, step)
+        return Model(run_config.model_cfg(cfg), graphdef, params, meta["tokenizer"], "run", source, meta["step"], cfg)
+    if step is not None:
+        raise errors.UserError(f"--step applies to run directories; {source} is not one (no checkpoints/ inside)")
+    from research.models import hf
+
+    pre = hf.load(source, dtype or "float32")
+    graphdef, _ = models.abstract(pre.cfg)
+    return Model(pre.cfg, graphdef, pre.params, pre.tokenizer, "hf", source, model_type=pre.model_type)
