@@ -128,7 +128,12 @@ def _export(args, overrides) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
     )
-    tok = ", tokenizer files copied" if info["tokenizer_files"] else " (no tokenizer files: the source has none)"
+    if info["tokenizer_files"]:
+        tok = ", tokenizer files copied"
+    elif m.tokenizer == "byte":
+        tok = " (byte-level tokenizer, recorded in config.json)"
+    else:
+        tok = " (no tokenizer files: the source has none)"
     print(f"wrote {info['model_type']} checkpoint to {info['directory']}: {', '.join(info['files'])}{tok}")
     return 0
 

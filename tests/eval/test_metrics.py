@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from research import errors, models
 from research.eval import metrics
 from research.models import config as mc
+from tests import helpers
 
 
 @given(n=st.integers(2, 300), window=st.integers(1, 40), data=st.data())
@@ -69,3 +70,43 @@ def test_accuracy_of_a_model_that_learned_the_pattern():
     zeros = jax.tree.map(lambda x: x * 0, params)
     r = metrics.evaluate(graphdef, zeros, np.array([1, 0, 0, 2, 0]), np.ones(4), metrics.Protocol(8, 8))
     assert r["accuracy"] == pytest.approx(3 / 4)
+
+
+def test_gptq_windows_by_hand():
+    inputs, targets, mask = metrics.windows(np.arange(11), metrics.Protocol.gptq(4))
+    assert inputs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 11 // 4 = 2 windows; tokens 8..10 dropped
+    assert targets[mask].tolist() == [1, 2, 3, 5, 6, 7]  # the first token of each window is never a target
+    assert "GPTQ/SparseGPT" in metrics.Protocol.gptq(4).describe()
+    with pytest.raises(errors.UserError, match="at least one full window"):
+        metrics.windows(np.arange(3), metrics.Protocol.gptq(4))
+    with pytest.raises(errors.UserError, match="disjoint"):
+        metrics.Protocol(4, 2, "gptq")
+
+
+def test_gptq_perplexity_is_exp_of_the_mean_window_loss():
+    # Their formula: exp(sum over windows of (mean NLL of the window * W) / (windows * W)).
+    cfg = mc.gpt2_style(vocab_size=16, n_layer=1, n_head=1, d_model=8, max_seq_len=8)
+    graphdef, params = models.init(cfg, 3)
+    tokens = np.random.default_rng(1).integers(0, 16, 30)
+    r = metrics.evaluate(graphdef, params, tokens, np.ones(16), metrics.Protocol.gptq(8), batch_size=2)
+    model = models.merge(graphdef, params)
+    window_means = []
+    for i in range(3):
+        seq = tokens[i * 8 : (i + 1) * 8]
+        logp = jax.nn.log_softmax(model(seq[None])[0, :-1])
+        window_means.append(-float(np.mean(np.asarray(logp)[np.arange(7), seq[1:]])))
+    assert r["tokens"] == 21
+    assert r["perplexity"] == pytest.approx(math.exp(sum(m * 8 for m in window_means) / (3 * 8)), rel=1e-5)
+
+
+@helpers.needs_shared
+def test_wikitext2_test_with_the_gpt2_tokenizer_has_the_published_token_count():
+    # 287,644 tokens is the length the Hugging Face perplexity guide reports for "\n\n".join(test["text"]) with
+    # the GPT-2 tokenizer: a check on both the row recovery from wiki.test.raw and the tokenizer.
+    from research.data import corpora, tokenizers
+
+    text = corpora.load(f"wikitext:{helpers.WIKITEXT_RAW}").text
+    tokens = tokenizers.load(str(helpers.GPT2_TOKENIZER)).encode(text)
+    assert len(tokens) == 287_644
+    inputs, _, mask = metrics.windows(tokens, metrics.Protocol.gptq(1024))
+    assert inputs.shape == (280, 1024) and mask.sum() == 280 * 1023

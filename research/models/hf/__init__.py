@@ -45,7 +45,8 @@ class Pretrained:
       params: the parameter tree (float32), as `models.split` returns it.
       model_type: the Hugging Face family.
       directory: where it was read from.
-      tokenizer: a tokenizer spec ("hf:<dir>") when the directory holds tokenizer files, else None.
+      tokenizer: a tokenizer spec: "hf:<dir>" when the directory holds tokenizer files, "byte" for a byte-level
+        model exported by us (config.json says "ziplm_tokenizer": "byte"), else None.
     """
 
     cfg: config_lib.ModelConfig
@@ -145,6 +146,8 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
             flat[path] = part
     params = tree.map_with_path(lambda p, _: jnp.asarray(np.ascontiguousarray(flat[p])), abstract)
     tok = f"hf:{directory}" if tokenizers.has_files(directory) else None
+    if tok is None and getattr(hf_cfg, "ziplm_tokenizer", None) == "byte":
+        tok = "byte"
     return Pretrained(cfg, params, kind, directory, tok)
 
 
@@ -198,7 +201,8 @@ def export(
       cfg, params: the model (dense weights; a compressed model passes its effective weights).
       out: target directory; an existing non-empty one is refused unless `overwrite`.
       model_type: the family to write; default: the first that represents `cfg` exactly.
-      tokenizer: a tokenizer spec; the files of an "hf:<dir>" tokenizer are copied alongside.
+      tokenizer: a tokenizer spec; the files of an "hf:<dir>" tokenizer are copied alongside, and "byte" is
+        recorded in config.json as "ziplm_tokenizer".
       dtype: stored dtype ("float32", "bfloat16", "float16").
       overwrite: replace an existing directory (only once the new one is complete).
       max_shard_bytes: split the weights into shards plus an index past this size.
@@ -222,6 +226,8 @@ def export(
         raise errors.UserError(f"a {model_type} config.json cannot express this model exactly (differs in {diff})")
     hf_cfg.architectures = [families.architecture(model_type)]
     hf_cfg.dtype = dtype
+    if tokenizer == "byte":  # no tokenizer files exist for raw bytes; record it so that loading finds it again
+        hf_cfg.ziplm_tokenizer = "byte"
     flat = {p: np.asarray(a, np.float32) for p, a in tree.flatten(params).items()}
     _, abstract = models.abstract(full)
     shapes = {p: tuple(a.shape) for p, a in tree.flatten(abstract).items()}

@@ -1,0 +1,76 @@
+"""The model commands end to end: sample, export, and eval on runs and Hugging Face directories."""
+
+import json
+
+import pytest
+
+from research import cli
+from research.models import config as mc
+from research.models import hf
+from tests import helpers
+from tests.test_cli import TINY, _bad
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "run"
+    assert cli.main(["train", "--workdir", str(path), *TINY]) == 0
+    return path
+
+
+def _out(capsys, args):
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def test_sample_is_deterministic_and_continues_the_prompt(run, capsys):
+    args = ["sample", "--model", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    a, b = _out(capsys, args), _out(capsys, args)
+    assert a == b and a.startswith("def ") and len(a.encode()) >= 4 + 1
+    sampled = _out(capsys, [*args[:-1], "0.9", "--top-k", "5", "--seed", "3"])
+    assert sampled.startswith("def ")
+    assert _out(capsys, [*args, "--no-cache"]) == a
+
+
+def test_export_then_eval_gives_the_same_numbers(run, tmp_path, capsys):
+    out = _out(capsys, ["export", "--model", str(run), "--out", str(tmp_path / "hf")])
+    assert "wrote gpt2 checkpoint" in out and "byte-level tokenizer" in out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt2"
+    _bad(["export", "--model", str(run), "--out", str(tmp_path / "hf")], capsys, "--overwrite")
+    assert _out(capsys, ["export", "--model", str(run), "--out", str(tmp_path / "hf"), "--overwrite"])
+
+    common = ["--corpus", "pydoc", "--split", "all", "--protocol", "gptq", "--window", "32"]
+    _out(capsys, ["eval", "--model", str(run), *common, "--json", str(tmp_path / "run.json")])
+    hf_args = ["eval", "--model", str(tmp_path / "hf"), *common]
+    text = _out(capsys, [*hf_args, "--json", str(tmp_path / "hf.json")])
+    assert "GPTQ/SparseGPT protocol" in text and "exp(mean NLL)" in text
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("run.json", "hf.json"))
+    assert a["tokens"] == b["tokens"] > 0
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_model_commands_reject_bad_input(run, tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    assert cli.main(["export", "--model", str(run), "--out", str(hf_dir)]) == 0
+    _bad(["eval", "--model", str(hf_dir)], capsys, "--corpus")
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config.pop("ziplm_tokenizer") == "byte"
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    _bad(["sample", "--model", str(hf_dir)], capsys, "--tokenizer")
+    _bad(["eval", "--model", str(run), "--protocol", "gptq", "--stride", "4"], capsys, "--stride")
+    _bad(["eval", "--model", str(run), "--window", "64"], capsys, "exceeds the model's context (32)")
+    _bad(["sample", "--model", str(hf_dir), "--step", "2"], capsys, "--step applies to run directories")
+    _bad(["export", "--model", str(run), "--out", str(tmp_path / "x"), "--model-type", "llama"], capsys, "llama")
+
+
+@helpers.needs_shared
+def test_sample_from_an_hf_directory_with_its_tokenizer(tmp_path, capsys):
+    from research import models
+
+    cfg = mc.gpt2_style(vocab_size=50257, n_layer=1, n_head=2, d_model=16, max_seq_len=64)
+    info = hf.export(cfg, models.init(cfg)[1], tmp_path / "hf", tokenizer=f"hf:{helpers.GPT2_TOKENIZER}")
+    assert {"vocab.json", "merges.txt"} <= set(info["tokenizer_files"])
+    args = ["sample", "--model", str(tmp_path / "hf"), "--prompt", "Hello world", "--max-new-tokens", "5"]
+    assert _out(capsys, args).startswith("Hello world")
