@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   creates .venv, installs ziplm, runs the demo (train + evaluate the default model)
-#   make test   creates .venv, installs ziplm with its dev extra, runs the whole test suite
+#   make test   creates .venv, installs ziplm with its dev and parity (torch CPU) extras, runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,10 +13,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+$(VENV)/.installed-parity: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,parity]'
+	touch $@
+
 demo: $(VENV)/.installed
 	$(PY) -m research demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-parity
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed

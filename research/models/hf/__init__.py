@@ -32,7 +32,6 @@ from research.models import config as config_lib
 from research.models.hf import families, files
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DTYPES = {"F32": np.float32, "BF16": jnp.bfloat16, "F16": np.float16}
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *tokenizers.TOKENIZER_FILE_NAMES]
 
 
@@ -139,12 +138,10 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
             raise errors.UserError(
                 f"tensor {stored} has shape {tuple(got)} but config.json implies {tuple(want)} ({directory})"
             )
-        if ckpt.dtypes[stored] not in _DTYPES:
-            raise errors.UserError(f"tensor {stored} has dtype {ckpt.dtypes[stored]}; only F32, BF16 and F16 load")
-        array = np.asarray(ckpt.get(stored)).astype(np.float32)
+        array = np.asarray(ckpt.get(stored)).astype(np.float32, copy=False)
         for path, part in zip(rule.ours, families.to_ours(rule, array, [shapes[p] for p in rule.ours])):
-            flat[path] = part
-    params = tree.map_with_path(lambda p, _: jnp.asarray(np.ascontiguousarray(flat[p])), abstract)
+            flat[path] = jnp.asarray(part)  # one tensor at a time: peak memory stays near the model's size
+    params = tree.map_with_path(lambda p, _: flat[p], abstract)
     tok = f"hf:{directory}" if tokenizers.has_files(directory) else None
     if tok is None and getattr(hf_cfg, "ziplm_tokenizer", None) == "byte":
         tok = "byte"
