@@ -32,37 +32,43 @@ SIZES = {
 
 # Peak memory of the measured call alone: Linux's VmHWM, reset just before it (ru_maxrss is inherited from the parent).
 _MEM = """
+import json, sys, time
+
+
 def _mem(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) / 1024  # MiB
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-base = _mem("VmRSS")
+
+
+def _reset():
+    open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from the current RSS
+    return _mem("VmRSS")
+
+
+def _report(seconds, base):
+    peak = _mem("VmHWM")
+    out = {"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": base, "peak_above_before_mib": peak - base}
+    print(json.dumps(out))
 """
 
 _LOAD = """
-import json, sys, time
 import jax, transformers
-jax.devices()  # backend start-up is not part of loading
 from research.models import hf
-""" + _MEM + """
+jax.devices()  # backend start-up is not part of loading
+base = _reset()
 t = time.perf_counter()
 pre = hf.load(sys.argv[1])
 jax.block_until_ready(pre.params)
-dt = time.perf_counter() - t
-peak = _mem("VmHWM")
-print(json.dumps({"seconds": dt, "peak_rss_mib": peak, "rss_before_mib": base, "peak_above_before_mib": peak - base}))
+_report(time.perf_counter() - t, base)
 """
 
 _TORCH = """
-import json, sys, time
 import torch, transformers
-""" + _MEM + """
+base = _reset()
 t = time.perf_counter()
 m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
-dt = time.perf_counter() - t
-peak = _mem("VmHWM")
-print(json.dumps({"seconds": dt, "peak_rss_mib": peak, "rss_before_mib": base, "peak_above_before_mib": peak - base}))
+_report(time.perf_counter() - t, base)
 """
 
 _DECODE = """
@@ -125,12 +131,12 @@ def main() -> None:
         result["export_seconds"] = time.perf_counter() - t
         result["checkpoint_mb"] = sum(p.stat().st_size for p in ckpt.iterdir()) / 2**20
         print(f"checkpoint: {result['params'] / 1e6:.1f}M parameters, {result['checkpoint_mb']:.0f} MiB", flush=True)
-        result["load"] = _child(_LOAD, str(ckpt))
+        result["load"] = _child(_MEM + _LOAD, str(ckpt))
         print(f"load: {result['load']}", flush=True)
         try:
             import torch  # noqa: F401
 
-            result["transformers_load"] = _child(_TORCH, str(ckpt))
+            result["transformers_load"] = _child(_MEM + _TORCH, str(ckpt))
             print(f"transformers load: {result['transformers_load']}", flush=True)
         except ImportError:
             result["transformers_load"] = None

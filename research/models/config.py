@@ -38,6 +38,10 @@ class ModelConfig:
       position: "learned" absolute positions (GPT-2), "rope" (Llama) or "none".
       rope_theta: RoPE base frequency.
       rotary_dim: number of leading head dimensions RoPE rotates; None means all of them.
+      rope_scaling: None, "linear" (positions divided by rope_factor) or "llama3" (Llama 3.1's per-frequency
+        scaling: low frequencies divided by rope_factor, high ones kept, a smooth ramp between).
+      rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len: the scaling's parameters
+        (Hugging Face's factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
       tie_embeddings: the output head reuses the token embedding.
       bias: biases in the linear layers and the LayerNorms (the default for the four flags below).
       qkv_bias: biases on the query, key and value projections; None means `bias` (Qwen2: True with bias False).
@@ -65,6 +69,11 @@ class ModelConfig:
     position: Literal["learned", "rope", "none"] = "learned"
     rope_theta: float = 10000.0
     rotary_dim: int | None = None
+    rope_scaling: Literal["linear", "llama3"] | None = None
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     tie_embeddings: bool = True
     bias: bool = True
     qkv_bias: bool | None = None
@@ -84,13 +93,20 @@ class ModelConfig:
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "rope_original_max_len"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
         for name in ("n_kv_head", "d_ff", "head_dim", "rotary_dim", "sliding_window"):
             v = getattr(self, name)
             need(v is None or (is_int(v) and v > 0), f"{name} must be a positive integer or None, got {v!r}")
-        for name in ("norm_eps", "rope_theta", "dropout"):
+        for name in (
+            "norm_eps",
+            "rope_theta",
+            "dropout",
+            "rope_factor",
+            "rope_low_freq_factor",
+            "rope_high_freq_factor",
+        ):
             v = getattr(self, name)
             need(isinstance(v, int | float) and not isinstance(v, bool), f"{name} must be a number, got {v!r}")
         for name in ("gated_mlp", "tie_embeddings", "bias", "parallel_residual"):
@@ -102,6 +118,16 @@ class ModelConfig:
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         need(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(
+            self.rope_scaling in (None, "linear", "llama3"),
+            f"rope_scaling must be None, 'linear' or 'llama3', got {self.rope_scaling!r}",
+        )
+        need(self.rope_factor > 0, f"rope_factor must be positive, got {self.rope_factor}")
+        if self.rope_scaling == "llama3":
+            need(
+                self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
+                "rope_high_freq_factor must exceed rope_low_freq_factor > 0",
+            )
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(
             self.n_head % self.kv_heads == 0,

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from research.models import config as config_lib
@@ -43,7 +44,24 @@ def _dropout(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def apply_rope(x, positions, theta: float, rot_dim: int):
+def rope_frequencies(cfg: config_lib.ModelConfig) -> np.ndarray:
+    """(rope_dim // 2,) float32 inverse frequencies of RoPE, with the config's scaling applied."""
+    dim = cfg.rope_dim
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if cfg.rope_scaling == "linear":
+        inv = inv / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        wavelen = 2 * np.pi / inv
+        old, lo, hi = cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        scaled = np.where(wavelen > old / lo, inv / cfg.rope_factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        ramp = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = np.where(medium, ramp, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, theta: float, rot_dim: int, inv_freq=None):
     """Rotary position embedding in the "rotate half" layout used by Hugging Face Llama.
 
     Args:
@@ -51,12 +69,14 @@ def apply_rope(x, positions, theta: float, rot_dim: int):
       positions: (B, T) integer positions.
       theta: base frequency.
       rot_dim: number of leading dimensions of each head to rotate (even); the rest pass through.
+      inv_freq: (rot_dim // 2,) inverse frequencies overriding theta's (scaled RoPE, see `rope_frequencies`).
 
     Returns:
       (B, T, N, hd) array of x's dtype.
     """
     half = rot_dim // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rot_dim)  # (half,)
+    if inv_freq is None:
+        inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rot_dim)  # (half,)
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, half)
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # (B, T, 1, half)
     xf = x.astype(jnp.float32)
@@ -185,8 +205,9 @@ class Attention(nnx.Module):
         k = self.k(x).reshape(b, t, cfg.kv_heads, cfg.dim_head)  # (B, T, KV, hd)
         v = self.v(x).reshape(b, t, cfg.kv_heads, cfg.dim_head)
         if cfg.position == "rope":
-            q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_dim)
-            k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_dim)
+            inv_freq = rope_frequencies(cfg) if cfg.rope_scaling else None
+            q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_dim, inv_freq)
+            k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_dim, inv_freq)
         if kv is None:
             y = causal_attention(q, k, v, cfg.dropout, rng, cfg.sliding_window)  # (B, T, H, hd)
         else:

@@ -18,6 +18,13 @@ CASES = {
     "gpt2-nobias": (mc.gpt2_style(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=24, bias=False), None),
     "llama-gqa": (mc.llama_style(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=16, max_seq_len=24), None),
     "qwen2": (mc.llama_style(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=24, qkv_bias=True), None),
+    "llama3-rope": (
+        mc.llama_style(
+            vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=24, rope_scaling="llama3", rope_factor=8.0,
+            rope_original_max_len=16, rope_theta=500.0,
+        ),
+        None,
+    ),
     "mistral": (mc.llama_style(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=24, sliding_window=4), None),
     "opt": (mc.gpt2_style(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=24, activation="relu"), "opt"),
     "neox": (
@@ -47,7 +54,7 @@ def test_export_then_load_is_exact(name, tmp_path):
     cfg, model_type = CASES[name]
     params = _random_params(cfg)
     info = hf.export(cfg, params, tmp_path / "ckpt", model_type=model_type)
-    expected_type = model_type or name.split("-")[0]
+    expected_type = model_type or name.split("-")[0].removesuffix("3")
     assert info["model_type"] == expected_type
     pre = hf.load(str(tmp_path / "ckpt"))
     assert pre.model_type == expected_type and pre.tokenizer is None
@@ -162,19 +169,13 @@ def test_truncated_safetensors_is_a_clear_error(ckpt):
         _fails(ckpt, "model.safetensors")
 
 
-LLAMA3_ROPE = dict(
-    rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-    original_max_position_embeddings=8192,
-)  # fmt: skip
-
-
-def test_integer_tensors_and_rope_scaling_are_refused(ckpt, tmp_path):
+def test_integer_tensors_and_unknown_rope_scaling_are_refused(ckpt, tmp_path):
     _edit_tensors(ckpt, lambda t: t.update({"transformer.wpe.weight": np.zeros((24, 16), np.int8)}))
     _fails(ckpt, "transformer.wpe.weight", "I8")
     cfg = CASES["llama-gqa"][0]
     hf.export(cfg, _random_params(cfg), tmp_path / "llama")
-    _edit_config(tmp_path / "llama", rope_parameters=LLAMA3_ROPE)
-    _fails(tmp_path / "llama", "rope_type 'llama3'")
+    _edit_config(tmp_path / "llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    _fails(tmp_path / "llama", "rope_type 'dynamic'", "supported: default, linear, llama3")
 
 
 def test_not_a_checkpoint(tmp_path, monkeypatch):

@@ -28,6 +28,15 @@ CASES = {
     "llama-bias-headdim": lambda: transformers.LlamaConfig(
         **LLAMA, num_key_value_heads=4, attention_bias=True, mlp_bias=True, tie_word_embeddings=True, head_dim=16,
     ),
+    "llama-rope-llama3": lambda: transformers.LlamaConfig(
+        **LLAMA, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
+    ),
+    "llama-rope-linear": lambda: transformers.LlamaConfig(
+        **LLAMA, rope_parameters=dict(rope_type="linear", rope_theta=100.0, factor=4.0)
+    ),
     "mistral-window": lambda: transformers.MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=8),
     "qwen2": lambda: transformers.Qwen2Config(**LLAMA, num_key_value_heads=2, tie_word_embeddings=True),
     "opt": lambda: transformers.OPTConfig(

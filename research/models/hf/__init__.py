@@ -10,8 +10,8 @@ safetensors files (no torch); fp32, bf16 and fp16 checkpoints load into float32 
 dtype is the `dtype` argument. Every name, shape and dtype is checked against `config.json` before any weight is
 converted: a missing or extra tensor, or a shape that disagrees, is a one-line error naming the tensor.
 
-Known gaps, each refused with a clear error: RoPE scaling (Llama 3.1 style `rope_type`), OPT-350m's post-LN and
-projection layers, Qwen2 per-layer sliding windows, PyTorch `.bin` checkpoints.
+Known gaps, each refused with a clear error: RoPE scalings other than linear and llama3 (dynamic, yarn, longrope),
+OPT-350m's post-LN and projection layers, Qwen2 per-layer sliding windows, PyTorch `.bin` checkpoints.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from research.models import config as config_lib
+from research.models import transformer
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "opt", "gpt_neox")
 _ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
@@ -124,11 +125,24 @@ def _act(name):
 def _rope(hf, head_dim):
     rp = dict(getattr(hf, "rope_parameters", None) or {})
     kind = rp.get("rope_type", rp.get("type", "default"))
-    if kind != "default":
-        raise Unsupported(f"rope_type {kind!r} (RoPE scaling) is not supported; only the default RoPE is")
+    if kind not in ("default", "linear", "llama3"):
+        raise Unsupported(f"rope_type {kind!r} (RoPE scaling) is not supported; supported: default, linear, llama3")
+    if rp.get("attention_factor") not in (None, 1.0):
+        raise Unsupported("RoPE attention_factor other than 1 is not supported")
     theta = rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
     rot = int(head_dim * rp.get("partial_rotary_factor", 1.0))
-    return dict(rope_theta=float(theta), rotary_dim=None if rot == head_dim else rot)
+    out = dict(rope_theta=float(theta), rotary_dim=None if rot == head_dim else rot)
+    if kind == "linear":
+        out.update(rope_scaling="linear", rope_factor=float(rp["factor"]))
+    elif kind == "llama3":
+        out.update(
+            rope_scaling="llama3",
+            rope_factor=float(rp["factor"]),
+            rope_low_freq_factor=float(rp["low_freq_factor"]),
+            rope_high_freq_factor=float(rp["high_freq_factor"]),
+            rope_original_max_len=int(rp["original_max_position_embeddings"]),
+        )
+    return out
 
 
 def _gpt2_in(hf, dtype):
@@ -277,7 +291,15 @@ def hf_config_dict(cfg: config_lib.ModelConfig, model_type: str) -> dict:
             **tie,
         )
     need(cfg.position == "rope", "it needs RoPE")
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        rope.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_len,
+        )
     if cfg.rope_dim != cfg.dim_head:
         rope["partial_rotary_factor"] = cfg.rope_dim / cfg.dim_head
     if model_type == "gpt_neox":
@@ -362,6 +384,7 @@ def same_function(cfg: config_lib.ModelConfig, written: config_lib.ModelConfig) 
             position=c.position,
             rope_theta=c.rope_theta if rope else None,
             rotary_dim=c.rope_dim if rope else None,
+            rope_scaling=tuple(transformer.rope_frequencies(c).tolist()) if rope else None,
             tie_embeddings=c.tie_embeddings,
             parallel_residual=c.parallel_residual,
             sliding_window=c.sliding_window,
