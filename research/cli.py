@@ -39,6 +39,8 @@ def _train(args, overrides) -> int:
 
 
 def _eval(args, overrides) -> int:
+    import numpy as np
+
     from research import report, sources
     from research.data import corpora, dataset, tokenizers
     from research.eval import metrics
@@ -58,6 +60,8 @@ def _eval(args, overrides) -> int:
         splits = dataset.prepare(spec, tok, run.data.val_fraction if run else 0.1)
         tokens = splits.val if split == "val" else splits.train
     context = m.cfg.max_seq_len
+    if args.protocol == "gptq" and len(tok.added_prefix):  # as `tokenizer(text)` does: BOS first (OPT, Llama)
+        tokens = np.concatenate([tok.added_prefix, np.asarray(tokens, np.int32)])
     if args.protocol == "gptq":
         if args.stride is not None:
             raise errors.UserError("--stride does not apply to the gptq protocol (its windows are disjoint)")

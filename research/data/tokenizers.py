@@ -55,6 +55,8 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
+    added_prefix = np.zeros(0, np.int32)
+
     @property
     def token_bytes(self) -> np.ndarray:
         return np.ones(256, np.int64)
@@ -116,6 +118,18 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode(np.asarray(ids).tolist(), clean_up_tokenization_spaces=False)
+
+    @functools.cached_property
+    def added_prefix(self) -> np.ndarray:
+        """Ids that `tokenizer(text)` puts before the text by default (BOS for OPT and Llama; none for GPT-2).
+
+        `encode` never adds them (it must round-trip bytes); the GPTQ evaluation protocol, which tokenizes with
+        the defaults, prepends them.
+        """
+        plain = self._tok.encode("a", add_special_tokens=False)
+        full = self._tok("a")["input_ids"]
+        cut = len(full) - len(plain)
+        return np.asarray(full[:cut] if cut > 0 and full[cut:] == plain else [], np.int32)
 
     @functools.cached_property
     def token_bytes(self) -> np.ndarray:

@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -83,3 +86,16 @@ def test_directory_without_tokenizer_files(tmp_path):
 def test_missing_tokenizer_directory(tmp_path):
     with pytest.raises(errors.UserError, match="does not exist"):
         tokenizers.load(str(tmp_path / "nope"))
+
+
+@helpers.needs_shared
+def test_added_prefix_is_what_the_tokenizer_puts_first(tmp_path):
+    assert tokenizers.load("byte").added_prefix.tolist() == []
+    assert tokenizers.load(str(helpers.GPT2_TOKENIZER)).added_prefix.tolist() == []  # GPT-2 adds nothing
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(helpers.GPT2_TOKENIZER / name, tmp_path / name)
+    config = {"add_bos_token": True, "bos_token": "<|endoftext|>", "tokenizer_class": "GPT2Tokenizer"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = tokenizers.load(str(tmp_path))
+    assert tok.added_prefix.tolist() == [50256]  # as OPT's and Llama's tokenizers add BOS
+    assert tok.encode("Hello world").tolist() == [15496, 995]  # encode itself never adds it
