@@ -60,9 +60,9 @@ def _eval(args, overrides) -> int:
         splits = dataset.prepare(spec, tok, run.data.val_fraction if run else 0.1)
         tokens = splits.val if split == "val" else splits.train
     context = m.cfg.max_seq_len
-    if args.protocol == "gptq" and len(tok.added_prefix):  # as `tokenizer(text)` does: BOS first (OPT, Llama)
-        tokens = np.concatenate([tok.added_prefix, np.asarray(tokens, np.int32)])
     if args.protocol == "gptq":
+        # As `tokenizer(text)` does in the reference code: the tokenizer's default prefix first (BOS for OPT, Llama).
+        tokens = np.concatenate([tok.added_prefix, np.asarray(tokens, np.int32)])
         if args.stride is not None:
             raise errors.UserError("--stride does not apply to the gptq protocol (its windows are disjoint)")
         protocol = metrics.Protocol.gptq(_first(args.window, context))
@@ -175,15 +175,19 @@ def _demo(args, overrides) -> int:
 
 
 def _model_args(p, workdir: bool = False) -> None:
+    from research.models import config as model_config
+
     p.add_argument("--model", required=not workdir, help="run directory, HF checkpoint directory or hub id")
     if workdir:
         p.add_argument("--workdir", help="same as --model (a run directory)")
     p.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
     p.add_argument("--tokenizer", help="tokenizer spec overriding the model's (byte, hf:DIR)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype for HF checkpoints")
+    p.add_argument("--dtype", choices=model_config.DTYPES, help="compute dtype for HF checkpoints")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from research.models import config as model_config
+
     p = argparse.ArgumentParser(prog="ziplm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command")
     d = sub.add_parser("demo", help="train, evaluate and summarise the default model on the embedded corpus")
@@ -222,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
     x.add_argument("--out", required=True, help="directory to write (must be new or empty, unless --overwrite)")
     x.add_argument("--model-type", help="HF family to write (default: the source's, or the first that fits)")
-    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored dtype")
+    x.add_argument("--dtype", choices=model_config.DTYPES, default="float32", help="stored dtype")
     x.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
     return p
 

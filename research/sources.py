@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from research import errors, models
+from research import errors
 from research.models import config as config_lib
 
 
@@ -62,5 +62,4 @@ def load(source: str, step: int | None = None, dtype: str | None = None) -> Mode
     from research.models import hf
 
     pre = hf.load(source, dtype or "float32")
-    graphdef, _ = models.abstract(pre.cfg)
-    return Model(pre.cfg, graphdef, pre.params, pre.tokenizer, "hf", source, model_type=pre.model_type)
+    return Model(pre.cfg, pre.graphdef, pre.params, pre.tokenizer, "hf", source, model_type=pre.model_type)

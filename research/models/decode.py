@@ -37,8 +37,8 @@ def init_cache(cfg: config_lib.ModelConfig, batch: int, capacity: int | None = N
         raise errors.UserError(f"cache capacity {capacity} exceeds the model's {cfg.max_seq_len} learned positions")
     shape = (batch, capacity, cfg.kv_heads, cfg.dim_head)
     dtype = jnp.dtype(dtype or cfg.dtype)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))
-    return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)), jnp.zeros((), jnp.int32))
+    k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)) for _ in range(2))
+    return KVCache(k, v, jnp.zeros((), jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -80,10 +80,7 @@ def _pick(logits, key, temperature, top_k):
 def _generate_cached(graphdef, params, prompt, new, temperature, top_k, capacity, key):
     model = models.merge(graphdef, params)
     b, p = prompt.shape
-    cfg = model.cfg
-    shape = (b, capacity, cfg.kv_heads, cfg.dim_head)
-    zeros = tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.n_layer))
-    logits, cache = model(prompt, cache=KVCache(zeros, zeros, jnp.zeros((), jnp.int32)))
+    logits, cache = model(prompt, cache=init_cache(model.cfg, b, capacity))
     out = jnp.zeros((b, p + new), jnp.int32).at[:, :p].set(prompt)
     tok = _pick(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k)
 

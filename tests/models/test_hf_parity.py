@@ -68,8 +68,7 @@ def _torch_logits(model, ids):
 
 
 def _our_logits(pre, ids):
-    graphdef, _ = models.abstract(pre.cfg)
-    return np.asarray(models.merge(graphdef, pre.params)(jnp.asarray(ids)))
+    return np.asarray(models.merge(pre.graphdef, pre.params)(jnp.asarray(ids)))
 
 
 IDS = np.random.default_rng(0).integers(0, V, (2, 20))
@@ -92,8 +91,7 @@ def test_import_and_export_match_transformers(name, tmp_path):
 def test_cached_decoding_matches_transformers(tmp_path):
     _torch_model("llama-gqa").save_pretrained(tmp_path / "hf")
     pre = hf.load(str(tmp_path / "hf"))
-    graphdef, _ = models.abstract(pre.cfg)
-    ours = decode.generate(graphdef, pre.params, IDS[:1, :5], 12)
+    ours = decode.generate(pre.graphdef, pre.params, IDS[:1, :5], 12)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         ref = ref_model.generate(torch.as_tensor(IDS[:1, :5]), max_new_tokens=12, do_sample=False, min_new_tokens=12)

@@ -2,8 +2,8 @@
 
     pre = hf.load("path/to/gpt2")            # a directory with config.json + model.safetensors (or sharded)
     pre = hf.load("facebook/opt-125m")       # a hub id: downloaded through huggingface_hub (needs a network)
-    graphdef, params = models.split(models.create(pre.cfg)) ... or simply pre.cfg / pre.params
-    hf.export(pre.cfg, params, "out/dir", tokenizer=pre.tokenizer)   # transformers' from_pretrained loads it
+    logits = models.merge(pre.graphdef, pre.params)(tokens)
+    hf.export(pre.cfg, pre.params, "out/dir", tokenizer=pre.tokenizer)   # transformers' from_pretrained loads it
 
 Families (see `families`): gpt2, llama, mistral, qwen2, opt, gpt_neox. Weights are read straight from the
 safetensors files (no torch); fp32, bf16 and fp16 checkpoints load into float32 master weights, and the compute
@@ -41,7 +41,7 @@ class Pretrained:
 
     Attributes:
       cfg: our model config.
-      params: the parameter tree (float32), as `models.split` returns it.
+      graphdef, params: the model as `models.split` returns it (params float32).
       model_type: the Hugging Face family.
       directory: where it was read from.
       tokenizer: a tokenizer spec: "hf:<dir>" when the directory holds tokenizer files, "byte" for a byte-level
@@ -49,6 +49,7 @@ class Pretrained:
     """
 
     cfg: config_lib.ModelConfig
+    graphdef: object
     params: dict
     model_type: str
     directory: Path
@@ -126,11 +127,10 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
     kind = hf_cfg.model_type
     names = _canonical_names(ckpt.names(), kind)
     rules = families.rules(cfg, kind)
-    _, abstract = models.abstract(cfg)
+    graphdef, abstract = models.abstract(cfg)
     shapes = {p: tuple(a.shape) for p, a in tree.flatten(abstract).items()}
     _check_names(rules, names, cfg, kind, directory)
-    flat = {}
-    for rule in rules:
+    for rule in rules:  # every shape is checked before any weight is read
         stored = names[rule.hf]
         want = families.hf_shape(rule, [shapes[p] for p in rule.ours])
         got = ckpt.shapes[stored]
@@ -138,14 +138,16 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
             raise errors.UserError(
                 f"tensor {stored} has shape {tuple(got)} but config.json implies {tuple(want)} ({directory})"
             )
-        array = np.asarray(ckpt.get(stored)).astype(np.float32, copy=False)
+    flat = {}
+    for rule in rules:
+        array = np.asarray(ckpt.get(names[rule.hf])).astype(np.float32, copy=False)
         for path, part in zip(rule.ours, families.to_ours(rule, array, [shapes[p] for p in rule.ours])):
             flat[path] = jnp.asarray(part)  # one tensor at a time: peak memory stays near the model's size
     params = tree.map_with_path(lambda p, _: flat[p], abstract)
     tok = f"hf:{directory}" if tokenizers.has_files(directory) else None
     if tok is None and getattr(hf_cfg, "ziplm_tokenizer", None) == "byte":
         tok = "byte"
-    return Pretrained(cfg, params, kind, directory, tok)
+    return Pretrained(cfg, graphdef, params, kind, directory, tok)
 
 
 def _canonical_names(stored: set[str], kind: str) -> dict[str, str]:

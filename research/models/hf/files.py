@@ -28,7 +28,7 @@ class Checkpoint:
 
     Attributes:
       shapes: {name: shape} of every tensor, from the headers.
-      dtypes: {name: safetensors dtype string ("F32", "BF16", "F16", ...)}.
+      dtypes: {name: safetensors dtype string: "F32", "BF16" or "F16"; any other dtype is refused on opening}.
     """
 
     def __init__(self, directory: Path):
@@ -57,6 +57,8 @@ class Checkpoint:
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
+                if info["dtype"] not in _NUMPY:
+                    raise errors.UserError(f"tensor {key} has dtype {info['dtype']}; only F32, BF16 and F16 load")
                 self.shapes[key] = tuple(info["shape"])
                 self.dtypes[key] = info["dtype"]
                 start, end = info["data_offsets"]
@@ -72,9 +74,7 @@ class Checkpoint:
         resident memory on top of the converted weights.
         """
         path, offset, nbytes = self._where[name]
-        dtype = np.dtype(_NUMPY[self.dtypes[name]]) if self.dtypes[name] in _NUMPY else None
-        if dtype is None:
-            raise errors.UserError(f"tensor {name} has dtype {self.dtypes[name]}; only F32, BF16 and F16 load")
+        dtype = np.dtype(_NUMPY[self.dtypes[name]])
         with open(path, "rb") as f:
             f.seek(offset)
             data = np.fromfile(f, dtype=np.uint8, count=nbytes)
