@@ -19,6 +19,8 @@ and training stays a pure function of (params, batch, key).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple
 
@@ -168,8 +170,41 @@ class Norm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def _linear(din, dout, cfg, rngs, std, bias):
-    return nnx.Linear(
+_TAPS: contextvars.ContextVar = contextvars.ContextVar("ziplm_linear_taps", default=None)
+
+
+@contextlib.contextmanager
+def tap_inputs():
+    """Records the input of every block linear layer called inside the context.
+
+    Yields a dict that fills with {tap name: input array}, names relative to the block ("attn/q", "attn/o",
+    "mlp/up", "mlp/down", ...), as calibration-based compression (Wanda, SparseGPT, GPTQ) needs. Works under
+    tracing: read the dict inside the traced function and return what you need.
+    """
+    taps: dict = {}
+    token = _TAPS.set(taps)
+    try:
+        yield taps
+    finally:
+        _TAPS.reset(token)
+
+
+class Linear(nnx.Linear):
+    """`nnx.Linear` whose input can be recorded with `tap_inputs` under the name `tap`."""
+
+    def __init__(self, *args, tap: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tap = tap
+
+    def __call__(self, x):
+        taps = _TAPS.get()
+        if taps is not None:
+            taps[self.tap] = x
+        return super().__call__(x)
+
+
+def _linear(din, dout, cfg, rngs, std, bias, tap):
+    return Linear(
         din,
         dout,
         use_bias=bias,
@@ -178,6 +213,7 @@ def _linear(din, dout, cfg, rngs, std, bias):
         kernel_init=nnx.initializers.normal(std),
         bias_init=nnx.initializers.zeros,
         rngs=rngs,
+        tap=tap,
     )
 
 
@@ -188,10 +224,10 @@ class Attention(nnx.Module):
         self.cfg = cfg
         hd = cfg.dim_head
         qkv_bias = cfg.has_bias("qkv")
-        self.q = _linear(cfg.d_model, cfg.n_head * hd, cfg, rngs, 0.02, qkv_bias)
-        self.k = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02, qkv_bias)
-        self.v = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02, qkv_bias)
-        self.o = _linear(cfg.n_head * hd, cfg.d_model, cfg, rngs, out_std, cfg.has_bias("o"))
+        self.q = _linear(cfg.d_model, cfg.n_head * hd, cfg, rngs, 0.02, qkv_bias, "attn/q")
+        self.k = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02, qkv_bias, "attn/k")
+        self.v = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02, qkv_bias, "attn/v")
+        self.o = _linear(cfg.n_head * hd, cfg.d_model, cfg, rngs, out_std, cfg.has_bias("o"), "attn/o")
 
     def __call__(self, x, positions, rng=None, kv=None, length=None):
         """Attention output, plus the updated (k_cache, v_cache) when `kv` is given (else None).
@@ -224,9 +260,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs, out_std: float):
         self.act = _ACTIVATIONS[cfg.activation]
         bias = cfg.has_bias("mlp")
-        self.gate = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02, bias) if cfg.gated_mlp else None
-        self.up = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02, bias)
-        self.down = _linear(cfg.ff_dim, cfg.d_model, cfg, rngs, out_std, bias)
+        self.gate = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02, bias, "mlp/gate") if cfg.gated_mlp else None
+        self.up = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02, bias, "mlp/up")
+        self.down = _linear(cfg.ff_dim, cfg.d_model, cfg, rngs, out_std, bias, "mlp/down")
 
     def __call__(self, x):
         h = self.up(x)  # (B, T, F)
@@ -272,6 +308,13 @@ class Transformer(nnx.Module):
                 cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, kernel_init=emb_init, rngs=rngs
             )
 
+    def embed_tokens(self, tokens, positions):
+        """The first block's input: token (plus learned position) embeddings, (B, T) -> (B, T, D)."""
+        x = self.embed(tokens)
+        if self.cfg.position == "learned":
+            x = x + self.pos_embed(positions)
+        return x
+
     def __call__(self, tokens, positions=None, *, dropout_rng=None, cache: KVCache | None = None):
         """Next-token logits.
 
@@ -294,9 +337,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(cache.length + jnp.arange(t, dtype=jnp.int32), (b, t))
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.embed(tokens)  # (B, T, D)
-        if cfg.position == "learned":
-            x = x + self.pos_embed(positions)
+        x = self.embed_tokens(tokens, positions)  # (B, T, D)
         n = cfg.n_layer + 1
         rngs = [None] * n if dropout_rng is None else list(jax.random.split(dropout_rng, n))
         x = _dropout(x, cfg.dropout, rngs[0])

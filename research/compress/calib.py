@@ -1,0 +1,176 @@
+"""Calibration data and the layer-by-layer walk that calibration-based methods share (Wanda, SparseGPT, GPTQ).
+
+Calibration data are N windows of L tokens drawn deterministically from a training split (the papers use
+128 x 2048 from C4; L is capped by the model's context). `walk` runs the calibration windows through the model one
+block at a time: it records the inputs of the block's linear layers (as statistics: X^T X or per-feature squared
+norms, summed over every calibration token), lets the method rewrite the block's weights, then runs the block again
+with its new weights to produce the next block's input, so that every block is calibrated on the outputs of the
+already-compressed blocks before it (as in the SparseGPT and Wanda reference code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from research import errors, models
+from research.models import transformer
+
+STATS = ("hessian", "sqnorm")
+_BLOCK_PATH = re.compile(r"layers/(\d+)/((?:attn|mlp)/\w+)/kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Calibration windows for a model.
+
+    Attributes:
+      graphdef: the model's graphdef (from `models.split`).
+      inputs: (N, L) int32 token windows.
+      batch_size: windows per forward pass.
+    """
+
+    graphdef: Any
+    inputs: np.ndarray
+    batch_size: int = 8
+
+    def batches(self):
+        for i in range(0, len(self.inputs), self.batch_size):
+            yield jnp.asarray(self.inputs[i : i + self.batch_size])
+
+
+def sample(tokens: np.ndarray, n: int = 128, length: int = 2048, seed: int = 0, max_len: int | None = None):
+    """N windows of `length` tokens at uniformly random starts (a function of the seed only).
+
+    Args:
+      tokens: the token stream of a training split.
+      n: number of windows.
+      length: tokens per window, capped at `max_len` (the model's context).
+      seed: the sampling seed.
+      max_len: the model's maximum sequence length.
+
+    Returns:
+      (n, length) int32 array.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise errors.UserError(f"calibration needs a positive number of windows, got {n!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+        raise errors.UserError(f"calibration window length must be a positive integer, got {length!r}")
+    length = min(length, max_len) if max_len else length
+    tokens = np.asarray(tokens)
+    if len(tokens) <= length:
+        raise errors.UserError(
+            f"the calibration split has {len(tokens)} tokens, too few for windows of {length}; use a shorter length"
+        )
+    starts = np.random.default_rng(seed).integers(0, len(tokens) - length, n)
+    return np.stack([tokens[s : s + length] for s in starts]).astype(np.int32)
+
+
+def require(calib: Calibration | None, method: str) -> Calibration:
+    if calib is None:
+        raise errors.UserError(f"{method} needs calibration data: give the pipeline a calibration section (n, length)")
+    return calib
+
+
+def block_targets(paths) -> dict[int, list[str]]:
+    """{block index: ["attn/q", ...]} for paths like "layers/3/attn/q/kernel"."""
+    out: dict[int, list[str]] = {}
+    for p in paths:
+        m = _BLOCK_PATH.fullmatch(p)
+        if m is None:
+            raise errors.UserError(f"{p} is not a linear kernel inside a block; layer-wise methods handle only those")
+        out.setdefault(int(m.group(1)), []).append(m.group(2))
+    return out
+
+
+def _stat(x, kind):
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # (N*L, in)
+    if kind == "hessian":
+        return jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)  # (in, in)
+    return jnp.sum(x * x, axis=0)  # (in,)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _run_block(block_def, block_params, x, positions, kind):
+    block = nnx.merge(block_def, block_params)
+    with transformer.tap_inputs() as taps:
+        y, _ = block(x, positions)
+    computed: dict[int, jax.Array] = {}  # q, k and v read the same input: one statistic for the three
+    stats = {}
+    for name, t in taps.items():
+        if id(t) not in computed:
+            computed[id(t)] = _stat(t, kind) if kind else None
+        stats[name] = computed[id(t)]
+    return y, stats if kind else {}
+
+
+def walk(
+    calib: Calibration,
+    params,
+    paths,
+    visit: Callable,
+    stat: str = "hessian",
+    progress: bool | None = None,
+    desc: str = "calibrate",
+):
+    """Walks the blocks in order, calibrating each on the outputs of the already-rewritten blocks before it.
+
+    Args:
+      calib: the calibration windows and the model's graphdef.
+      params: the parameter tree.
+      paths: the selected kernel paths ("layers/{i}/{attn|mlp}/{name}/kernel"); blocks without one are only run.
+      visit: (block index, {name: statistic summed over tokens}, number of tokens, {name: kernel}) ->
+        {name: new kernel}; names are "attn/q", "mlp/down", ...; the statistic is (in, in) X^T X for
+        "hessian" and (in,) sum of squares per input feature for "sqnorm".
+      stat: "hessian" or "sqnorm".
+      progress: show a progress bar (None: only on a terminal).
+      desc: the progress bar's label.
+
+    Returns:
+      params with the kernels `visit` returned.
+    """
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {STATS}")
+    targets = block_targets(paths)
+    model = models.merge(calib.graphdef, params)
+    block_def = nnx.split(model.layers[0], nnx.Param)[0]
+    batches = list(calib.batches())
+    positions = [jnp.broadcast_to(jnp.arange(b.shape[1], dtype=jnp.int32), b.shape) for b in batches]
+    xs = [jax.jit(lambda m, b, p: m.embed_tokens(b, p))(model, b, p) for b, p in zip(batches, positions)]
+    layers = {**params["layers"]}
+    n_tokens = int(calib.inputs.size)
+    for i in tqdm(range(len(layers)), desc=desc, disable=None if progress is None else not progress):
+        names = targets.get(i, [])
+        if names:
+            total: dict = {}
+            for x, pos in zip(xs, positions):
+                _, stats = _run_block(block_def, layers[i], x, pos, stat)
+                for name in names:
+                    total[name] = stats[name] if name not in total else total[name] + stats[name]
+            kernels = {name: _get(layers[i], name) for name in names}
+            new = visit(i, total, n_tokens, kernels)
+            layers[i] = _set(layers[i], new)
+        xs = [_run_block(block_def, layers[i], x, pos, None)[0] for x, pos in zip(xs, positions)]
+    return {**params, "layers": layers}
+
+
+def _get(block_params, name):
+    part, lin = name.split("/")
+    return block_params[part][lin]["kernel"]
+
+
+def _set(block_params, kernels: dict):
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in block_params.items()}
+    for name, kernel in kernels.items():
+        part, lin = name.split("/")
+        out[part][lin] = {**out[part][lin], "kernel": kernel}
+    return out

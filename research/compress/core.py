@@ -1,0 +1,194 @@
+"""The compression core: a `Transform` is a set of pure functions over the parameter pytree, in the style of optax.
+
+    t = prune.magnitude(0.5)                      # a Transform
+    state = t.init(params, key, calib)            # masks, codebooks, scales...: arrays mirroring params
+    effective = t.apply(params, state)            # what the forward pass sees (inside the jitted loss)
+    state = t.update(params, state, grads, step)  # schedules, re-clustering; identity when static
+
+`chain(a, b)` composes transforms: `b` is initialised on and applied to `a`'s effective parameters. Which leaves
+a method touches is a path regex over `research.tree` paths ("layers/3/attn/q/kernel"), resolved by `select`.
+
+Per-leaf state trees mirror the parameter tree and hold `None` at the leaves a method leaves alone (as jaxpruner
+does), so they flatten to just the touched leaves and shardings carry over from the parameters. Use
+`map_touched` to combine such a tree with the parameters.
+
+Gradient behaviour (tested): masked weights receive zero gradient through `apply` and `keep_masked` holds them at
+exactly zero through any optax optimizer; `straight_through` gives estimators whose backward pass is the identity.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from research import errors, tree
+
+# Linear kernels inside the transformer blocks: the default target of every method.
+BLOCK_KERNELS = r"layers/\d+/(attn|mlp)/\w+/kernel"
+
+
+def _no_masks(state) -> None:
+    return None
+
+
+def _static_update(params, state, grads, step):
+    return state
+
+
+class Transform(NamedTuple):
+    """A compression method as pure functions over the parameter pytree.
+
+    Attributes:
+      init: (params, key, calib) -> state. `calib` is a `calib.Calibration` or None.
+      apply: (params, state) -> effective params, the tree the model runs with; traceable and differentiable.
+      update: (params, state, grads, step) -> state, called after every optimizer step of fine-tuning.
+      masks: state -> tree of boolean masks (None at unmasked leaves), or None when the method masks nothing.
+        Fine-tuning holds the masked weights at exactly zero with `keep_masked`.
+    """
+
+    init: Callable
+    apply: Callable
+    update: Callable = _static_update
+    masks: Callable = _no_masks
+
+
+def identity() -> Transform:
+    """The transform that changes nothing."""
+    return Transform(lambda params, key, calib: (), lambda params, state: params)
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Composes transforms left to right; each sees the previous ones' effective parameters.
+
+    The chained state is a tuple of the members' states; `masks` is the elementwise AND of the members' masks.
+    """
+
+    def init(params, key, calib):
+        states = []
+        for i, t in enumerate(transforms):
+            s = t.init(params, jax.random.fold_in(key, i), calib)
+            params = t.apply(params, s)
+            states.append(s)
+        return tuple(states)
+
+    def apply(params, state):
+        for t, s in zip(transforms, state):
+            params = t.apply(params, s)
+        return params
+
+    def update(params, state, grads, step):
+        new = []
+        for t, s in zip(transforms, state):
+            s = t.update(params, s, grads, step)
+            params = t.apply(params, s)
+            new.append(s)
+        return tuple(new)
+
+    def masks(state):
+        out = None
+        for t, s in zip(transforms, state):
+            m = t.masks(s)
+            if m is not None:
+                out = m if out is None else combine_masks(out, m)
+        return out
+
+    return Transform(init, apply, update, masks)
+
+
+def select(params, pattern: str) -> list[str]:
+    """Paths of the leaves whose path matches `pattern` (re.fullmatch), in tree order.
+
+    Raises:
+      UserError: the pattern is not a valid regex, or selects nothing (the message lists the available paths).
+    """
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise errors.UserError(f"path pattern {pattern!r} is not a valid regex: {e}") from None
+    paths = list(tree.flatten(params))
+    chosen = [p for p in paths if rx.fullmatch(p)]
+    if not chosen:
+        shown = ", ".join(paths[:24]) + (f", ... ({len(paths)} in all)" if len(paths) > 24 else "")
+        raise errors.UserError(f"path pattern {pattern!r} selects no parameter; available: {shown}")
+    return chosen
+
+
+def touched_tree(params, values: dict) -> Any:
+    """A tree mirroring `params` with values[path] at the given paths and None everywhere else."""
+    return tree.map_with_path(lambda p, _: values.get(p), params)
+
+
+def touched(state_tree) -> dict:
+    """{path: leaf} of a tree with None at untouched leaves (the None leaves are dropped)."""
+    return tree.flatten(state_tree)
+
+
+def map_touched(fn: Callable, state_tree, params, *rest) -> Any:
+    """Maps fn(state_leaf, param, *rest_leaves) over the touched leaves; untouched leaves of `params` pass through."""
+    return jax.tree.map(
+        lambda s, p, *r: p if s is None else fn(s, p, *r), state_tree, params, *rest, is_leaf=lambda x: x is None
+    )
+
+
+def combine_masks(a, b):
+    """Elementwise AND of two mask trees (None means "all kept")."""
+    return jax.tree.map(
+        lambda x, y: y if x is None else x if y is None else jnp.logical_and(x, y), a, b, is_leaf=lambda x: x is None
+    )
+
+
+def apply_masks(params, masks):
+    """params with the masked-out weights set to zero (dtype kept)."""
+    return map_touched(lambda m, p: jnp.where(m, p, jnp.zeros((), p.dtype)), masks, params)
+
+
+def straight_through(fn: Callable, x):
+    """fn(x) in the forward pass; the identity's gradient in the backward pass (x + stop_gradient(fn(x) - x))."""
+    return x + jax.lax.stop_gradient(fn(x) - x)
+
+
+class KeepMaskedState(NamedTuple):
+    inner: Any
+
+
+def keep_masked(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer so masked weights stay exactly zero, whatever the optimizer does.
+
+    The wrapped update takes the current masks as an extra argument, `tx.update(grads, state, params, masks=m)`
+    (None: no masking), so schedules that change the masks need no new optimizer. At masked positions the update
+    becomes `-params` (the weight lands on exactly 0.0, however momentum or weight decay would have moved it);
+    elsewhere it is the inner optimizer's update. The inner optimizer's state sees the masked gradients.
+    """
+
+    def init(params):
+        return KeepMaskedState(tx.init(params))
+
+    def update(updates, state, params=None, *, masks=None, **extra):
+        if masks is not None:
+            updates = map_touched(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), masks, updates)
+        new, inner = (
+            tx.update(updates, state.inner, params, **extra) if extra else tx.update(updates, state.inner, params)
+        )
+        if masks is not None:
+            if params is None:
+                raise ValueError("keep_masked needs params to hold masked weights at zero")
+            new = map_touched(lambda m, u, p: jnp.where(m, u, -p), masks, new, params)
+        return new, KeepMaskedState(inner)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def validate_paths(paths: Sequence[str], pattern: str, method: str) -> None:
+    """Raises UserError when a method that only handles block linear kernels is pointed at other leaves."""
+    rx = re.compile(BLOCK_KERNELS)
+    other = [p for p in paths if not rx.fullmatch(p)]
+    if other:
+        raise errors.UserError(
+            f"{method} prunes the linear kernels inside the blocks, but {pattern!r} also selects {other[0]}; "
+            f"narrow the pattern (e.g. {BLOCK_KERNELS!r})"
+        )
