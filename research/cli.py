@@ -6,8 +6,11 @@
                 [--stride S] [--json OUT]
     ziplm sample --model SRC [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
     ziplm export --model SRC --out DIR [--model-type gpt2|llama|...] [--dtype float32|bfloat16|float16] [--overwrite]
+    ziplm compress --config experiments/configs/prune_wanda.py [--model SRC] [--workdir DIR] [--overwrite]
+                [--config.compress.0.sparsity=0.6 ...]
 
-SRC is a run directory (ours), a Hugging Face checkpoint directory (config.json + safetensors), or a hub id.
+SRC is a run directory (ours), a compressed model directory (from `compress`), a Hugging Face checkpoint directory
+(config.json + safetensors), or a hub id.
 
 A mistake in the input (a missing file, an unknown config key, a bad value) prints one line, "error: ...", and
 exits with status 2; an interrupted run exits with 130 after saving a checkpoint.
@@ -142,6 +145,22 @@ def _export(args, overrides) -> int:
     return 0
 
 
+def _compress(args, overrides) -> int:
+    from research import config as config_lib
+    from research.compress import pipeline
+    from research.compress import report as compress_report
+
+    cfg = config_lib.load(args.config) if args.config else pipeline.base_config()
+    if args.model:
+        cfg.model = args.model
+    config_lib.apply_overrides(cfg, overrides)
+    name = Path(args.config.partition(":")[0]).stem if args.config else "compress"
+    summary = pipeline.run(cfg, args.workdir or str(Path("runs") / name), overwrite=args.overwrite)
+    print(compress_report.stages_table(summary))
+    print(f"compressed model and summary.json in {summary['workdir']}")
+    return 0
+
+
 def _no_extra(overrides, command):
     if overrides:
         raise errors.UserError(f"unrecognised argument {overrides[0]!r} for {command} (see ziplm {command} --help)")
@@ -228,6 +247,15 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--model-type", help="HF family to write (default: the source's, or the first that fits)")
     x.add_argument("--dtype", choices=model_config.DTYPES, default="float32", help="stored dtype")
     x.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
+    c = sub.add_parser(
+        "compress",
+        help="compress a model with a chain of methods, fine-tune, evaluate, save",
+        epilog="Any --config.KEY=VALUE overrides that config entry (list entries by index: --config.compress.0.lr=1).",
+    )
+    c.add_argument("--config", help="compress config file with get_config() (default: magnitude pruning to 50%%)")
+    c.add_argument("--model", help="the model to compress (overrides the config's model)")
+    c.add_argument("--workdir", help="output directory (default runs/<config name>); must be new or empty")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --workdir")
     return p
 
 
@@ -241,7 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from research.train import loop
 
-    handlers = {"train": _train, "eval": _eval, "demo": _demo, "sample": _sample, "export": _export}
+    handlers = {
+        "train": _train,
+        "eval": _eval,
+        "demo": _demo,
+        "sample": _sample,
+        "export": _export,
+        "compress": _compress,
+    }
     try:
         return handlers[args.command](args, rest)
     except errors.UserError as e:

@@ -158,15 +158,24 @@ def override(cfg: mlc.ConfigDict, key: str, value) -> None:
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts):
-        if not isinstance(node, mlc.ConfigDict) or part not in node:
+        last = i == len(parts) - 1
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            part = parts[i] = int(part)
+        elif isinstance(node, dict) and last:  # a plain dict (e.g. a compress method's arguments) takes new keys
+            break
+        elif not isinstance(node, mlc.ConfigDict | dict) or part not in node:
             close = difflib.get_close_matches(key, _keys(cfg), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise errors.UserError(f"unknown config key '{key}'{hint}")
-        if i < len(parts) - 1:
+        if not last:
             node = node[part]
-    value = _coerce(key, node[parts[-1]], value)
-    with node.unlocked(), node.ignore_type():
-        node[parts[-1]] = value
+    if isinstance(node, mlc.ConfigDict):
+        value = _coerce(key, node[parts[-1]], value)
+        with node.unlocked(), node.ignore_type():
+            node[parts[-1]] = value
+    else:  # an entry of a plain list or dict: typed like its old value when it has one
+        old = node[parts[-1]] if (isinstance(node, list) or parts[-1] in node) else None
+        node[parts[-1]] = _coerce(key, old, value)
 
 
 def apply_overrides(cfg: mlc.ConfigDict, args: list[str]) -> mlc.ConfigDict:

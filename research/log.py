@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import jax
+
+from research import errors
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -110,3 +114,36 @@ def _plain(v):
     if hasattr(v, "item"):
         return v.item()
     return v
+
+
+class AtomicDir:
+    """Builds a directory under a temporary name and moves it into place only when the block succeeds.
+
+    An existing non-empty target is refused unless `overwrite`; with it, the old directory is replaced only after
+    the new one is complete.
+    """
+
+    def __init__(self, target: Path, overwrite: bool = False):
+        self.target = Path(target)
+        if self.target.exists() and not self.target.is_dir():
+            raise errors.UserError(f"{self.target} exists and is not a directory")
+        if self.target.is_dir() and any(self.target.iterdir()) and not overwrite:
+            raise errors.UserError(f"{self.target} exists and is not empty; pass --overwrite to replace it")
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            self.target.rename(old)
+        self.tmp.rename(self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False

@@ -59,6 +59,7 @@ def make_train_step(
     state_shardings=None,
     batch_sharding=None,
     apply_fn: Callable | None = None,
+    transform=None,
 ):
     """Builds the jitted step: (state, batch) -> (new state, {"loss", "grad_norm"}).
 
@@ -70,15 +71,26 @@ def make_train_step(
       state_shardings: shardings of the state tree (None: let jit infer from the inputs).
       batch_sharding: sharding of each batch array.
       apply_fn: see `loss_fn`.
+      transform: a compression `core.Transform` to fine-tune under: the state then has a "compress" entry, the
+        forward pass sees `transform.apply(params, state["compress"])`, masks go to the optimizer (which must be
+        wrapped in `core.keep_masked` when the transform masks), and `transform.update` runs after each step.
     """
     key = jax.random.key(seed)
 
     def step(state, batch):
         rng = jax.random.fold_in(key, state["step"]) if dropout else None
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], graphdef, batch, rng, apply_fn)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        cstate = state.get("compress")
+        fn = apply_fn if transform is None else (lambda p: transform.apply(p, cstate))
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], graphdef, batch, rng, fn)
+        masks = None if transform is None else transform.masks(cstate)
+        if masks is None:
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        else:
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"], masks=masks)
         params = optax.apply_updates(state["params"], updates)
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if transform is not None:
+            new["compress"] = transform.update(params, cstate, grads, new["step"])
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     if state_shardings is None:

@@ -20,6 +20,8 @@ from research import errors
 METHODS = {
     "magnitude": ("magnitude", "magnitude"),
     "random": ("random", "random"),
+    "snip": ("snip", "snip"),
+    "gradual": ("gradual", "gradual"),
 }
 
 

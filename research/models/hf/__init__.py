@@ -26,7 +26,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from research import errors, models, tree
+from research import errors, log, models, tree
 from research.data import tokenizers
 from research.models import config as config_lib
 from research.models.hf import families, files
@@ -243,7 +243,7 @@ def export(
     if unused:
         raise errors.UserError(f"a {model_type} checkpoint has no place for parameter(s) {unused[:3]}")
     tok_dir = _tokenizer_dir(tokenizer)
-    with files.AtomicDir(Path(out), overwrite) as tmp:
+    with log.AtomicDir(Path(out), overwrite) as tmp:
         hf_cfg.save_pretrained(str(tmp))
         written = files.write(tmp, tensors, max_shard_bytes)
         copied = []

@@ -7,9 +7,6 @@ loaded; a damaged or truncated file is a one-line `UserError`, not a crash insid
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -133,36 +130,3 @@ def write(directory: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int 
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2))
     return [*files, INDEX]
-
-
-class AtomicDir:
-    """Builds a directory under a temporary name and moves it into place only when the block succeeds.
-
-    An existing non-empty target is refused unless `overwrite`; with it, the old directory is replaced only after
-    the new one is complete.
-    """
-
-    def __init__(self, target: Path, overwrite: bool = False):
-        self.target = Path(target)
-        if self.target.exists() and not self.target.is_dir():
-            raise errors.UserError(f"{self.target} exists and is not a directory")
-        if self.target.is_dir() and any(self.target.iterdir()) and not overwrite:
-            raise errors.UserError(f"{self.target} exists and is not empty; pass --overwrite to replace it")
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            self.target.rename(old)
-        self.tmp.rename(self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False

@@ -1,0 +1,268 @@
+"""The `compress` job: load a model, compress it with a chain of transforms, optionally fine-tune with the
+compression held, evaluate before and after, and save the compressed model with a JSON summary.
+
+    ziplm compress --config experiments/configs/prune_wanda.py [--workdir runs/x] [--config.compress.0.sparsity=0.6]
+
+A compress config (see `base_config`) holds the source model, the data, the calibration sample, the chain of
+methods (`compress`: a list of {"method": name, **arguments}, applied in order), the fine-tuning and the evaluation.
+The output directory, written only when everything succeeded, holds:
+
+    compressed.json   model config, tokenizer, source, the run config of the source, the methods
+    params/           orbax: the effective parameters (what the model runs with; `ziplm eval --model DIR` works)
+    masks/            orbax: the boolean masks of the masked leaves (nested like the parameters)
+    summary.json      methods, sparsity report, metrics before / after compression / after fine-tuning, seconds
+                      per stage
+    metrics.jsonl     fine-tuning losses (and W&B offline files under wandb/ when enabled)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import ml_collections as mlc
+import numpy as np
+import orbax.checkpoint as ocp
+
+from research import config as config_lib
+from research import errors, log, models, sources, tree
+from research.compress import calib as calib_lib
+from research.compress import core, finetune, prune
+from research.compress import report as compress_report
+from research.data import dataset, tokenizers
+from research.eval import metrics
+
+FORMAT = "ziplm-compressed"
+VERSION = 1
+
+
+def base_config() -> mlc.ConfigDict:
+    """The defaults of a compress config: magnitude pruning to 50%, no fine-tuning."""
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.model = ""  # a run directory, a Hugging Face checkpoint directory or a hub id
+    c.step = None  # checkpoint step of a run (None: the latest)
+    # corpus / tokenizer None: the source run's (HF sources need a corpus).
+    c.data = dict(corpus=None, tokenizer=None, val_fraction=0.1, batch_size=16, seq_len=None)
+    # Calibration windows from the training split (n=0: none); length is capped by the model's context.
+    c.calibration = dict(n=128, length=2048, seed=0, batch_size=8)
+    c.compress = [dict(method="magnitude", sparsity=0.5)]
+    c.finetune = dict(
+        steps=0,
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=0,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.99,
+        grad_clip=1.0,
+        log_every=10,
+    )
+    c.eval = dict(window=None, stride=None, batch_size=32, max_windows=None)
+    c.wandb = dict(mode="offline", project="ziplm", entity=None, name=None)
+    return c
+
+
+def build(specs) -> core.Transform:
+    """The chain of transforms a config's `compress` list names."""
+    if not isinstance(specs, list | tuple) or not specs:
+        raise errors.UserError("compress must be a non-empty list of {'method': name, ...} entries")
+    out = []
+    for spec in specs:
+        spec = dict(spec)
+        if "method" not in spec:
+            raise errors.UserError(f"compress entry {spec} has no 'method'")
+        out.append(prune.make(spec.pop("method"), **spec))
+    return out[0] if len(out) == 1 else core.chain(*out)
+
+
+def validate(cfg: mlc.ConfigDict) -> None:
+    if not cfg.model:
+        raise errors.UserError("set the model to compress: --config.model=RUN_DIR (or an HF directory / hub id)")
+    f = cfg.finetune
+    if isinstance(f.steps, bool) or not isinstance(f.steps, int) or f.steps < 0:
+        raise errors.UserError(f"finetune.steps must be a non-negative integer, got {f.steps!r}")
+    if f.steps and (f.lr <= 0 or f.min_lr < 0 or f.warmup_steps < 0):
+        raise errors.UserError("finetune.lr must be > 0, finetune.min_lr >= 0 and finetune.warmup_steps >= 0")
+    for name in ("batch_size",):
+        if cfg.data[name] <= 0:
+            raise errors.UserError(f"data.{name} must be positive, got {cfg.data[name]}")
+    if cfg.calibration.n < 0 or cfg.calibration.batch_size <= 0:
+        raise errors.UserError("calibration.n must be >= 0 and calibration.batch_size > 0")
+
+
+def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, progress: bool | None = None) -> dict:
+    """Runs a compress config; returns the summary (also written to `workdir/summary.json`).
+
+    Raises:
+      UserError: bad config, model or data, a non-empty `workdir` without `overwrite`, or non-finite weights
+        after compression (nothing is written then).
+    """
+    times: dict = {}
+    t0 = time.time()
+    validate(cfg)
+    transform = build(cfg.compress)
+    out = Path(workdir).expanduser().resolve()
+    atomic = log.AtomicDir(out, overwrite)
+    m = sources.load(cfg.model, cfg.step)
+    run_cfg = m.run_config
+    tok_spec = cfg.data.tokenizer or m.tokenizer
+    if tok_spec is None:
+        raise errors.UserError(f"{cfg.model} names no tokenizer: set --config.data.tokenizer (byte or hf:DIR)")
+    tok = tokenizers.load(tok_spec)
+    corpus = cfg.data.corpus or (run_cfg.data.corpus if run_cfg else None)
+    if corpus is None:
+        raise errors.UserError(f"{cfg.model} is not a run of ours: set --config.data.corpus (e.g. a text file)")
+    val_fraction = run_cfg.data.val_fraction if (run_cfg and not cfg.data.corpus) else cfg.data.val_fraction
+    splits = dataset.prepare(corpus, tok, val_fraction)
+    seq_len = cfg.data.seq_len or (run_cfg.data.seq_len if run_cfg else m.cfg.max_seq_len)
+    window = cfg.eval.window or seq_len
+    protocol = metrics.Protocol(window, cfg.eval.stride or window)
+    times["load"] = time.time() - t0
+
+    def evaluate(params, desc):
+        return metrics.evaluate(
+            m.graphdef,
+            params,
+            splits.val,
+            tok.token_bytes,
+            protocol,
+            batch_size=cfg.eval.batch_size,
+            max_windows=cfg.eval.max_windows,
+            progress=progress,
+            desc=desc,
+        )
+
+    t = time.time()
+    before = evaluate(m.params, "eval dense")
+    times["eval_dense"] = time.time() - t
+
+    calib = None
+    if cfg.calibration.n:
+        inputs = calib_lib.sample(
+            splits.train, cfg.calibration.n, cfg.calibration.length, cfg.calibration.seed, m.cfg.max_seq_len
+        )
+        calib = calib_lib.Calibration(m.graphdef, inputs, cfg.calibration.batch_size)
+    t = time.time()
+    cstate = transform.init(m.params, jax.random.key(cfg.seed), calib)
+    effective = jax.block_until_ready(transform.apply(m.params, cstate))
+    times["compress"] = time.time() - t
+    _check_finite(effective, "compression")
+    sparsity_compressed = compress_report.summarize(effective, transform.masks(cstate))["masked_sparsity"]
+    t = time.time()
+    after = evaluate(effective, "eval compressed")
+    times["eval_compressed"] = time.time() - t
+
+    with atomic as tmp:
+        logger = log.Logger(tmp, cfg.to_dict(), cfg.wandb.to_dict())
+        tuned, ft = None, None
+        try:
+            if cfg.finetune.steps:
+                ft_cfg = mlc.ConfigDict({**cfg.finetune.to_dict(), "steps": cfg.finetune.steps})
+                batches = dataset.Batches(splits.train, cfg.data.batch_size, seq_len, cfg.seed, "random")
+                params, cstate, ft = finetune.finetune(
+                    m.graphdef,
+                    m.params,
+                    transform,
+                    cstate,
+                    batches,
+                    ft_cfg,
+                    seed=cfg.seed,
+                    log=logger.log,
+                    progress=progress,
+                )
+                effective = jax.block_until_ready(transform.apply(params, cstate))
+                times["finetune"] = ft["seconds"]
+                _check_finite(effective, "fine-tuning")
+                t = time.time()
+                tuned = evaluate(effective, "eval fine-tuned")
+                times["eval_finetuned"] = time.time() - t
+                logger.log(cfg.finetune.steps, _numeric(tuned), split="val")
+        finally:
+            logger.close()
+        masks = transform.masks(cstate)
+        sizes = compress_report.summarize(effective, masks)
+        summary = {
+            "source": cfg.model,
+            "methods": [dict(s) for s in cfg.compress],
+            "sparsity": sizes["masked_sparsity"],
+            "sparsity_compressed": sparsity_compressed,
+            "sparsity_all_params": sizes["sparsity"],
+            "params": sizes["params"],
+            "nonzero": sizes["nonzero"],
+            "dense_bytes_fp32": sizes["dense_bytes_fp32"],
+            "effective_bytes": sizes["effective_bytes"],
+            "leaves": sizes["leaves"],
+            "calibration": {"n": cfg.calibration.n, "length": None if calib is None else calib.inputs.shape[1]},
+            "dense": before,
+            "compressed": after,
+            "finetuned": tuned,
+            "finetune": ft,
+            "seconds": {**times, "total": time.time() - t0},
+            "workdir": str(out),
+        }
+        _save(tmp, m, effective, masks, tok.spec, corpus, run_cfg, cfg)
+        log.write_json_atomic(tmp / "summary.json", summary)
+    return summary
+
+
+def _check_finite(params, stage: str) -> None:
+    bad = [p for p, x in tree.flatten(params).items() if not bool(np.all(np.isfinite(np.asarray(x))))]
+    if bad:
+        raise errors.UserError(
+            f"{stage} produced non-finite weights in {bad[0]} (and {len(bad) - 1} more); nothing saved"
+        )
+
+
+def _save(directory: Path, m, effective, masks, tok_spec, corpus, run_cfg, cfg) -> None:
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": m.cfg.to_dict(),
+        "tokenizer": tok_spec,
+        "corpus": corpus,
+        "source": cfg.model,
+        "source_step": m.step,
+        "run_config": run_cfg.to_dict() if run_cfg is not None else None,
+        "compress_config": json.loads(config_lib.to_json(cfg)),
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "params", effective)
+        ckptr.wait_until_finished()
+        ckptr.save(directory / "masks", _strip_none(masks) if masks is not None else {})
+        ckptr.wait_until_finished()
+    log.write_json_atomic(directory / "compressed.json", record)
+
+
+def _strip_none(t):
+    if isinstance(t, dict):
+        out = {k: _strip_none(v) for k, v in t.items()}
+        return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}
+    return t
+
+
+def is_compressed(path) -> bool:
+    return (Path(path).expanduser() / "compressed.json").is_file()
+
+
+def load(path):
+    """Loads a compressed directory: (record, model config, graphdef, effective params, masks as nested dicts)."""
+    from research.models import config as model_config
+
+    path = Path(path).expanduser().resolve()
+    record = json.loads((path / "compressed.json").read_text())
+    if record.get("format") != FORMAT or record.get("version") != VERSION:
+        raise errors.UserError(f"{path} is not a ziplm compressed model of version {VERSION}")
+    mcfg = model_config.ModelConfig.from_dict(record["model"])
+    graphdef, abstract = models.abstract(mcfg)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / "params", abstract)
+        masks = ckptr.restore(path / "masks")
+    return record, mcfg, graphdef, params, masks
+
+
+def _numeric(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, int | float) and math.isfinite(v)}

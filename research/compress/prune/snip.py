@@ -1,0 +1,54 @@
+"""Saliency pruning from calibration data: first-order Taylor / SNIP scores |g * w|.
+
+g is the gradient of the mean next-token loss on the calibration windows (averaged over batches), w the weight;
+the score estimates how much the loss changes when the weight is removed (Molchanov et al. 2017; SNIP, Lee et al.
+2019, ranks the same quantity globally, hence the default distribution here).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from research.compress import calib as calib_lib
+from research.compress import core
+from research.compress.prune import masks
+from research.train import step as step_lib
+
+
+def gradients(calib: calib_lib.Calibration, params):
+    """Mean gradient of the next-token loss over the calibration windows (each window's last token is a target)."""
+    grad_fn = jax.jit(jax.grad(lambda p, b: step_lib.loss_fn(p, calib.graphdef, b)))
+    total, n = None, 0
+    for batch in calib.batches():
+        g = grad_fn(params, {"inputs": batch[:, :-1], "targets": batch[:, 1:]})
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+        n += 1
+    return jax.tree.map(lambda x: x / n, total)
+
+
+def scores(calib: calib_lib.Calibration, params, paths) -> dict:
+    """{path: |g * w|} of the selected leaves."""
+    grads, flat = core.touched(gradients(calib, params)), core.touched(params)
+    return {p: jnp.abs(grads[p] * flat[p]) for p in paths}
+
+
+def snip(
+    sparsity: float = 0.5,
+    *,
+    where: str = core.BLOCK_KERNELS,
+    distribution: str = "global",
+    group: str = "tensor",
+    pattern: str | None = None,
+) -> core.Transform:
+    """Gradient x weight pruning as a static mask transform (arguments as `magnitude.magnitude`); needs calibration."""
+    sparsity = masks.check_sparsity(sparsity)
+    masks.parse_pattern(pattern)
+
+    def compute(params, key, calib):
+        calib = calib_lib.require(calib, "snip")
+        paths = core.select(params, where)
+        s = scores(calib, params, paths)
+        return masks.from_scores(s, sparsity, distribution=distribution, group=group, pattern=pattern)
+
+    return masks.transform(compute)

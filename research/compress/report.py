@@ -1,0 +1,94 @@
+"""What a compressed state amounts to: per-leaf and global sparsity, parameter counts, bytes dense vs effective.
+
+"Effective bytes" here is a simple, stated estimate, not a file size: float32 values of the non-zero weights plus a
+1-bit mask over every masked leaf (the packed format of `research.coding` measures real bytes). Dense bytes count
+every parameter at float32 and at bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from research import report as report_lib
+from research import tree
+from research.compress import core
+
+
+def summarize(effective, masks=None) -> dict:
+    """Counts of a compressed model.
+
+    Args:
+      effective: the effective parameter tree (what the model runs with).
+      masks: the transform's mask tree (None leaves where unmasked), or None.
+
+    Returns:
+      {"leaves": [{path, shape, params, nonzero, sparsity, masked}], "params", "nonzero", "sparsity" (of all
+      parameters), "masked_params", "masked_sparsity" (of the masked leaves), "dense_bytes_fp32",
+      "dense_bytes_bf16", "effective_bytes", "ratio_fp32"}.
+    """
+    masked = core.touched(masks) if masks is not None else {}
+    leaves = []
+    for path, w in tree.flatten(effective).items():
+        w = np.asarray(w)
+        nz = int(np.count_nonzero(w))
+        leaves.append(
+            dict(
+                path=path,
+                shape=list(w.shape),
+                params=int(w.size),
+                nonzero=nz,
+                sparsity=1.0 - nz / w.size if w.size else 0.0,
+                masked=path in masked,
+            )
+        )
+    n = sum(x["params"] for x in leaves)
+    nz = sum(x["nonzero"] for x in leaves)
+    mn = sum(x["params"] for x in leaves if x["masked"])
+    mnz = sum(x["nonzero"] for x in leaves if x["masked"])
+    eff = 4 * nz + math.ceil(mn / 8)
+    return dict(
+        leaves=leaves,
+        params=n,
+        nonzero=nz,
+        sparsity=1.0 - nz / n if n else 0.0,
+        masked_params=mn,
+        masked_sparsity=1.0 - mnz / mn if mn else 0.0,
+        dense_bytes_fp32=4 * n,
+        dense_bytes_bf16=2 * n,
+        effective_bytes=eff,
+        ratio_fp32=4 * n / eff if eff else None,
+    )
+
+
+def table(summary: dict, all_leaves: bool = False) -> str:
+    """The summary as a text table: masked leaves (or all), then the totals."""
+    rows = [
+        [x["path"], "x".join(map(str, x["shape"])), f"{x['params']:,}", f"{x['nonzero']:,}", f"{x['sparsity']:.4f}"]
+        for x in summary["leaves"]
+        if all_leaves or x["masked"]
+    ]
+    rows.append(
+        ["all parameters", "", f"{summary['params']:,}", f"{summary['nonzero']:,}", f"{summary['sparsity']:.4f}"]
+    )
+    text = report_lib.table(["leaf", "shape", "params", "non-zero", "sparsity"], rows)
+    return (
+        f"{text}\nmasked leaves: sparsity {summary['masked_sparsity']:.4f} over {summary['masked_params']:,} "
+        f"weights; bytes: {summary['dense_bytes_fp32']:,} dense fp32, {summary['effective_bytes']:,} effective "
+        f"(fp32 non-zeros + 1-bit masks)"
+    )
+
+
+def stages_table(summary: dict) -> str:
+    """Validation metrics of the dense, compressed and fine-tuned model of a `compress` summary."""
+    rows = []
+    for stage in ("dense", "compressed", "finetuned"):
+        r = summary.get(stage)
+        if r:
+            sparsity = {"dense": 0.0, "compressed": summary["sparsity_compressed"]}.get(stage, summary["sparsity"])
+            rows.append([stage, sparsity, r["loss"], r["bits_per_byte"], r["perplexity"], r["accuracy"]])
+    text = report_lib.table(["model", "sparsity", "val loss", "bits/byte", "perplexity", "accuracy"], rows)
+    methods = " -> ".join(m["method"] for m in summary["methods"])
+    protocol = summary["dense"]["protocol"]
+    return f"{text}\nmethods: {methods}; protocol: {protocol}; sparsity over the masked leaves"
