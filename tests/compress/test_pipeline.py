@@ -1,0 +1,94 @@
+"""`ziplm compress` end to end: compress, fine-tune, save, evaluate the saved model; bad input writes nothing."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from research import cli, errors
+from research.compress import core, pipeline
+from tests.test_cli import TINY, _bad
+
+SMALL = ["--config.calibration.n=4", "--config.calibration.length=32"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("compress") / "run"
+    assert cli.main(["train", "--workdir", str(path), *TINY]) == 0
+    return path
+
+
+def _compress(run, out, *extra):
+    return ["compress", "--model", str(run), "--workdir", str(out), *SMALL, *extra]
+
+
+def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    args = _compress(run, out, "--config.finetune.steps=6", "--config.finetune.log_every=3")
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "finetuned" in text and "methods: magnitude" in text
+    s = json.loads((out / "summary.json").read_text())
+    assert s["sparsity"] == pytest.approx(0.5) and s["sparsity_compressed"] == pytest.approx(0.5)
+    assert s["methods"] == [{"method": "magnitude", "sparsity": 0.5}]
+    assert s["finetune"]["steps"] == 6 and set(s["seconds"]) >= {"compress", "finetune", "eval_dense", "total"}
+    assert s["nonzero"] < s["params"]
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][:2] == [3, 6]
+
+    # The saved model is the fine-tuned compressed one: eval reproduces its loss and sees its zeros.
+    assert cli.main(["eval", "--model", str(out), "--json", str(tmp_path / "e.json")]) == 0
+    capsys.readouterr()
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["loss"] == pytest.approx(s["finetuned"]["loss"], rel=1e-6)
+    record, _, _, params, masks = pipeline.load(out)
+    assert record["source"] == str(run)
+    kernel = np.asarray(params["layers"][0]["mlp"]["up"]["kernel"])
+    mask = np.asarray(masks["layers"]["0"]["mlp"]["up"]["kernel"])
+    assert mask.dtype == bool and (kernel[~mask] == 0).all() and mask.mean() == pytest.approx(0.5)
+
+    _bad(args, capsys, "--overwrite")  # an existing result is never replaced silently
+    assert cli.main([*args, "--overwrite"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["finetuned"]["loss"] == s["finetuned"]["loss"]  # same config and seed, same result
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--config.compress.0.sparsity=1.5"], "sparsity must be a fraction in [0, 1)"),
+        (["--config.compress.0.pattern=4:2"], "1 <= N <= M"),
+        (["--config.compress.0.pattern=2:5"], "do not divide the input dimension 32"),
+        (["--config.compress.0.method=nope"], "unknown pruning method 'nope'"),
+        (["--config.compress.0.method=snip", "--config.calibration.n=0"], "snip needs calibration data"),
+        (["--config.compress.0.where=layers/9/.*"], "selects no parameter"),
+        (["--config.compress.0.amount=0.2"], "unexpected keyword argument 'amount'"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, extra, match):
+    out = tmp_path / "x"
+    _bad(_compress(run, out, *extra), capsys, match)
+    assert not out.exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_non_finite_weights_are_never_saved(run, tmp_path, monkeypatch):
+    def poison(params, state):
+        return {**params, "final_norm": {**params["final_norm"], "scale": params["final_norm"]["scale"] * jnp.nan}}
+
+    monkeypatch.setattr(pipeline, "build", lambda specs: core.Transform(lambda p, k, c: (), poison))
+    cfg = pipeline.base_config()
+    cfg.model, cfg.calibration.n, cfg.eval.max_windows = str(run), 0, 2
+    with pytest.raises(errors.UserError, match="non-finite weights in final_norm/scale"):
+        pipeline.run(cfg, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+
+
+def test_saved_masks_round_trip_through_orbax(tmp_path):
+    tree = {"layers": {0: {"a": {"kernel": jnp.asarray([[True, False]])}, "b": None}}, "c": None}
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "m", pipeline._strip_none(tree))
+        ck.wait_until_finished()
+        back = ck.restore(tmp_path / "m")
+    np.testing.assert_array_equal(back["layers"]["0"]["a"]["kernel"], [[True, False]])
