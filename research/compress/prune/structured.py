@@ -112,6 +112,12 @@ def _stack(per_block):
     return heads, jnp.stack([n for _, n in per_block])
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _magnitude(params, lay):
+    heads, neurons = _stack([unit_sums(jax.tree.map(jnp.square, b), lay) for b in blocks(params)])
+    return None if heads is None else jnp.sqrt(heads), jnp.sqrt(neurons)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _taylor_batch(params, graphdef, window, lay):
     batch = {"inputs": window[:, :-1], "targets": window[:, 1:]}
@@ -148,8 +154,7 @@ def scores(params, score: str, lay: Layout | None, calib: calib_lib.Calibration 
       (heads, neurons): (n_layer, KV) float32 (None without a layout) and (n_layer, F) float32.
     """
     if score == "magnitude":
-        heads, neurons = _stack([unit_sums(jax.tree.map(jnp.square, b), lay) for b in blocks(params)])
-        return None if heads is None else jnp.sqrt(heads), jnp.sqrt(neurons)
+        return _magnitude(params, lay)
     calib = calib_lib.require(calib, f"structured pruning with score={score!r}")
     if score == "activation":
         return _activation(params, lay, calib)
@@ -173,6 +178,19 @@ def _kept(unit_scores, n_keep: int):
     """(n_layer, U) scores -> ((n_layer, U) bool keep, (n_layer, n_keep) int32 ascending kept indices)."""
     keep = masks.keep_top(unit_scores, n_keep)
     return keep, jnp.argsort(~keep, axis=-1, stable=True)[:, :n_keep].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _select(params, head_scores, neuron_scores, lay: Layout | None, keep_h: int | None, keep_n: int | None):
+    """({path: bool mask}, (n_layer, keep_h) kept heads or None, (n_layer, keep_n) kept neurons or None)."""
+    head_mask, head_idx = _kept(head_scores, keep_h) if keep_h is not None else (None, None)
+    neuron_mask, neuron_idx = _kept(neuron_scores, keep_n) if keep_n is not None else (None, None)
+    values = {}
+    for row, i in enumerate(sorted(params["layers"])):
+        kh = None if head_mask is None else head_mask[row]
+        kn = None if neuron_mask is None else neuron_mask[row]
+        values.update(_block_masks(i, params["layers"][i], kh, kn, lay))
+    return values, head_idx, neuron_idx
 
 
 def _block_masks(i: int, block, keep_heads, keep_neurons, lay: Layout | None) -> dict:
@@ -219,7 +237,7 @@ def structured(
         raise errors.UserError(f"structured pruning score must be one of {SCORES}, got {score!r}")
 
     def init(params, key, calib):
-        lay = None
+        lay, keep_h = None, None
         if heads > 0:
             width = head_dim
             if width is None and calib is not None:
@@ -232,15 +250,9 @@ def structured(
             lay = layout(params, width)
             keep_h = _n_keep(lay.n_kv, heads, "attention heads (kv groups)")
         f = blocks(params)[0]["mlp"]["down"]["kernel"].shape[0]
-        keep_n = _n_keep(f, neurons, "MLP neurons")
+        keep_n = _n_keep(f, neurons, "MLP neurons") if neurons > 0 else None
         head_scores, neuron_scores = scores(params, score, lay, calib)  # (n_layer, KV), (n_layer, F)
-        head_mask, head_idx = _kept(head_scores, keep_h) if lay is not None else (None, None)
-        neuron_mask, neuron_idx = _kept(neuron_scores, keep_n) if neurons > 0 else (None, None)
-        values = {}
-        for row, (i, block) in enumerate(sorted(params["layers"].items())):
-            kh = None if head_mask is None else head_mask[row]
-            kn = None if neuron_mask is None else neuron_mask[row]
-            values.update(_block_masks(i, block, kh, kn, lay))
+        values, head_idx, neuron_idx = _select(params, head_scores, neuron_scores, lay, keep_h, keep_n)
         return {"masks": core.touched_tree(params, values), "keep": {"heads": head_idx, "neurons": neuron_idx}}
 
     return core.Transform(init, lambda params, state: core.apply_masks(params, state["masks"]), masks=_masks)
