@@ -9,7 +9,9 @@ The output directory, written only when everything succeeded, holds:
 
     compressed.json   model config, tokenizer, source, the run config of the source, the methods
     params/           orbax: the effective parameters (what the model runs with; `ziplm eval --model DIR` works)
-    masks/            orbax: the boolean masks of the masked leaves (nested like the parameters)
+    masks/            orbax: the boolean masks of the masked leaves, nested like the parameters (absent when nothing
+                      is masked); with `shrink`
+                      the smaller dense model of structured pruning is saved instead, and no masks
     summary.json      methods, sparsity report, metrics before / after compression / after fine-tuning, seconds
                       per stage
     metrics.jsonl     fine-tuning losses (and W&B offline files under wandb/ when enabled)
@@ -50,6 +52,8 @@ def base_config() -> mlc.ConfigDict:
     # Calibration windows from the training split (n=0: none); length is capped by the model's context.
     c.calibration = dict(n=128, length=2048, seed=0, batch_size=8)
     c.compress = [dict(method="magnitude", sparsity=0.5)]
+    # After structured pruning: save the physically smaller dense model (prune.structured.shrink) instead of masks.
+    c.shrink = False
     c.finetune = dict(
         steps=0,
         lr=1e-4,
@@ -90,6 +94,8 @@ def validate(cfg: mlc.ConfigDict) -> None:
     for name in ("batch_size",):
         if cfg.data[name] <= 0:
             raise errors.UserError(f"data.{name} must be positive, got {cfg.data[name]}")
+    if cfg.get("shrink") and [dict(x).get("method") for x in cfg.compress] != ["structured"]:
+        raise errors.UserError("shrink applies to a compress list holding exactly one 'structured' entry")
     if cfg.calibration.n < 0 or cfg.calibration.batch_size <= 0:
         raise errors.UserError("calibration.n must be >= 0 and calibration.batch_size > 0")
 
@@ -123,9 +129,9 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     protocol = metrics.Protocol(window, cfg.eval.stride or window)
     times["load"] = time.time() - t0
 
-    def evaluate(params, desc):
+    def evaluate(params, desc, graphdef=m.graphdef):
         return metrics.evaluate(
-            m.graphdef,
+            graphdef,
             params,
             splits.val,
             tok.token_bytes,
@@ -158,7 +164,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
 
     with atomic as tmp:
         logger = log.Logger(tmp, cfg.to_dict(), cfg.wandb.to_dict())
-        tuned, ft = None, None
+        tuned, ft, params = None, None, m.params
         try:
             if cfg.finetune.steps:
                 ft_cfg = mlc.ConfigDict({**cfg.finetune.to_dict(), "steps": cfg.finetune.steps})
@@ -185,6 +191,17 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             logger.close()
         masks = transform.masks(cstate)
         sizes = compress_report.summarize(effective, masks)
+        out_cfg, shrunk = m.cfg, None
+        if cfg.get("shrink"):
+            from research.compress.prune import structured
+
+            out_cfg, effective = structured.shrink(m.cfg, params, cstate)
+            masks = None
+            t = time.time()
+            shrunk = evaluate(effective, "eval shrunk", models.abstract(out_cfg)[0])
+            times["eval_shrunk"] = time.time() - t
+            shrunk["params"] = sum(int(np.size(x)) for x in tree.flatten(effective).values())
+            shrunk["model"] = out_cfg.to_dict()
         summary = {
             "source": cfg.model,
             "methods": [dict(s) for s in cfg.compress],
@@ -200,11 +217,12 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "dense": before,
             "compressed": after,
             "finetuned": tuned,
+            "shrunk": shrunk,
             "finetune": ft,
             "seconds": {**times, "total": time.time() - t0},
             "workdir": str(out),
         }
-        _save(tmp, m, effective, masks, tok.spec, corpus, run_cfg, cfg)
+        _save(tmp, m, out_cfg, effective, masks, tok.spec, corpus, run_cfg, cfg)
         log.write_json_atomic(tmp / "summary.json", summary)
     return summary
 
@@ -217,11 +235,11 @@ def _check_finite(params, stage: str) -> None:
         )
 
 
-def _save(directory: Path, m, effective, masks, tok_spec, corpus, run_cfg, cfg) -> None:
+def _save(directory: Path, m, out_cfg, effective, masks, tok_spec, corpus, run_cfg, cfg) -> None:
     record = {
         "format": FORMAT,
         "version": VERSION,
-        "model": m.cfg.to_dict(),
+        "model": out_cfg.to_dict(),
         "tokenizer": tok_spec,
         "corpus": corpus,
         "source": cfg.model,
@@ -232,8 +250,10 @@ def _save(directory: Path, m, effective, masks, tok_spec, corpus, run_cfg, cfg) 
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", effective)
         ckptr.wait_until_finished()
-        ckptr.save(directory / "masks", _strip_none(masks) if masks is not None else {})
-        ckptr.wait_until_finished()
+        stored = _strip_none(masks) if masks is not None else {}
+        if stored:
+            ckptr.save(directory / "masks", stored)
+            ckptr.wait_until_finished()
     log.write_json_atomic(directory / "compressed.json", record)
 
 
@@ -260,7 +280,7 @@ def load(path):
     graphdef, abstract = models.abstract(mcfg)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", abstract)
-        masks = ckptr.restore(path / "masks")
+        masks = ckptr.restore(path / "masks") if (path / "masks").is_dir() else {}
     return record, mcfg, graphdef, params, masks
 
 

@@ -83,12 +83,17 @@ def table(summary: dict, all_leaves: bool = False) -> str:
 def stages_table(summary: dict) -> str:
     """Validation metrics of the dense, compressed and fine-tuned model of a `compress` summary."""
     rows = []
-    for stage in ("dense", "compressed", "finetuned"):
+    for stage in ("dense", "compressed", "finetuned", "shrunk"):
         r = summary.get(stage)
         if r:
             sparsity = {"dense": 0.0, "compressed": summary["sparsity_compressed"]}.get(stage, summary["sparsity"])
-            rows.append([stage, sparsity, r["loss"], r["bits_per_byte"], r["perplexity"], r["accuracy"]])
-    text = report_lib.table(["model", "sparsity", "val loss", "bits/byte", "perplexity", "accuracy"], rows)
+            n = r.get("params", summary["params"] if stage == "dense" else summary["nonzero"])
+            rows.append([stage, sparsity, n, r["loss"], r["bits_per_byte"], r["perplexity"], r["accuracy"]])
+    headers = ["model", "sparsity", "params", "val loss", "bits/byte", "perplexity", "accuracy"]
+    text = report_lib.table(headers, rows)
     methods = " -> ".join(m["method"] for m in summary["methods"])
     protocol = summary["dense"]["protocol"]
-    return f"{text}\nmethods: {methods}; protocol: {protocol}; sparsity over the masked leaves"
+    return (
+        f"{text}\nmethods: {methods}; protocol: {protocol}; sparsity over the masked leaves; params: non-zero "
+        "parameters (all parameters of the shrunk model)"
+    )

@@ -92,3 +92,17 @@ def test_saved_masks_round_trip_through_orbax(tmp_path):
         ck.wait_until_finished()
         back = ck.restore(tmp_path / "m")
     np.testing.assert_array_equal(back["layers"]["0"]["a"]["kernel"], [[True, False]])
+
+
+def test_structured_shrink_saves_a_smaller_model_that_evaluates_the_same(run, tmp_path, capsys):
+    out = tmp_path / "small"
+    spec = '[{"method": "structured", "heads": 0.5, "neurons": 0.5}]'
+    assert cli.main(_compress(run, out, f"--config.compress={spec}", "--config.shrink=true")) == 0
+    capsys.readouterr()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["shrunk"]["loss"] == pytest.approx(s["compressed"]["loss"], abs=1e-5)
+    assert s["shrunk"]["params"] < s["params"] and s["shrunk"]["model"]["n_head"] == 1
+    assert not (out / "masks").exists()
+    assert cli.main(["eval", "--model", str(out), "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["loss"] == pytest.approx(s["shrunk"]["loss"], rel=1e-6)
+    _bad(_compress(run, tmp_path / "y", "--config.shrink=true"), capsys, "exactly one 'structured' entry")

@@ -22,6 +22,9 @@ METHODS = {
     "random": ("random", "random"),
     "snip": ("snip", "snip"),
     "gradual": ("gradual", "gradual"),
+    "wanda": ("wanda", "wanda"),
+    "sparsegpt": ("sparsegpt", "sparsegpt"),
+    "structured": ("structured", "structured"),
 }
 
 
