@@ -38,20 +38,23 @@ log = logging.getLogger(__name__)
 
 
 @jax.jit
-def _inverse_factor(h, damp):
-    """Upper Cholesky factor U of (h + damp I)^-1 (U^T U = H^-1); NaN when h + damp I is not positive definite."""
-    eye = jnp.eye(h.shape[0], dtype=h.dtype)
-    lower = jnp.linalg.cholesky(h + damp * eye)
+def _inverse_factor(h, percdamp):
+    """Upper Cholesky factor U of the dampened H^-1 (U^T U = H^-1), after giving dead inputs a unit diagonal.
+
+    h: (in, in) -> (in, in) U, NaN when the dampened Hessian is not positive definite.
+    """
+    eye = jnp.eye(h.shape[0], dtype=jnp.float32)
+    h = h + jnp.diag((jnp.diag(h) == 0).astype(jnp.float32))
+    lower = jnp.linalg.cholesky(h + percdamp * jnp.mean(jnp.diag(h)) * eye)
     hinv = jax.scipy.linalg.cho_solve((lower, True), eye)  # (in, in)
     return jnp.linalg.cholesky(hinv).T
 
 
 def _factor(h, percdamp: float, name: str):
-    """The upper Cholesky factor of the dampened inverse Hessian, retrying with more damping when needed."""
-    mean_diag = jnp.mean(jnp.diag(h))
+    """The upper Cholesky factor of the dampened inverse Hessian, retrying with 10x the damping when needed."""
     tried = []
     for attempt in range(_RETRIES + 1):
-        u = _inverse_factor(h, percdamp * mean_diag)
+        u = _inverse_factor(h, percdamp)
         if bool(jnp.all(jnp.isfinite(u))):
             if attempt:
                 log.warning(
@@ -65,7 +68,7 @@ def _factor(h, percdamp: float, name: str):
         percdamp = max(10 * percdamp, 1e-3)
     raise errors.UserError(
         f"sparsegpt: the Hessian of {name} is not positive definite even with percdamp {tried[-1]:g} "
-        f"(mean diagonal {float(mean_diag):g}); check the calibration inputs for NaN/inf values"
+        f"(mean diagonal {float(jnp.mean(jnp.diag(h))):g}); check the calibration inputs"
     )
 
 
@@ -123,13 +126,23 @@ def _solve(w, u, n_prune, valid, bs: int, nm):
     return jax.lax.fori_loop(0, din // bs, block, (w, jnp.ones_like(w, bool)))
 
 
-def _check_options(blocksize, percdamp, nm) -> None:
+@functools.partial(jax.jit, static_argnames=("bs", "nm"))
+def _prune(kernel, h, u, n_prune, bs: int, nm):
+    """`_solve` on a kernel (in, out): zeroes dead inputs, pads the inputs to a multiple of bs, undoes both."""
+    din = kernel.shape[0]
+    pad = -din % bs
+    w = jnp.where(jnp.diag(h)[None, :] == 0, 0.0, kernel.astype(jnp.float32).T)  # (out, in)
+    w = jnp.pad(w, ((0, 0), (0, pad)))
+    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(din + pad) >= din).astype(jnp.float32))
+    new, keep = _solve(w, u, n_prune, jnp.arange(din + pad) < din, bs, nm)
+    return new[:, :din].T.astype(kernel.dtype), keep[:, :din].T
+
+
+def _check_options(blocksize, percdamp) -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
         raise errors.UserError(f"sparsegpt blocksize must be a positive integer, got {blocksize!r}")
     if isinstance(percdamp, bool) or not isinstance(percdamp, int | float) or not percdamp >= 0:
         raise errors.UserError(f"sparsegpt percdamp must be a non-negative number, got {percdamp!r}")
-    if nm is not None and blocksize % nm[1]:
-        raise errors.UserError(f"sparsegpt blocksize {blocksize} must be a multiple of M={nm[1]} for N:M patterns")
 
 
 def prune_layer(kernel, hessian, sparsity, pattern=None, blocksize: int = 128, percdamp: float = 0.01, name="layer"):
@@ -140,7 +153,8 @@ def prune_layer(kernel, hessian, sparsity, pattern=None, blocksize: int = 128, p
       hessian: (in, in) X^T X of the layer's calibration inputs (any positive scale).
       sparsity: fraction to prune, in [0, 1) (ignored with a pattern).
       pattern: "N:M" to keep N of every M consecutive inputs of each output.
-      blocksize: inputs per lazy-update block (and per mask-selection block when unstructured).
+      blocksize: inputs per lazy-update block (and per mask-selection block when unstructured); with "N:M" it is
+        rounded down to a multiple of M.
       percdamp: damping added to the diagonal, as a fraction of its mean.
       name: the layer's name in warnings and errors.
 
@@ -153,7 +167,7 @@ def prune_layer(kernel, hessian, sparsity, pattern=None, blocksize: int = 128, p
     """
     sparsity = masks.check_sparsity(sparsity)
     nm = masks.parse_pattern(pattern)
-    _check_options(blocksize, percdamp, nm)
+    _check_options(blocksize, percdamp)
     din, dout = kernel.shape
     if hessian.shape != (din, din):
         raise errors.UserError(f"sparsegpt: {name} has {din} inputs but its Hessian is {hessian.shape}")
@@ -162,23 +176,16 @@ def prune_layer(kernel, hessian, sparsity, pattern=None, blocksize: int = 128, p
     h = jnp.asarray(hessian, jnp.float32)
     if not bool(jnp.all(jnp.isfinite(h))):
         raise errors.UserError(f"sparsegpt: the Hessian of {name} has NaN/inf entries; check the calibration inputs")
-    dead = jnp.diag(h) == 0  # (in,)
-    h = h + jnp.diag(dead.astype(jnp.float32))
-    w = jnp.where(dead[None, :], 0.0, jnp.asarray(kernel, jnp.float32).T)  # (out, in)
     u = _factor(h, float(percdamp), name)
-
     bs = min(blocksize, din)
-    pad = -din % bs
-    n_blocks = (din + pad) // bs
-    w = jnp.pad(w, ((0, 0), (0, pad)))
-    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(din + pad) >= din).astype(jnp.float32))
-    valid = jnp.arange(din + pad) < din
-    counts = np.minimum(bs, din - bs * np.arange(n_blocks))  # valid inputs per block
+    if nm is not None:
+        bs = max(nm[1], bs - bs % nm[1])  # groups of M never straddle two blocks
+    counts = np.minimum(bs, din - bs * np.arange(-(-din // bs)))  # valid inputs per block
     n_prune = jnp.asarray([masks.n_pruned(sparsity, int(c) * dout) for c in counts], jnp.int32)
-    new, keep = _solve(w, u, n_prune, valid, bs, nm)
+    new, keep = _prune(jnp.asarray(kernel), h, u, n_prune, bs, nm)
     if not bool(jnp.all(jnp.isfinite(new))):
         raise errors.UserError(f"sparsegpt: the reconstruction of {name} is not finite; raise percdamp")
-    return new[:, :din].T.astype(kernel.dtype), keep[:, :din].T
+    return new, keep
 
 
 def sparsegpt(
@@ -204,7 +211,7 @@ def sparsegpt(
     """
     sparsity = masks.check_sparsity(sparsity)
     nm = masks.parse_pattern(pattern)
-    _check_options(blocksize, percdamp, nm)
+    _check_options(blocksize, percdamp)
 
     def init(params, key, calib_data):
         calib_data = calib.require(calib_data, "sparsegpt")
