@@ -99,6 +99,11 @@ def _stat(x, kind):
     return jnp.sum(x * x, axis=0)  # (in,)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(graphdef, params, tokens, positions):
+    return models.merge(graphdef, params).embed_tokens(tokens, positions)  # (B, L, D)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _run_block(block_def, block_params, x, positions, kind):
     block = nnx.merge(block_def, block_params)
@@ -145,7 +150,7 @@ def walk(
     block_def = nnx.split(model.layers[0], nnx.Param)[0]
     batches = list(calib.batches())
     positions = [jnp.broadcast_to(jnp.arange(b.shape[1], dtype=jnp.int32), b.shape) for b in batches]
-    xs = [jax.jit(lambda m, b, p: m.embed_tokens(b, p))(model, b, p) for b, p in zip(batches, positions)]
+    xs = [_embed(calib.graphdef, params, b, p) for b, p in zip(batches, positions)]
     layers = {**params["layers"]}
     n_tokens = int(calib.inputs.size)
     for i in tqdm(range(len(layers)), desc=desc, disable=None if progress is None else not progress):
