@@ -6,7 +6,7 @@
                 [--stride S] [--json OUT]
     ziplm sample --model SRC [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
     ziplm export --model SRC --out DIR [--model-type gpt2|llama|...] [--dtype float32|bfloat16|float16] [--overwrite]
-    ziplm compress --config experiments/configs/prune_wanda.py [--model SRC] [--workdir DIR] [--overwrite]
+    ziplm compress --config experiments/configs/prune.py:wanda [--model SRC] [--workdir DIR] [--overwrite]
                 [--config.compress.0.sparsity=0.6 ...]
 
 SRC is a run directory (ours), a compressed model directory (from `compress`), a Hugging Face checkpoint directory
@@ -250,7 +250,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compress",
         help="compress a model with a chain of methods, fine-tune, evaluate, save",
-        epilog="Any --config.KEY=VALUE overrides that config entry (list entries by index: --config.compress.0.lr=1).",
+        epilog="Any --config.KEY=VALUE overrides that config entry (list entries by index: "
+        "--config.compress.0.sparsity=0.6).",
     )
     c.add_argument("--config", help="compress config file with get_config() (default: magnitude pruning to 50%%)")
     c.add_argument("--model", help="the model to compress (overrides the config's model)")

@@ -19,7 +19,7 @@ exactly zero through any optax optimizer; `straight_through` gives estimators wh
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -113,8 +113,8 @@ def select(params, pattern: str) -> list[str]:
     paths = list(tree.flatten(params))
     chosen = [p for p in paths if rx.fullmatch(p)]
     if not chosen:
-        shown = ", ".join(paths[:24]) + (f", ... ({len(paths)} in all)" if len(paths) > 24 else "")
-        raise errors.UserError(f"path pattern {pattern!r} selects no parameter; available: {shown}")
+        shapes = list(dict.fromkeys(re.sub(r"^layers/\d+/", r"layers/\\d+/", p) for p in paths))
+        raise errors.UserError(f"path pattern {pattern!r} selects no parameter; available: {', '.join(shapes)}")
     return chosen
 
 
@@ -181,14 +181,3 @@ def keep_masked(tx: optax.GradientTransformation) -> optax.GradientTransformatio
         return new, KeepMaskedState(inner)
 
     return optax.GradientTransformationExtraArgs(init, update)
-
-
-def validate_paths(paths: Sequence[str], pattern: str, method: str) -> None:
-    """Raises UserError when a method that only handles block linear kernels is pointed at other leaves."""
-    rx = re.compile(BLOCK_KERNELS)
-    other = [p for p in paths if not rx.fullmatch(p)]
-    if other:
-        raise errors.UserError(
-            f"{method} prunes the linear kernels inside the blocks, but {pattern!r} also selects {other[0]}; "
-            f"narrow the pattern (e.g. {BLOCK_KERNELS!r})"
-        )

@@ -26,11 +26,11 @@ def finetune(
     Args:
       graphdef: the model's graphdef.
       params: the raw parameter tree (not modified; a copy is trained).
-      transform: the compression transform; cstate: its state.
+      transform: the compression transform; cstate: its state (not modified either).
       batches: step -> {"inputs", "targets"} (a `dataset.Batches`).
       t: optimizer settings with the fields of a train config's `train` section (steps, lr, min_lr,
         warmup_steps, weight_decay, b1, b2, grad_clip) plus log_every.
-      seed: dropout seed.
+      seed: the step's key seed (fine-tuning runs without dropout).
       log: optional callable (step, {"loss", "grad_norm", "lr"}).
       progress: show a progress bar (None: only on a terminal).
 
@@ -38,7 +38,7 @@ def finetune(
       (params, cstate, {"steps", "loss" (last), "seconds", "step_seconds" (mean after the first step)}).
     """
     tx = core.keep_masked(optim.make(t))
-    params = jax.tree.map(jnp.copy, params)  # the step donates its state
+    params, cstate = jax.tree.map(jnp.copy, (params, cstate))  # the step donates its state
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "compress": cstate}
     step_fn = step_lib.make_train_step(graphdef, tx, seed=seed, dropout=False, transform=transform)
     schedule = optim.schedule(t)

@@ -1,7 +1,7 @@
 """The `compress` job: load a model, compress it with a chain of transforms, optionally fine-tune with the
 compression held, evaluate before and after, and save the compressed model with a JSON summary.
 
-    ziplm compress --config experiments/configs/prune_wanda.py [--workdir runs/x] [--config.compress.0.sparsity=0.6]
+    ziplm compress --config experiments/configs/prune.py:wanda [--workdir runs/x] [--config.compress.0.sparsity=0.6]
 
 A compress config (see `base_config`) holds the source model, the data, the calibration sample, the chain of
 methods (`compress`: a list of {"method": name, **arguments}, applied in order), the fine-tuning and the evaluation.
@@ -87,17 +87,31 @@ def validate(cfg: mlc.ConfigDict) -> None:
     if not cfg.model:
         raise errors.UserError("set the model to compress: --config.model=RUN_DIR (or an HF directory / hub id)")
     f = cfg.finetune
-    if isinstance(f.steps, bool) or not isinstance(f.steps, int) or f.steps < 0:
-        raise errors.UserError(f"finetune.steps must be a non-negative integer, got {f.steps!r}")
+
+    def integer(name, value, low):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise errors.UserError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    integer("finetune.steps", f.steps, 0)
+    integer("finetune.log_every", f.log_every, 1)
+    integer("data.batch_size", cfg.data.batch_size, 1)
+    integer("calibration.n", cfg.calibration.n, 0)
+    integer("calibration.batch_size", cfg.calibration.batch_size, 1)
     if f.steps and (f.lr <= 0 or f.min_lr < 0 or f.warmup_steps < 0):
         raise errors.UserError("finetune.lr must be > 0, finetune.min_lr >= 0 and finetune.warmup_steps >= 0")
-    for name in ("batch_size",):
-        if cfg.data[name] <= 0:
-            raise errors.UserError(f"data.{name} must be positive, got {cfg.data[name]}")
+    for spec in cfg.compress:
+        spec = dict(spec)
+        if spec.get("method") == "gradual":
+            end = spec.get("start", 0) + spec.get("steps", 1000)
+            if f.steps < end:
+                raise errors.UserError(
+                    f"gradual pruning ends at step {end} but finetune.steps is {f.steps}: the final sparsity would "
+                    f"never be reached; set --config.finetune.steps={end} or more (more leaves recovery steps)"
+                )
+        if prune.needs_calibration(spec) and not cfg.calibration.n:
+            raise errors.UserError(f"{spec['method']} needs calibration data: set calibration.n > 0")
     if cfg.get("shrink") and [dict(x).get("method") for x in cfg.compress] != ["structured"]:
         raise errors.UserError("shrink applies to a compress list holding exactly one 'structured' entry")
-    if cfg.calibration.n < 0 or cfg.calibration.batch_size <= 0:
-        raise errors.UserError("calibration.n must be >= 0 and calibration.batch_size > 0")
 
 
 def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, progress: bool | None = None) -> dict:
@@ -126,6 +140,12 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     splits = dataset.prepare(corpus, tok, val_fraction)
     seq_len = cfg.data.seq_len or (run_cfg.data.seq_len if run_cfg else m.cfg.max_seq_len)
     window = cfg.eval.window or seq_len
+    for name, value in (("data.seq_len", seq_len), ("eval.window", window)):
+        if value > m.cfg.max_seq_len:
+            raise errors.UserError(f"{name} ({value}) exceeds the model's context ({m.cfg.max_seq_len})")
+    if any(dict(s).get("method") == "structured" and "head_dim" not in s for s in cfg.compress):
+        specs = [{**s, "head_dim": m.cfg.dim_head} if s.get("method") == "structured" else s for s in cfg.compress]
+        transform = build(specs)  # heads are units of the model's head width
     protocol = metrics.Protocol(window, cfg.eval.stride or window)
     times["load"] = time.time() - t0
 
@@ -147,7 +167,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     times["eval_dense"] = time.time() - t
 
     calib = None
-    if cfg.calibration.n:
+    if any(prune.needs_calibration(dict(s)) for s in cfg.compress):
         inputs = calib_lib.sample(
             splits.train, cfg.calibration.n, cfg.calibration.length, cfg.calibration.seed, m.cfg.max_seq_len
         )
@@ -167,7 +187,6 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
         tuned, ft, params = None, None, m.params
         try:
             if cfg.finetune.steps:
-                ft_cfg = mlc.ConfigDict({**cfg.finetune.to_dict(), "steps": cfg.finetune.steps})
                 batches = dataset.Batches(splits.train, cfg.data.batch_size, seq_len, cfg.seed, "random")
                 params, cstate, ft = finetune.finetune(
                     m.graphdef,
@@ -175,7 +194,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
                     transform,
                     cstate,
                     batches,
-                    ft_cfg,
+                    cfg.finetune,
                     seed=cfg.seed,
                     log=logger.log,
                     progress=progress,
@@ -211,6 +230,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "params": sizes["params"],
             "nonzero": sizes["nonzero"],
             "dense_bytes_fp32": sizes["dense_bytes_fp32"],
+            "dense_bytes_bf16": sizes["dense_bytes_bf16"],
             "effective_bytes": sizes["effective_bytes"],
             "leaves": sizes["leaves"],
             "calibration": {"n": cfg.calibration.n, "length": None if calib is None else calib.inputs.shape[1]},
@@ -280,8 +300,15 @@ def load(path):
     graphdef, abstract = models.abstract(mcfg)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", abstract)
-        masks = ckptr.restore(path / "masks") if (path / "masks").is_dir() else {}
+        masks = _int_keys(ckptr.restore(path / "masks")) if (path / "masks").is_dir() else {}
     return record, mcfg, graphdef, params, masks
+
+
+def _int_keys(t):
+    """Orbax gives dict keys back as strings: the layer indices become ints again, as in the parameters."""
+    if isinstance(t, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in t.items()}
+    return t
 
 
 def _numeric(d: dict) -> dict:

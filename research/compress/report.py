@@ -25,7 +25,8 @@ def summarize(effective, masks=None) -> dict:
 
     Returns:
       {"leaves": [{path, shape, params, nonzero, sparsity, masked}], "params", "nonzero", "sparsity" (of all
-      parameters), "masked_params", "masked_sparsity" (of the masked leaves), "dense_bytes_fp32",
+      parameters, counting zero values), "masked_params", "masked_sparsity" (the fraction the masks remove),
+      "dense_bytes_fp32",
       "dense_bytes_bf16", "effective_bytes", "ratio_fp32"}.
     """
     masked = core.touched(masks) if masks is not None else {}
@@ -46,7 +47,7 @@ def summarize(effective, masks=None) -> dict:
     n = sum(x["params"] for x in leaves)
     nz = sum(x["nonzero"] for x in leaves)
     mn = sum(x["params"] for x in leaves if x["masked"])
-    mnz = sum(x["nonzero"] for x in leaves if x["masked"])
+    mnz = sum(int(np.count_nonzero(np.asarray(m))) for m in masked.values())  # kept by the masks (zeros or not)
     eff = 4 * nz + math.ceil(mn / 8)
     return dict(
         leaves=leaves,

@@ -76,6 +76,8 @@ def make_train_step(
         wrapped in `core.keep_masked` when the transform masks), and `transform.update` runs after each step.
     """
     key = jax.random.key(seed)
+    if transform is not None and apply_fn is not None:
+        raise ValueError("give apply_fn or transform, not both")
 
     def step(state, batch):
         rng = jax.random.fold_in(key, state["step"]) if dropout else None

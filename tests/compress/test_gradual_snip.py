@@ -57,6 +57,7 @@ def test_finetune_under_gradual_pruning_reaches_the_target_with_exact_zeros():
     cfg.grad_clip, cfg.log_every = 1.0, 10
     logged = []
     new, cstate, info = finetune.finetune(graphdef, params, t, state, batches, cfg, log=lambda s, m: logged.append(s))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))  # the caller's state survives the donation
     assert logged == [10, 20, 30] and np.isfinite(info["loss"])
     assert float(cstate["sparsity"]) == pytest.approx(0.5)
     for path, m in core.touched(cstate["masks"]).items():

@@ -46,7 +46,7 @@ def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
     record, _, _, params, masks = pipeline.load(out)
     assert record["source"] == str(run)
     kernel = np.asarray(params["layers"][0]["mlp"]["up"]["kernel"])
-    mask = np.asarray(masks["layers"]["0"]["mlp"]["up"]["kernel"])
+    mask = np.asarray(masks["layers"][0]["mlp"]["up"]["kernel"])
     assert mask.dtype == bool and (kernel[~mask] == 0).all() and mask.mean() == pytest.approx(0.5)
 
     _bad(args, capsys, "--overwrite")  # an existing result is never replaced silently
@@ -65,6 +65,10 @@ def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
         (["--config.compress.0.method=snip", "--config.calibration.n=0"], "snip needs calibration data"),
         (["--config.compress.0.where=layers/9/.*"], "selects no parameter"),
         (["--config.compress.0.amount=0.2"], "unexpected keyword argument 'amount'"),
+        (["--config.compress.0.distribution=erk2"], "distribution must be one of"),
+        (["--config.data.seq_len=64"], "data.seq_len (64) exceeds the model's context (32)"),
+        (["--config.compress.0.method=gradual"], "gradual pruning ends at step 1000 but finetune.steps is 0"),
+        (["--config.finetune.log_every=0"], "finetune.log_every must be an integer >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, extra, match):
@@ -106,3 +110,14 @@ def test_structured_shrink_saves_a_smaller_model_that_evaluates_the_same(run, tm
     assert cli.main(["eval", "--model", str(out), "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["loss"] == pytest.approx(s["shrunk"]["loss"], rel=1e-6)
     _bad(_compress(run, tmp_path / "y", "--config.shrink=true"), capsys, "exactly one 'structured' entry")
+
+
+def test_report_counts_masked_sparsity_from_the_masks():
+    from research.compress import report
+
+    effective = {"a": {"kernel": jnp.asarray([[0.0, 2.0], [0.0, 0.0]])}, "b": {"bias": jnp.zeros(2)}}
+    masks = {"a": {"kernel": jnp.asarray([[True, True], [False, False]])}, "b": {"bias": None}}
+    s = report.summarize(effective, masks)
+    assert s["masked_sparsity"] == 0.5  # the kept zero at a[0, 0] is kept, not pruned
+    assert s["sparsity"] == pytest.approx(5 / 6) and s["params"] == 6 and s["nonzero"] == 1
+    assert s["dense_bytes_fp32"] == 24 and s["effective_bytes"] == 4 + 1

@@ -291,7 +291,7 @@ def test_errors_without_calibration_or_with_bad_options(tiny, factory):
     for bad in (dict(sparsity=1.0), dict(sparsity="half"), dict(pattern="4:2"), dict(pattern="2-4")):
         with pytest.raises(errors.UserError):
             factory(**bad)
-    with pytest.raises(errors.UserError, match="linear kernels inside the blocks"):
+    with pytest.raises(errors.UserError, match="is not a linear kernel inside a block"):
         factory(where=r"layers/0/attn_norm/scale|layers/0/attn/q/kernel").init(params, KEY, c)
 
 

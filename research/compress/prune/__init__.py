@@ -2,7 +2,8 @@
 
     from research.compress import prune
     t = prune.make("wanda", sparsity=0.5)          # by name (configs, CLI)
-    t = prune.magnitude.magnitude(0.5, distribution="global")
+    from research.compress.prune import magnitude
+    t = magnitude.magnitude(0.5, distribution="global")
 
 Methods: magnitude, random, snip (gradient x weight), wanda, sparsegpt, structured (heads and neurons, with a
 `shrink` to a smaller dense model), and gradual (Zhu & Gupta's polynomial schedule during fine-tuning). Shared
@@ -26,6 +27,17 @@ METHODS = {
     "sparsegpt": ("sparsegpt", "sparsegpt"),
     "structured": ("structured", "structured"),
 }
+
+
+# Methods whose init reads calibration data (structured only with score="taylor" or "activation").
+CALIBRATED = {"snip", "wanda", "sparsegpt", "structured"}
+
+
+def needs_calibration(spec: dict) -> bool:
+    """Whether a compress entry {"method": ..., ...} reads calibration data."""
+    if spec.get("method") == "structured":
+        return spec.get("score", "magnitude") != "magnitude"
+    return spec.get("method") in CALIBRATED
 
 
 def make(method: str, **kwargs):

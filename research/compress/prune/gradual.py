@@ -66,6 +66,7 @@ def gradual(
         raise errors.UserError(f"gradual pruning needs a non-negative integer start, got {start!r}")
     if distribution not in ("uniform", "global"):
         raise errors.UserError(f"gradual pruning supports uniform or global distributions, got {distribution!r}")
+    masks.check_allocation(distribution, group, where)
     schedule = polynomial(initial, final, start, steps, every)
 
     def compute(params, sparsity):
@@ -85,7 +86,8 @@ def gradual(
         target = schedule(step).astype(jnp.float32)
 
         def reprune(_):
-            return {"masks": compute(apply(params, state), target), "sparsity": target}
+            new = core.combine_masks(compute(apply(params, state), target), state["masks"])  # never regrow
+            return {"masks": new, "sparsity": target}
 
         return jax.lax.cond(due & (target > state["sparsity"]), reprune, lambda _: state, None)
 

@@ -37,6 +37,7 @@ def magnitude(
     """
     sparsity = masks.check_sparsity(sparsity)
     masks.parse_pattern(pattern)
+    masks.check_allocation(distribution, group, where)
 
     def compute(params, key, calib):
         paths = core.select(params, where)

@@ -10,6 +10,7 @@ of each output, the layout of GPU 2:4 sparse kernels.
 from __future__ import annotations
 
 import math
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +40,21 @@ def parse_pattern(pattern) -> tuple[int, int] | None:
     if not 1 <= n <= m:
         raise errors.UserError(f"N:M pattern {pattern!r} needs 1 <= N <= M (keep N of every M weights)")
     return n, m
+
+
+def check_allocation(distribution: str, group: str, where: str | None = None) -> None:
+    """Checks a method's allocation arguments (and its path regex) when the method is built, before any work."""
+    if distribution not in DISTRIBUTIONS:
+        raise errors.UserError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if group not in GROUPS:
+        raise errors.UserError(f"group must be one of {GROUPS}, got {group!r}")
+    if distribution == "global" and group != "tensor":
+        raise errors.UserError("a global ranking compares whole tensors: use group='tensor' with it")
+    if where is not None:
+        try:
+            re.compile(where)
+        except re.error as e:
+            raise errors.UserError(f"path pattern {where!r} is not a valid regex: {e}") from None
 
 
 def check_divides(shape, m: int, path: str) -> None:

@@ -19,6 +19,7 @@ def random(
     """Random pruning as a static mask transform (arguments as `magnitude.magnitude`); the init key decides."""
     sparsity = masks.check_sparsity(sparsity)
     masks.parse_pattern(pattern)
+    masks.check_allocation(distribution, group, where)
 
     def compute(params, key, calib):
         paths = core.select(params, where)

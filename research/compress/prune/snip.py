@@ -17,13 +17,15 @@ from research.train import step as step_lib
 
 
 def gradients(calib: calib_lib.Calibration, params):
-    """Mean gradient of the next-token loss over the calibration windows (each window's last token is a target)."""
+    """Gradient of the mean next-token loss over all calibration targets (every window token but the first)."""
     grad_fn = jax.jit(jax.grad(lambda p, b: step_lib.loss_fn(p, calib.graphdef, b)))
     total, n = None, 0
     for batch in calib.batches():
         g = grad_fn(params, {"inputs": batch[:, :-1], "targets": batch[:, 1:]})
+        w = batch.shape[0]  # batches are means over their windows: weight them by size
+        g = jax.tree.map(lambda x, w=w: x * w, g)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
-        n += 1
+        n += w
     return jax.tree.map(lambda x: x / n, total)
 
 
@@ -44,6 +46,7 @@ def snip(
     """Gradient x weight pruning as a static mask transform (arguments as `magnitude.magnitude`); needs calibration."""
     sparsity = masks.check_sparsity(sparsity)
     masks.parse_pattern(pattern)
+    masks.check_allocation(distribution, group, where)
 
     def compute(params, key, calib):
         calib = calib_lib.require(calib, "snip")

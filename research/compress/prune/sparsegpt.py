@@ -216,7 +216,6 @@ def sparsegpt(
     def init(params, key, calib_data):
         calib_data = calib.require(calib_data, "sparsegpt")
         paths = core.select(params, where)
-        core.validate_paths(paths, where, "sparsegpt")
         if nm is not None:
             flat = core.touched(params)
             for p in paths:

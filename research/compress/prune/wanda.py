@@ -60,7 +60,6 @@ def wanda(
     def compute(params, key, calib_data):
         calib_data = calib.require(calib_data, "wanda")
         paths = core.select(params, where)
-        core.validate_paths(paths, where, "wanda")
         if nm is not None:
             flat = core.touched(params)
             for p in paths:
@@ -68,6 +67,9 @@ def wanda(
         found: dict = {}
 
         def visit(i, stats, n_tokens, kernels):
+            for name, st in stats.items():
+                if not bool(jnp.all(jnp.isfinite(st))):
+                    raise errors.UserError(f"wanda: non-finite calibration activations entering layers/{i}/{name}")
             s = {name: scores(kernels[name], stats[name]) for name in kernels}
             m = masks.from_scores(s, sparsity, group=group, pattern=pattern)
             found.update({f"layers/{i}/{name}/kernel": m[name] for name in kernels})
