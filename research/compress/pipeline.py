@@ -177,7 +177,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     effective = jax.block_until_ready(transform.apply(m.params, cstate))
     times["compress"] = time.time() - t
     _check_finite(effective, "compression")
-    sparsity_compressed = compress_report.summarize(effective, transform.masks(cstate))["masked_sparsity"]
+    at_init = compress_report.summarize(effective, transform.masks(cstate))
     t = time.time()
     after = evaluate(effective, "eval compressed")
     times["eval_compressed"] = time.time() - t
@@ -225,7 +225,8 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "source": cfg.model,
             "methods": [dict(s) for s in cfg.compress],
             "sparsity": sizes["masked_sparsity"],
-            "sparsity_compressed": sparsity_compressed,
+            "sparsity_compressed": at_init["masked_sparsity"],
+            "nonzero_compressed": at_init["nonzero"],
             "sparsity_all_params": sizes["sparsity"],
             "params": sizes["params"],
             "nonzero": sizes["nonzero"],

@@ -88,7 +88,8 @@ def stages_table(summary: dict) -> str:
         r = summary.get(stage)
         if r:
             sparsity = {"dense": 0.0, "compressed": summary["sparsity_compressed"]}.get(stage, summary["sparsity"])
-            n = r.get("params", summary["params"] if stage == "dense" else summary["nonzero"])
+            counts = {"dense": summary["params"], "compressed": summary.get("nonzero_compressed")}
+            n = r.get("params", counts.get(stage, summary["nonzero"]))
             rows.append([stage, sparsity, n, r["loss"], r["bits_per_byte"], r["perplexity"], r["accuracy"]])
     headers = ["model", "sparsity", "params", "val loss", "bits/byte", "perplexity", "accuracy"]
     text = report_lib.table(headers, rows)
