@@ -156,6 +156,8 @@ def _compress(args, overrides) -> int:
     config_lib.apply_overrides(cfg, overrides)
     name = Path(args.config.partition(":")[0]).stem if args.config else "compress"
     summary = pipeline.run(cfg, args.workdir or str(Path("runs") / name), overwrite=args.overwrite)
+    if summary["masked_params"]:
+        print(compress_report.table(summary) + "\n")
     print(compress_report.stages_table(summary))
     print(f"compressed model and summary.json in {summary['workdir']}")
     return 0

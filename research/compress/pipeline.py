@@ -228,6 +228,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "sparsity_compressed": at_init["masked_sparsity"],
             "nonzero_compressed": at_init["nonzero"],
             "sparsity_all_params": sizes["sparsity"],
+            "masked_params": sizes["masked_params"],
             "params": sizes["params"],
             "nonzero": sizes["nonzero"],
             "dense_bytes_fp32": sizes["dense_bytes_fp32"],

@@ -64,20 +64,23 @@ def summarize(effective, masks=None) -> dict:
 
 
 def table(summary: dict, all_leaves: bool = False) -> str:
-    """The summary as a text table: masked leaves (or all), then the totals."""
+    """A `summarize` result (or a `compress` summary) as a text table: masked leaves (or all), then the totals.
+
+    Per-leaf sparsity counts zero values; the masked total is the fraction the masks remove.
+    """
     rows = [
-        [x["path"], "x".join(map(str, x["shape"])), f"{x['params']:,}", f"{x['nonzero']:,}", f"{x['sparsity']:.4f}"]
+        [x["path"], "x".join(map(str, x["shape"])), x["params"], x["nonzero"], x["sparsity"]]
         for x in summary["leaves"]
         if all_leaves or x["masked"]
     ]
-    rows.append(
-        ["all parameters", "", f"{summary['params']:,}", f"{summary['nonzero']:,}", f"{summary['sparsity']:.4f}"]
-    )
+    overall = summary.get("sparsity_all_params", summary["sparsity"])  # a compress summary, or `summarize`'s
+    rows.append(["all parameters", "", summary["params"], summary["nonzero"], overall])
     text = report_lib.table(["leaf", "shape", "params", "non-zero", "sparsity"], rows)
+    masked = summary.get("masked_sparsity", summary["sparsity"])
     return (
-        f"{text}\nmasked leaves: sparsity {summary['masked_sparsity']:.4f} over {summary['masked_params']:,} "
-        f"weights; bytes: {summary['dense_bytes_fp32']:,} dense fp32, {summary['effective_bytes']:,} effective "
-        f"(fp32 non-zeros + 1-bit masks)"
+        f"{text}\nmasked leaves: sparsity {masked:.4f} over {summary['masked_params']:,} weights; bytes: "
+        f"{summary['dense_bytes_fp32']:,} dense fp32, {summary['effective_bytes']:,} effective (fp32 non-zeros + "
+        "1-bit masks)"
     )
 
 
