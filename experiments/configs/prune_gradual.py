@@ -7,6 +7,10 @@ The cubic schedule s_t = 0.8 (1 - (1 - t/400)^3) is applied at steps 50, 100, ..
 recover at 80%. Compare with one-shot magnitude at 80% plus the same 500 steps:
     ziplm compress --config experiments/configs/prune.py:magnitude --config.compress.0.sparsity=0.8 \\
         --config.finetune.steps=500 --workdir runs/prune_oneshot80
+
+Expected (2-core CPU, validation loss in nats/char, dense 1.8252): gradual 1.8777 at 80%; one-shot magnitude at
+80% (2.7253 before fine-tuning) reaches 1.8678 with the same 500 steps. Here the one-shot run wins: it trains 500
+steps at the final mask, the gradual one only 100 (a longer recovery phase would be the fair comparison).
 """
 
 from pathlib import Path

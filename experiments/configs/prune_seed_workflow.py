@@ -8,6 +8,10 @@ ranked globally across the block linear layers; the lowest 50% are pruned; 300 s
 the masks held at exact zeros; the dense, pruned and fine-tuned models are evaluated on the validation split
 (non-overlapping 64-character windows). The model is the Tiny Shakespeare run of
 experiments/configs/shakespeare_char_cpu.py. Results: runs/prune_seed_workflow/summary.json.
+
+Expected (2-core CPU): validation loss 1.8252 dense -> 1.8629 after pruning 50% -> 1.8112 after fine-tuning
+(nats/char). The dense model alone, fine-tuned 200 steps with these settings, reaches 1.8071 (the control row of
+experiments/results/prune_study.json): the 2000-step model is undertrained, so fine-tuning gains beyond recovery.
 """
 
 from pathlib import Path
