@@ -70,7 +70,10 @@ def case(name, steps, rounds):
     for _ in range(rounds):
         state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx)
         dense += _timed(dense_step, state, batch, steps)
-        state = {**step_lib.init_state(jax.tree.map(jnp.copy, params), masked_tx), "compress": cstate}
+        state = {
+            **step_lib.init_state(jax.tree.map(jnp.copy, params), masked_tx),
+            "compress": jax.tree.map(jnp.copy, cstate),
+        }
         masked += _timed(masked_step, state, batch, steps)
     d, m = statistics.median(dense), statistics.median(masked)
     return dict(
@@ -89,7 +92,7 @@ def case(name, steps, rounds):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     results = []
