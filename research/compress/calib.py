@@ -104,18 +104,20 @@ def _embed(graphdef, params, tokens, positions):
     return models.merge(graphdef, params).embed_tokens(tokens, positions)  # (B, L, D)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _run_block(block_def, block_params, x, positions, kind):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _run_block(block_def, block_params, x, positions, kind, names=()):
+    """The block's output, and the statistic of the inputs of the linear layers in `names` (static)."""
     block = nnx.merge(block_def, block_params)
     with transformer.tap_inputs() as taps:
         y, _ = block(x, positions)
     computed: dict[int, jax.Array] = {}  # q, k and v read the same input: one statistic for the three
     stats = {}
-    for name, t in taps.items():
+    for name in names:
+        t = taps[name]
         if id(t) not in computed:
-            computed[id(t)] = _stat(t, kind) if kind else None
+            computed[id(t)] = _stat(t, kind)
         stats[name] = computed[id(t)]
-    return y, stats if kind else {}
+    return y, stats
 
 
 def walk(
@@ -158,13 +160,13 @@ def walk(
         if names:
             total: dict = {}
             for x, pos in zip(xs, positions):
-                _, stats = _run_block(block_def, layers[i], x, pos, stat)
+                _, stats = _run_block(block_def, layers[i], x, pos, stat, tuple(sorted(names)))
                 for name in names:
                     total[name] = stats[name] if name not in total else total[name] + stats[name]
             kernels = {name: _get(layers[i], name) for name in names}
             new = visit(i, total, n_tokens, kernels)
             layers[i] = _set(layers[i], new)
-        xs = [_run_block(block_def, layers[i], x, pos, None)[0] for x, pos in zip(xs, positions)]
+        xs = [_run_block(block_def, layers[i], x, pos, None)[0] for x, pos in zip(xs, positions)]  # propagate
     return {**params, "layers": layers}
 
 
