@@ -1,0 +1,145 @@
+"""Uniform integer quantization grids: settings (`Grid`), min/max fitting, quantize and dequantize.
+
+Conventions (one for every grid, so packing sees one format):
+
+- Codes are uint8 in [0, 2**bits - 1]; a code dequantizes to (code - zero) * scale.
+- `zero` is an integer code (the code of 0.0), so 0.0 is exactly representable and a pruned weight stays exactly
+  0.0 through quantize/dequantize. It is returned as an integer-valued float32; rtn stores it as uint8.
+- Symmetric: zero = 2**(bits-1) and scale = max|w| / (2**(bits-1) - 1), so the signed values code - zero lie in
+  [-2**(bits-1), 2**(bits-1) - 1] and +-max|w| are exact (the extra negative code is representable but unused by
+  the fit).
+- Asymmetric: the range [min(w, 0), max(w, 0)] is spread over all 2**bits codes, scale = range / (2**bits - 1),
+  zero = round(-min / scale). Rounding the zero point shifts the range by at most scale / 2, so the round-trip
+  error of any w inside [min, max] is at most scale / 2.
+- A group whose weights are all zero gets scale 1 (any scale represents it exactly).
+
+Kernels are (in, *out). Scale and zero shapes by granularity (they broadcast through `expand`):
+  "tensor":  ()              one scale for the leaf
+  "channel": (*out,)         one per output column (reduced over the input dimension)
+  "group":   (in // g, *out) one per g consecutive inputs of each output column
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from research import errors
+
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Quantization grid settings (hashable, so it can be a static argument).
+
+    Attributes:
+      bits: code width, an int in 2..8.
+      symmetric: symmetric (zero fixed at 2**(bits-1)) or asymmetric (zero point fitted) grid.
+      granularity: "tensor", "channel" (per output column) or "group" (groups along the input dimension).
+      group_size: inputs per group for granularity "group"; must divide the input dimension.
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    granularity: str = "channel"
+    group_size: int = 128
+
+    def __post_init__(self):
+        b = self.bits
+        if isinstance(b, bool) or not isinstance(b, int | np.integer) or not 2 <= b <= 8:
+            raise errors.UserError(f"bits must be in 2..8 (an integer), got {b!r}")
+        if self.granularity not in GRANULARITIES:
+            raise errors.UserError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        g = self.group_size
+        if self.granularity == "group" and (isinstance(g, bool) or not isinstance(g, int | np.integer) or g < 1):
+            raise errors.UserError(f"group_size must be a positive integer, got {g!r}")
+
+    @property
+    def maxq(self) -> int:
+        """The largest code, 2**bits - 1."""
+        return 2**self.bits - 1
+
+
+def check_shape(shape, grid: Grid, path: str = "weight") -> None:
+    """Raises UserError when `grid` cannot quantize a leaf of `shape` (group size not dividing the input dim)."""
+    if grid.granularity == "tensor":
+        return
+    if len(shape) < 2:
+        raise errors.UserError(
+            f"{path} has shape {tuple(shape)}: granularity {grid.granularity!r} needs an (in, out) kernel; "
+            "use granularity='tensor' or narrow the path pattern"
+        )
+    if grid.granularity == "group" and shape[0] % grid.group_size:
+        raise errors.UserError(
+            f"group size {grid.group_size} does not divide the input dimension {shape[0]} of {path}; "
+            "choose another group_size or narrow the path pattern"
+        )
+
+
+def check_finite(w, path: str = "weight") -> None:
+    """Raises UserError when `w` holds NaN or Inf (call eagerly, on concrete arrays)."""
+    if not np.isfinite(np.asarray(w, np.float32)).all():
+        raise errors.UserError(f"{path} holds NaN or Inf weights; a quantization grid cannot be fitted to it")
+
+
+def reduce(x, grid: Grid, op):
+    """Reduces a (in, *out) array to the scale shape of `grid` with op (jnp.min, jnp.max, jnp.sum...)."""
+    if grid.granularity == "tensor":
+        return op(x)
+    if grid.granularity == "channel":
+        return op(x, axis=0)  # (*out,)
+    check_shape(x.shape, grid)
+    g = grid.group_size
+    return op(x.reshape(x.shape[0] // g, g, *x.shape[1:]), axis=1)  # (in // g, *out)
+
+
+def expand(s, shape, grid: Grid):
+    """A scale-shaped array broadcastable against a weight of `shape`."""
+    if grid.granularity == "tensor":
+        return s
+    if grid.granularity == "channel":
+        return s[None]  # (1, *out)
+    return jnp.repeat(s, grid.group_size, axis=0)  # (in, *out)
+
+
+def fit(w, grid: Grid):
+    """Min/max fit of a grid to weights (traceable; validate with `check_finite` beforehand).
+
+    Args:
+      w: weights (in, *out), any float dtype.
+      grid: the grid settings.
+
+    Returns:
+      (scale, zero): float32 arrays of the scale shape (see module docstring); zero is integer-valued.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    if grid.symmetric:
+        half = 2 ** (grid.bits - 1)
+        absmax = reduce(jnp.abs(w), grid, jnp.max)
+        scale = absmax / (half - 1)
+        scale = jnp.where(scale > 0, scale, 1.0)
+        return scale, jnp.full_like(scale, half)
+    lo = jnp.minimum(reduce(w, grid, jnp.min), 0.0)
+    hi = jnp.maximum(reduce(w, grid, jnp.max), 0.0)
+    scale = (hi - lo) / grid.maxq
+    scale = jnp.where(scale > 0, scale, 1.0)
+    zero = jnp.clip(jnp.round(-lo / scale), 0, grid.maxq)
+    return scale, zero
+
+
+def quantize(w, scale, zero, grid: Grid):
+    """Round-to-nearest codes: clip(round(w / scale + zero), 0, 2**bits - 1) as uint8, the shape of w."""
+    w = jnp.asarray(w, jnp.float32)
+    s = expand(jnp.asarray(scale, jnp.float32), w.shape, grid)
+    z = expand(jnp.asarray(zero, jnp.float32), w.shape, grid)
+    return jnp.clip(jnp.round(w / s + z), 0, grid.maxq).astype(jnp.uint8)
+
+
+def dequantize(codes, scale, zero, grid: Grid):
+    """(codes - zero) * scale as float32, the shape of codes."""
+    s = expand(jnp.asarray(scale, jnp.float32), codes.shape, grid)
+    z = expand(jnp.asarray(zero, jnp.float32), codes.shape, grid)
+    return (codes.astype(jnp.float32) - z) * s

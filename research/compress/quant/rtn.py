@@ -1,0 +1,87 @@
+"""Round-to-nearest (RTN) weight-only post-training quantization: fit a min/max grid, round every weight.
+
+State (each a tree mirroring params, None at untouched leaves):
+  {"codes": uint8 (shape of the weight), "scale": float32 (scale shape), "zero": uint8 (scale shape)}
+The codes are the compressed weights (packing stores them); `apply` returns dequantize(codes) and does not read the
+touched params, so their gradient through it is zero: RTN is for one-shot PTQ, fine-tune with `qat` instead.
+
+In `core.chain(prune, rtn(...))` rtn is fitted to the pruned weights; 0.0 maps to the integer zero code and back to
+exactly 0.0 on every grid, so masks survive quantization.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+
+from research import errors
+from research.compress import core
+from research.compress.quant import grid as qgrid
+
+
+def fit_leaves(params, where: str, grid: qgrid.Grid) -> dict:
+    """{path: (w, scale, zero)} of the selected leaves, validated (shape, finiteness) eagerly."""
+    flat = core.touched(params)
+    out = {}
+    for p in core.select(params, where):
+        w = flat[p]
+        qgrid.check_shape(w.shape, grid, p)
+        qgrid.check_finite(w, p)
+        out[p] = (w, *qgrid.fit(w, grid))
+    return out
+
+
+def rtn(
+    bits: int = 4,
+    *,
+    where: str = core.BLOCK_KERNELS,
+    symmetric: bool = True,
+    granularity: str = "channel",
+    group_size: int = 128,
+) -> core.Transform:
+    """Round-to-nearest quantization as a static transform.
+
+    Args:
+      bits: code width, 2..8.
+      where: path regex of the leaves to quantize.
+      symmetric: symmetric or asymmetric grid (see `grid`).
+      granularity: "tensor", "channel" or "group".
+      group_size: inputs per group for granularity "group".
+
+    Returns:
+      A `core.Transform` whose state holds uint8 codes, float32 scales and uint8 zero points.
+    """
+    grid = qgrid.Grid(bits, symmetric, granularity, group_size)
+    check_where(where)
+
+    def init(params, key, calib):
+        codes, scales, zeros = {}, {}, {}
+        for p, (w, s, z) in fit_leaves(params, where, grid).items():
+            codes[p] = qgrid.quantize(w, s, z, grid)
+            scales[p] = s
+            zeros[p] = z.astype(jnp.uint8)
+        return {
+            "codes": core.touched_tree(params, codes),
+            "scale": core.touched_tree(params, scales),
+            "zero": core.touched_tree(params, zeros),
+        }
+
+    def apply(params, state):
+        return core.map_touched(
+            lambda c, p, s, z: qgrid.dequantize(c, s, z, grid).astype(p.dtype),
+            state["codes"],
+            params,
+            state["scale"],
+            state["zero"],
+        )
+
+    return core.Transform(init, apply)
+
+
+def check_where(where: str) -> None:
+    """Raises UserError when the path regex does not compile (checked when a method is built)."""
+    try:
+        re.compile(where)
+    except re.error as e:
+        raise errors.UserError(f"path pattern {where!r} is not a valid regex: {e}") from None
