@@ -1,0 +1,186 @@
+"""Weight sharing through codebooks (Deep Compression): each selected kernel becomes indices into a few centroids.
+
+    t = codebook(4, granularity="channel")       # 16 centroids per output column
+    state = t.init(params, key, None)
+    effective = t.apply(params, state)            # codebook[indices], exact zeros where pruned
+
+State: a dict of three trees, each mirroring params with None at untouched leaves:
+  "codebook": float32 (P, k) per leaf, sorted centroids of P independent problems;
+  "indices":  uint8 of the kernel's shape, the centroid of every weight (0 at pruned weights);
+  "keep":     bool of the kernel's shape, False where the weight was exactly 0.0 at init (pruned by an earlier
+              transform in `core.chain`). Pruned weights take no centroid and stay exactly 0.0; `masks` returns
+              this tree, so `core.keep_masked` also holds the raw weights there at zero.
+
+Problems (P) by granularity, for a kernel (in, out):
+  "tensor":  P = 1, the whole leaf (any shape);
+  "channel": P = out, row o holds column kernel[:, o];
+  "group":   P = out * in // group_size, row o * (in // group_size) + j holds kernel[j*g:(j+1)*g, o].
+
+Gradients (trained=True): apply is `codebook[indices] + (params - stop_gradient(params))`, so the train step's
+gradient w.r.t. a raw weight is dL/d(its effective weight); `update` sums them per centroid (`segment_sum`) and
+takes a plain SGD step on the codebook, indices fixed, as Deep Compression does. With `reassign_every=n`, every
+n-th step also re-assigns each kept weight to the centroid nearest its raw (straight-through trained) value.
+trained=False: the codebook is static and no gradient reaches the raw weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from research import errors
+from research.compress import core
+from research.compress.share import kmeans
+
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+def to_problems(w, granularity: str, group_size: int):
+    """A kernel as (P, n) rows of independent problems (see the module docstring)."""
+    if granularity == "tensor":
+        return w.reshape(1, -1)
+    cols = w.reshape(-1, w.shape[-1]).T  # (out, in)
+    if granularity == "channel":
+        return cols
+    return cols.reshape(-1, group_size)  # (out * in / g, g)
+
+
+def from_problems(x, shape, granularity: str):
+    """Inverse of `to_problems`: (P, n) rows back to the kernel's shape."""
+    if granularity == "tensor":
+        return x.reshape(shape)
+    return x.reshape(shape[-1], -1).T.reshape(shape)
+
+
+def _check_leaf(path, w, granularity, group_size):
+    if granularity != "tensor" and w.ndim < 2:
+        raise errors.UserError(f"{granularity} codebooks need a kernel (in, out); {path} has shape {w.shape}")
+    if granularity == "group":
+        n_in = w.size // w.shape[-1]
+        if n_in % group_size:
+            raise errors.UserError(
+                f"group_size {group_size} must divide the input dimension {n_in} of {path} {w.shape}"
+            )
+    if not bool(jnp.all(jnp.isfinite(w))):
+        raise errors.UserError(f"{path} has NaN or inf weights: they cannot be shared through a codebook")
+
+
+def codebook(
+    bits: int = 4,
+    *,
+    where: str = core.BLOCK_KERNELS,
+    granularity: str = "tensor",
+    group_size: int = 128,
+    init: str = "linear",
+    iters: int = 30,
+    trained: bool = True,
+    lr: float = 1e-4,
+    reassign_every: int | None = None,
+) -> core.Transform:
+    """Weight sharing: k = 2**bits centroids per tensor, output channel or group, fitted by weighted k-means.
+
+    Args:
+      bits: index width, 1..8 (k = 2**bits centroids).
+      where: path regex of the leaves to share.
+      granularity: "tensor", "channel" (per output column) or "group" (groups along the input dim of a column).
+      group_size: the group length for granularity="group"; must divide the input dimension.
+      init: k-means initialisation, one of `kmeans.INITS` ("linear" is Deep Compression's best).
+      iters: Lloyd iterations.
+      trained: fine-tune the centroids with the summed gradients of their weights (else static).
+      lr: SGD learning rate of the centroids.
+      reassign_every: re-assign weights to the nearest centroid every this many steps (None: never).
+
+    Returns:
+      A `core.Transform`; see the module docstring for its state, gradients and masks.
+    """
+    k = kmeans.entries(bits)
+    kmeans.check_init(init)
+    if granularity not in GRANULARITIES:
+        raise errors.UserError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise errors.UserError(f"group_size must be a positive integer, got {group_size!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise errors.UserError(f"iters must be a non-negative integer, got {iters!r}")
+    if reassign_every is not None and (not isinstance(reassign_every, int) or reassign_every < 1):
+        raise errors.UserError(f"reassign_every must be a positive integer or None, got {reassign_every!r}")
+
+    def init_fn(params, key, calib):
+        flat = core.touched(params)
+        books, idxs, keeps = {}, {}, {}
+        for i, path in enumerate(core.select(params, where)):
+            w = flat[path]
+            _check_leaf(path, w, granularity, group_size)
+            keep = w != 0
+            cb, idx, _ = kmeans.fit(
+                to_problems(w, granularity, group_size),
+                k,
+                valid=to_problems(keep, granularity, group_size),
+                init=init,
+                iters=iters,
+                key=jax.random.fold_in(key, i),
+            )
+            books[path], idxs[path], keeps[path] = cb, from_problems(idx, w.shape, granularity), keep
+        return {
+            "codebook": core.touched_tree(params, books),
+            "indices": core.touched_tree(params, idxs),
+            "keep": core.touched_tree(params, keeps),
+        }
+
+    def shared(cb, idx, keep, dtype):
+        rows = to_problems(idx, granularity, group_size).astype(jnp.int32)  # (P, n)
+        w = from_problems(jnp.take_along_axis(cb, rows, axis=1), idx.shape, granularity)
+        return jnp.where(keep, w, 0.0).astype(dtype)
+
+    def apply(params, state):
+        def one(cb, p, idx, keep):
+            w = shared(cb, idx, keep, p.dtype)
+            return w + jnp.where(keep, p - jax.lax.stop_gradient(p), 0) if trained else w
+
+        return core.map_touched(one, state["codebook"], params, state["indices"], state["keep"])
+
+    def update(params, state, grads, step):
+        if not trained:
+            return state
+
+        def step_book(cb, g, idx, keep):
+            return cb - lr * centroid_grads(cb, g, idx, keep, granularity, group_size)
+
+        books = core.map_touched(step_book, state["codebook"], grads, state["indices"], state["keep"])
+        books = jax.tree.map(lambda b, s: None if s is None else b, books, state["codebook"], is_leaf=_none)
+        new = dict(state, codebook=books)
+        if reassign_every is None:
+            return new
+
+        def reassign(cb, p, keep):
+            idx = jax.vmap(kmeans.assign)(cb, to_problems(p.astype(jnp.float32), granularity, group_size))
+            idx = from_problems(idx, p.shape, granularity)
+            return jnp.where(keep, idx, 0).astype(jnp.uint8)
+
+        moved = core.map_touched(lambda cb, p, keep: reassign(cb, p, keep), books, params, state["keep"])
+        moved = jax.tree.map(lambda m, s: None if s is None else m, moved, books, is_leaf=_none)
+        indices = jax.lax.cond(step % reassign_every == 0, lambda: moved, lambda: state["indices"])
+        return dict(new, indices=indices)
+
+    return core.Transform(init_fn, apply, update, lambda state: state["keep"])
+
+
+def _none(x):
+    return x is None
+
+
+def centroid_grads(cb, g, idx, keep, granularity: str, group_size: int):
+    """The gradient of every centroid: the sum of the kept weights' gradients g over the weights sharing it.
+
+    Args:
+      cb: (P, k) codebook.
+      g: gradients of the kernel's effective weights, the kernel's shape.
+      idx: uint8 indices, the kernel's shape.
+      keep: bool, the kernel's shape.
+
+    Returns:
+      (P, k) float32.
+    """
+    n_problems, k = cb.shape
+    g = to_problems(jnp.where(keep, g, 0).astype(jnp.float32), granularity, group_size)  # (P, n)
+    seg = to_problems(idx, granularity, group_size).astype(jnp.int32) + k * jnp.arange(n_problems)[:, None]
+    return jax.ops.segment_sum(g.ravel(), seg.ravel(), n_problems * k).reshape(n_problems, k)
