@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from research import errors, models, tree
-from research.compress import calib, core
+from research.compress import calib, core, hessian
 from research.compress.prune import magnitude, masks, sparsegpt, wanda
 from research.models import config as model_config
 
@@ -311,7 +311,7 @@ def test_bad_options_and_shapes_of_prune_layer():
 def test_indefinite_hessian_falls_back_to_more_damping(caplog):
     h = 3.0 * jnp.ones((8, 8)) - 2.0 * jnp.eye(8)  # diagonal 1, eigenvalues 22 and -2 (x7)
     kernel = jax.random.normal(KEY, (8, 4))
-    with caplog.at_level(logging.WARNING, logger=sparsegpt.__name__):
+    with caplog.at_level(logging.WARNING, logger=hessian.__name__):
         new, keep = sparsegpt.prune_layer(kernel, h, 0.5, name="toy")
     assert np.isfinite(new).all() and np.mean(np.asarray(keep)) == 0.5
     assert "toy is not positive definite with percdamp 0.01; used percdamp 10" in caplog.text  # -2 + 10 > 0

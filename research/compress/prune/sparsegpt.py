@@ -22,7 +22,6 @@ definite after dampening is retried with 10x the damping (3 times) before failin
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -30,46 +29,10 @@ import numpy as np
 
 from research import errors
 from research.compress import calib, core
+from research.compress import hessian as hessian_lib
 from research.compress.prune import masks
 
-_RETRIES = 3
 _HIGHEST = jax.lax.Precision.HIGHEST
-log = logging.getLogger(__name__)
-
-
-@jax.jit
-def _inverse_factor(h, percdamp):
-    """Upper Cholesky factor U of the dampened H^-1 (U^T U = H^-1), after giving dead inputs a unit diagonal.
-
-    h: (in, in) -> (in, in) U, NaN when the dampened Hessian is not positive definite.
-    """
-    eye = jnp.eye(h.shape[0], dtype=jnp.float32)
-    h = h + jnp.diag((jnp.diag(h) == 0).astype(jnp.float32))
-    lower = jnp.linalg.cholesky(h + percdamp * jnp.mean(jnp.diag(h)) * eye)
-    hinv = jax.scipy.linalg.cho_solve((lower, True), eye)  # (in, in)
-    return jnp.linalg.cholesky(hinv).T
-
-
-def _factor(h, percdamp: float, name: str):
-    """The upper Cholesky factor of the dampened inverse Hessian, retrying with 10x the damping when needed."""
-    tried = []
-    for attempt in range(_RETRIES + 1):
-        u = _inverse_factor(h, percdamp)
-        if bool(jnp.all(jnp.isfinite(u))):
-            if attempt:
-                log.warning(
-                    "sparsegpt: the Hessian of %s is not positive definite with percdamp %g; used percdamp %g",
-                    name,
-                    tried[0],
-                    percdamp,
-                )
-            return u
-        tried.append(percdamp)
-        percdamp = max(10 * percdamp, 1e-3)
-    raise errors.UserError(
-        f"sparsegpt: the Hessian of {name} is not positive definite even with percdamp {tried[-1]:g} "
-        f"(mean diagonal {float(jnp.mean(jnp.diag(h))):g}); check the calibration inputs"
-    )
 
 
 @functools.partial(jax.jit, static_argnames=("bs", "nm"))
@@ -176,7 +139,7 @@ def prune_layer(kernel, hessian, sparsity, pattern=None, blocksize: int = 128, p
     h = jnp.asarray(hessian, jnp.float32)
     if not bool(jnp.all(jnp.isfinite(h))):
         raise errors.UserError(f"sparsegpt: the Hessian of {name} has NaN/inf entries; check the calibration inputs")
-    u = _factor(h, float(percdamp), name)
+    u = hessian_lib.inverse_factor(h, float(percdamp), name, "sparsegpt")
     bs = min(blocksize, din)
     if nm is not None:
         bs = max(nm[1], bs - bs % nm[1])  # groups of M never straddle two blocks
