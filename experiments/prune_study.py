@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from research import config as config_lib  # noqa: E402
 from research import log, sources  # noqa: E402
-from research.compress import calib, finetune, prune  # noqa: E402
+from research.compress import calib, finetune, registry  # noqa: E402
 from research.compress.prune import masks as masks_lib  # noqa: E402
 from research.data import dataset, tokenizers  # noqa: E402
 from research.eval import metrics  # noqa: E402
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     dense = evaluate(m.params)
     rows = []
     if args.finetune_steps:  # the control: the dense model fine-tuned with the same steps
-        t = prune.make("magnitude", sparsity=0.0)
+        t = registry.make("magnitude", sparsity=0.0)
         params, state, _ = finetune.finetune(
             m.graphdef, m.params, t, t.init(m.params, jax.random.key(0), None), batches, ft
         )
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         for level in LEVELS:
             kw = dict(pattern=level) if isinstance(level, str) else dict(sparsity=level)
-            t = prune.make(method, **kw)
+            t = registry.make(method, **kw)
             t0 = time.time()
             state = t.init(m.params, jax.random.key(0), cal)
             effective = jax.block_until_ready(t.apply(m.params, state))

@@ -6,7 +6,7 @@ Commands (the model is the run of `ziplm train --config experiments/configs/shak
     ziplm compress --config experiments/configs/prune.py:sparsegpt
     ziplm compress --config experiments/configs/prune.py:sparsegpt --config.compress.0.pattern=2:4
 
-The argument is any registered method (research.compress.prune.METHODS). Calibration: 128 training windows of
+The argument is any registered method (research.compress.registry.METHODS). Calibration: 128 training windows of
 64 characters. Expected validation losses (nats/char, dense 1.8252): see experiments/results/prune_study.json,
 which holds the same settings for every method and sparsity (`python experiments/prune_study.py`).
 """

@@ -10,8 +10,10 @@ The output directory, written only when everything succeeded, holds:
     compressed.json   model config, tokenizer, source, the run config of the source, the methods
     params/           orbax: the effective parameters (what the model runs with; `ziplm eval --model DIR` works)
     masks/            orbax: the boolean masks of the masked leaves, nested like the parameters (absent when nothing
-                      is masked); with `shrink`
-                      the smaller dense model of structured pruning is saved instead, and no masks
+                      is masked)
+    state/            orbax: the transform's state (masks, SparseGPT deltas, uint8 codes with scales and zero points,
+                      codebooks with uint8 indices), None leaves dropped, a chain's members under "0", "1", ...
+                      With `shrink`, the smaller dense model of structured pruning is saved, without masks/ or state/.
     summary.json      methods, sparsity report, metrics before / after compression / after fine-tuning, seconds
                       per stage
     metrics.jsonl     fine-tuning losses (and W&B offline files under wandb/ when enabled)
@@ -32,7 +34,7 @@ import orbax.checkpoint as ocp
 from research import config as config_lib
 from research import errors, log, models, sources, tree
 from research.compress import calib as calib_lib
-from research.compress import core, finetune, prune
+from research.compress import core, finetune, registry
 from research.compress import report as compress_report
 from research.data import dataset, tokenizers
 from research.eval import metrics
@@ -79,7 +81,7 @@ def build(specs) -> core.Transform:
         spec = dict(spec)
         if "method" not in spec:
             raise errors.UserError(f"compress entry {spec} has no 'method'")
-        out.append(prune.make(spec.pop("method"), **spec))
+        out.append(registry.make(spec.pop("method"), **spec))
     return out[0] if len(out) == 1 else core.chain(*out)
 
 
@@ -108,7 +110,7 @@ def validate(cfg: mlc.ConfigDict) -> None:
                     f"gradual pruning ends at step {end} but finetune.steps is {f.steps}: the final sparsity would "
                     f"never be reached; set --config.finetune.steps={end} or more (more leaves recovery steps)"
                 )
-        if prune.needs_calibration(spec) and not cfg.calibration.n:
+        if registry.needs_calibration(spec) and not cfg.calibration.n:
             raise errors.UserError(f"{spec['method']} needs calibration data: set calibration.n > 0")
     if cfg.get("shrink") and [dict(x).get("method") for x in cfg.compress] != ["structured"]:
         raise errors.UserError("shrink applies to a compress list holding exactly one 'structured' entry")
@@ -167,7 +169,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     times["eval_dense"] = time.time() - t
 
     calib = None
-    if any(prune.needs_calibration(dict(s)) for s in cfg.compress):
+    if any(registry.needs_calibration(dict(s)) for s in cfg.compress):
         inputs = calib_lib.sample(
             splits.train, cfg.calibration.n, cfg.calibration.length, cfg.calibration.seed, m.cfg.max_seq_len
         )
@@ -244,7 +246,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "seconds": {**times, "total": time.time() - t0},
             "workdir": str(out),
         }
-        _save(tmp, m, out_cfg, effective, masks, tok.spec, corpus, run_cfg, cfg)
+        _save(tmp, m, out_cfg, effective, masks, None if shrunk else cstate, tok.spec, corpus, run_cfg, cfg)
         log.write_json_atomic(tmp / "summary.json", summary)
     return summary
 
@@ -257,7 +259,7 @@ def _check_finite(params, stage: str) -> None:
         )
 
 
-def _save(directory: Path, m, out_cfg, effective, masks, tok_spec, corpus, run_cfg, cfg) -> None:
+def _save(directory: Path, m, out_cfg, effective, masks, cstate, tok_spec, corpus, run_cfg, cfg) -> None:
     record = {
         "format": FORMAT,
         "version": VERSION,
@@ -272,14 +274,18 @@ def _save(directory: Path, m, out_cfg, effective, masks, tok_spec, corpus, run_c
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", effective)
         ckptr.wait_until_finished()
-        stored = _strip_none(masks) if masks is not None else {}
-        if stored:
-            ckptr.save(directory / "masks", stored)
-            ckptr.wait_until_finished()
+        for name, tree_ in (("masks", masks), ("state", cstate)):
+            stored = _strip_none(tree_) if tree_ is not None else {}
+            if stored:
+                ckptr.save(directory / name, stored)
+                ckptr.wait_until_finished()
     log.write_json_atomic(directory / "compressed.json", record)
 
 
 def _strip_none(t):
+    """The tree without None leaves and empty dicts; tuples (chained states) become {"0": ..., "1": ...}."""
+    if isinstance(t, tuple | list):
+        t = {str(i): v for i, v in enumerate(t)}
     if isinstance(t, dict):
         out = {k: _strip_none(v) for k, v in t.items()}
         return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}

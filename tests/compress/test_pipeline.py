@@ -61,7 +61,7 @@ def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
         (["--config.compress.0.sparsity=1.5"], "sparsity must be a fraction in [0, 1)"),
         (["--config.compress.0.pattern=4:2"], "1 <= N <= M"),
         (["--config.compress.0.pattern=2:5"], "do not divide the input dimension 32"),
-        (["--config.compress.0.method=nope"], "unknown pruning method 'nope'"),
+        (["--config.compress.0.method=nope"], "unknown compression method 'nope'"),
         (["--config.compress.0.method=snip", "--config.calibration.n=0"], "snip needs calibration data"),
         (["--config.compress.0.where=layers/9/.*"], "selects no parameter"),
         (["--config.compress.0.amount=0.2"], "unexpected keyword argument 'amount'"),
@@ -121,3 +121,20 @@ def test_report_counts_masked_sparsity_from_the_masks():
     assert s["masked_sparsity"] == 0.5  # the kept zero at a[0, 0] is kept, not pruned
     assert s["sparsity"] == pytest.approx(5 / 6) and s["params"] == 6 and s["nonzero"] == 1
     assert s["dense_bytes_fp32"] == 24 and s["effective_bytes"] == 4 + 1
+
+
+def test_prune_then_quantize_saves_codes_in_the_state(run, tmp_path, capsys):
+    out = tmp_path / "pq"
+    gptq = '{"method": "gptq", "bits": 4, "group_size": 16, "granularity": "group"}'
+    spec = f'[{{"method": "magnitude", "sparsity": 0.5}}, {gptq}]'
+    assert cli.main(_compress(run, out, f"--config.compress={spec}")) == 0
+    capsys.readouterr()
+    with ocp.StandardCheckpointer() as ck:
+        state = ck.restore(out / "state")
+    codes = state["1"]["codes"]["layers"]["0"]["mlp"]["up"]["kernel"]
+    scale = state["1"]["scale"]["layers"]["0"]["mlp"]["up"]["kernel"]
+    assert codes.dtype == np.uint8 and codes.shape == (32, 128) and scale.shape == (2, 128)
+    mask = state["0"]["masks"]["layers"]["0"]["mlp"]["up"]["kernel"]
+    _, _, _, params, _ = pipeline.load(out)
+    kernel = np.asarray(params["layers"][0]["mlp"]["up"]["kernel"])
+    assert (kernel[~mask] == 0).all()  # quantization kept the pruned zeros
