@@ -1,9 +1,11 @@
-"""The demo (the main job): train the default model on the embedded corpus, evaluate it, prune it, summarise.
+"""The demo (the main job): train the default model on the embedded corpus, evaluate it, compress it, summarise.
 
 `ziplm` with no arguments (or `make demo`) trains a 0.8M-parameter GPT-2-style byte-level model on the text of
 CPython's pydoc topics for a few minutes of CPU, evaluates validation loss and bits per byte, then prunes the
 block linear layers to 50% with magnitude and with Wanda (calibrated on 128 training windows), fine-tunes each
-briefly with the masks held, and prints sparsity against validation bits per byte. Everything lands in the run
+briefly with the masks held, shares its weights through 4-bit codebooks (trained centroids, fine-tuned briefly)
+and quantizes them to 4 bits with GPTQ (one-shot), and prints sparsity against validation bits per byte. Everything
+lands in the run
 directory: checkpoints, config.json, metrics.jsonl, summary.json, loss.png, and one `compress-<method>/` directory
 per pruned model (loadable with `ziplm eval --model`). Config overrides work as for `train`
 (`ziplm demo --config.train.steps=100`).
@@ -18,17 +20,20 @@ from research import log, report
 from research.compress import pipeline
 from research.train import loop
 
-# The pruning rows of the demo table: method and settings, at 50% of the block linear weights. The first row is
-# the control: the dense model fine-tuned for the same steps (sparsity 0), since 600 steps leave it undertrained.
-PRUNE = [
-    dict(method="magnitude", sparsity=0.0),
-    dict(method="magnitude", sparsity=0.5),
-    dict(method="wanda", sparsity=0.5),
+# The compression rows of the demo table: (label, method settings, fine-tuning steps), on the block linear
+# weights. The first row is the control: the dense model fine-tuned for the same steps (sparsity 0), since 600
+# steps leave it undertrained.
+ROWS = [
+    ("dense", dict(method="magnitude", sparsity=0.0), 100),
+    ("magnitude 50%", dict(method="magnitude", sparsity=0.5), 100),
+    ("wanda 50%", dict(method="wanda", sparsity=0.5), 100),
+    ("codebook 4-bit", dict(method="codebook", bits=4, granularity="channel", lr=1e-3), 100),
+    ("gptq 4-bit g32", dict(method="gptq", bits=4, granularity="group", group_size=32), 0),
 ]
 FINETUNE_STEPS = 100
 
 
-def prune_config(run_dir: Path, spec: dict, steps: int = FINETUNE_STEPS):
+def compress_config(run_dir: Path, spec: dict, steps: int = FINETUNE_STEPS):
     """The compress config of one demo row: `spec` on the trained run, fine-tuned `steps` steps at a low lr."""
     c = pipeline.base_config()
     c.model = str(run_dir)
@@ -46,12 +51,13 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
     plot = report.plot_losses(run_dir)
     rows = [["dense", 0.0, summary["val"]["loss"], summary["val"]["bits_per_byte"], 0.0, "-"]]
     dense_bpb = summary["val"]["bits_per_byte"]
-    for spec in PRUNE:
-        print(f"\npruning: {spec}", flush=True)
-        name = spec["method"] if spec["sparsity"] else "dense"
-        s = pipeline.run(prune_config(run_dir, spec), run_dir / f"compress-{name}", overwrite=True)
-        stages = (("compressed", name), ("finetuned", f"{name} + {s['finetune']['steps']} steps"))
-        for stage, label in stages[1:] if name == "dense" else stages:
+    for name, spec, steps in ROWS:
+        print(f"\ncompressing: {spec}", flush=True)
+        out = run_dir / f"compress-{name.split()[0]}"
+        s = pipeline.run(compress_config(run_dir, spec, steps), out, overwrite=True)
+        stages = [("compressed", name)] if name != "dense" else []
+        stages += [("finetuned", f"{name} + {steps} steps")] if steps else []
+        for stage, label in stages:
             r = s[stage]
             sparsity = s["sparsity_compressed"] if stage == "compressed" else s["sparsity"]
             rows.append(
@@ -64,10 +70,10 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
                     f"{s['seconds']['compress']:.1f}",
                 ]
             )
-    table = report.table(["model", "sparsity", "val loss", "bits/byte", "vs dense", "prune s"], rows)
-    log.write_json_atomic(run_dir / "prune_table.json", {"rows": rows, "protocol": summary["val"]["protocol"]})
+    table = report.table(["model", "sparsity", "val loss", "bits/byte", "vs dense", "compress s"], rows)
+    log.write_json_atomic(run_dir / "compress_table.json", {"rows": rows, "protocol": summary["val"]["protocol"]})
     print("\nziplm demo: byte-level GPT-2-style model on the embedded pydoc corpus\n")
     print(report.train_table(summary))
-    print(f"\npruning the block linear layers (validation split; sparsity over the pruned weights):\n{table}")
+    print(f"\ncompressing the block linear layers (validation split; sparsity over the pruned weights):\n{table}")
     print(f"loss curve: {plot}")
     return 0

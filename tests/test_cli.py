@@ -104,9 +104,11 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ziplm demo" in out and "parameters" in out and "tokens/s" in out
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
-    assert "dense + 100 steps" in out and "magnitude + 100 steps" in out and "wanda + 100 steps" in out
-    rows = {r[0]: r for r in json.loads((tmp_path / "demo" / "prune_table.json").read_text())["rows"]}
-    assert rows["wanda"][1] == pytest.approx(0.5) and rows["dense + 100 steps"][1] == 0.0
+    for label in ("dense + 100 steps", "magnitude 50% + 100 steps", "wanda 50% + 100 steps", "codebook 4-bit + 100"):
+        assert label in out
+    rows = {r[0]: r for r in json.loads((tmp_path / "demo" / "compress_table.json").read_text())["rows"]}
+    assert rows["wanda 50%"][1] == pytest.approx(0.5) and rows["dense + 100 steps"][1] == 0.0
+    assert "gptq 4-bit g32" in rows and "gptq 4-bit g32 + 0 steps" not in rows
     assert (tmp_path / "demo" / "compress-wanda" / "compressed.json").is_file()
 
 
