@@ -236,27 +236,40 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colors = {"codebook": "C0", "rtn": "C1", "gptq": "C2", "qat": "C3"}
+    styles = {"tensor": ":", "channel": "-", "group": "-."}
     series = dict.fromkeys((r["method"], r["granularity"]) for r in result["rows"])
     for method, gran in series:
         rows = sorted(
             (r for r in result["rows"] if (r["method"], r["granularity"]) == (method, gran)),
             key=lambda r: r["bits_per_weight"],
         )
-        stages = [("finetuned", "fine-tuned")] if method == "qat" else [("oneshot", "one-shot")]
+        stages = [("finetuned", "fine-tuned", "s")] if method == "qat" else [("oneshot", "one-shot", "o")]
         if method == "codebook":
-            stages = [("oneshot", "untrained"), ("finetuned", "trained")]
-        for stage, label in stages:
+            stages = [("oneshot", "untrained", "o"), ("finetuned", "trained", "s")]
+        for stage, label, marker in stages:
             xs = [(r["bits_per_weight"], r[stage]["loss"]) for r in rows if stage in r]
             if xs:
-                ls = "--" if stage == "oneshot" and method == "codebook" else "-"
-                ax.plot(*zip(*xs), "o" + ls, ms=4, label=f"{method} {gran} {label}")
+                kw = dict(mfc="none") if method == "codebook" and stage == "oneshot" else {}
+                ax.plot(
+                    *zip(*xs),
+                    marker,
+                    ls=styles[gran],
+                    color=colors.get(method),
+                    ms=5,
+                    label=f"{method} {gran} {label}",
+                    **kw,
+                )
     ax.axhline(result["dense"]["loss"], color="k", ls="--", lw=1, label="dense (32 bits)")
     if result.get("dense_finetuned"):
         ax.axhline(result["dense_finetuned"]["loss"], color="gray", ls=":", lw=1, label="dense fine-tuned")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("effective bits per quantized weight (codes + scales / codebooks + zero points)")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_title("Tiny Shakespeare char model: quantization and weight sharing of the block kernels")
