@@ -53,6 +53,8 @@ def base_config() -> mlc.ConfigDict:
     c.data = dict(corpus=None, tokenizer=None, val_fraction=0.1, batch_size=16, seq_len=None)
     # Calibration windows from the training split (n=0: none); length is capped by the model's context.
     c.calibration = dict(n=128, length=2048, seed=0, batch_size=8)
+    # Methods applied in order; a {"finetune": steps} entry fine-tunes the chain so far (with the settings of
+    # `finetune`) before the methods after it are initialised: prune -> fine-tune -> quantize is one list.
     c.compress = [dict(method="magnitude", sparsity=0.5)]
     # After structured pruning: save the physically smaller dense model (prune.structured.shrink) instead of masks.
     c.shrink = False
@@ -72,17 +74,31 @@ def base_config() -> mlc.ConfigDict:
     return c
 
 
-def build(specs) -> core.Transform:
-    """The chain of transforms a config's `compress` list names."""
+def members(specs) -> list:
+    """The `compress` list as Transforms, with the steps (ints) of its {"finetune": steps} entries in place."""
     if not isinstance(specs, list | tuple) or not specs:
         raise errors.UserError("compress must be a non-empty list of {'method': name, ...} entries")
     out = []
     for spec in specs:
         spec = dict(spec)
+        if set(spec) == {"finetune"}:
+            steps = spec["finetune"]
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise errors.UserError(f"a {{'finetune': steps}} entry needs a positive integer, got {steps!r}")
+            out.append(steps)
+            continue
         if "method" not in spec:
-            raise errors.UserError(f"compress entry {spec} has no 'method'")
+            raise errors.UserError(f"compress entry {spec} has no 'method' (or is not {{'finetune': steps}})")
         out.append(registry.make(spec.pop("method"), **spec))
-    return out[0] if len(out) == 1 else core.chain(*out)
+    if all(isinstance(x, int) for x in out):
+        raise errors.UserError("the compress list names no method")
+    return out
+
+
+def build(specs) -> core.Transform:
+    """The chain of transforms a config's `compress` list names ({"finetune": steps} entries aside)."""
+    ts = [x for x in members(specs) if not isinstance(x, int)]
+    return ts[0] if len(ts) == 1 else core.chain(*ts)
 
 
 def validate(cfg: mlc.ConfigDict) -> None:
@@ -175,8 +191,13 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
         )
         calib = calib_lib.Calibration(m.graphdef, inputs, cfg.calibration.batch_size)
     t = time.time()
-    cstate = transform.init(m.params, jax.random.key(cfg.seed), calib)
-    effective = jax.block_until_ready(transform.apply(m.params, cstate))
+    base, stages = m.params, []
+    parts = members(cfg.compress)
+    if any(isinstance(x, int) for x in parts):
+        transform, cstate, base, stages = _staged(cfg, m, parts, calib, splits.train, seq_len, evaluate, progress)
+    else:
+        cstate = transform.init(m.params, jax.random.key(cfg.seed), calib)
+    effective = jax.block_until_ready(transform.apply(base, cstate))
     times["compress"] = time.time() - t
     _check_finite(effective, "compression")
     at_init = compress_report.summarize(effective, transform.masks(cstate))
@@ -186,13 +207,13 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
 
     with atomic as tmp:
         logger = log.Logger(tmp, cfg.to_dict(), cfg.wandb.to_dict())
-        tuned, ft, params = None, None, m.params
+        tuned, ft, params = None, None, base
         try:
             if cfg.finetune.steps:
                 batches = dataset.Batches(splits.train, cfg.data.batch_size, seq_len, cfg.seed, "random")
                 params, cstate, ft = finetune.finetune(
                     m.graphdef,
-                    m.params,
+                    base,
                     transform,
                     cstate,
                     batches,
@@ -238,6 +259,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "effective_bytes": sizes["effective_bytes"],
             "leaves": sizes["leaves"],
             "calibration": {"n": cfg.calibration.n, "length": None if calib is None else calib.inputs.shape[1]},
+            "stages": stages,
             "dense": before,
             "compressed": after,
             "finetuned": tuned,
@@ -249,6 +271,39 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
         _save(tmp, m, out_cfg, effective, masks, None if shrunk else cstate, tok.spec, corpus, run_cfg, cfg)
         log.write_json_atomic(tmp / "summary.json", summary)
     return summary
+
+
+def _staged(cfg, m, parts, calib, train_tokens, seq_len, evaluate, progress):
+    """Initialises the members in order, fine-tuning the chain so far at each {"finetune": steps} entry.
+
+    Returns (the whole chain, its state, the raw parameters after the last fine-tuning, per-stage records).
+    """
+    key = jax.random.key(cfg.seed)
+    batches = dataset.Batches(train_tokens, cfg.data.batch_size, seq_len, cfg.seed, "random")
+    ts, states, raw, stages, offset = [], [], m.params, [], 0
+    for i, part in enumerate(parts):
+        if isinstance(part, int):
+            t_cfg = mlc.ConfigDict({**cfg.finetune.to_dict(), "steps": part})
+            raw, st, info = finetune.finetune(
+                m.graphdef,
+                raw,
+                core.chain(*ts),
+                tuple(states),
+                lambda s, o=offset: batches(s + o),
+                t_cfg,
+                seed=cfg.seed,
+                progress=progress,
+            )
+            states, offset = list(st), offset + part
+            effective = core.chain(*ts).apply(raw, tuple(states))
+            _check_finite(effective, "fine-tuning")
+            before = [dict(x)["method"] for x in cfg.compress[:i] if "method" in x]
+            stages.append({"after": before, "finetune": info, "val": evaluate(effective, f"eval stage {i}")})
+            continue
+        effective = core.chain(*ts).apply(raw, tuple(states)) if ts else raw
+        states.append(part.init(effective, jax.random.fold_in(key, len(ts)), calib))
+        ts.append(part)
+    return core.chain(*ts), tuple(states), raw, stages
 
 
 def _check_finite(params, stage: str) -> None:

@@ -96,7 +96,7 @@ def stages_table(summary: dict) -> str:
             rows.append([stage, sparsity, n, r["loss"], r["bits_per_byte"], r["perplexity"], r["accuracy"]])
     headers = ["model", "sparsity", "params", "val loss", "bits/byte", "perplexity", "accuracy"]
     text = report_lib.table(headers, rows)
-    methods = " -> ".join(m["method"] for m in summary["methods"])
+    methods = " -> ".join(m.get("method") or f"finetune {m['finetune']}" for m in summary["methods"])
     protocol = summary["dense"]["protocol"]
     return (
         f"{text}\nmethods: {methods}; protocol: {protocol}; sparsity over the masked leaves; params: non-zero "

@@ -69,6 +69,8 @@ def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
         (["--config.data.seq_len=64"], "data.seq_len (64) exceeds the model's context (32)"),
         (["--config.compress.0.method=gradual"], "gradual pruning ends at step 1000 but finetune.steps is 0"),
         (["--config.finetune.log_every=0"], "finetune.log_every must be an integer >= 1"),
+        (["--config.compress=[{'finetune': 0}]"], "needs a positive integer, got 0"),
+        (["--config.compress=[{'finetune': 3}]"], "names no method"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, extra, match):
@@ -138,3 +140,21 @@ def test_prune_then_quantize_saves_codes_in_the_state(run, tmp_path, capsys):
     _, _, _, params, _ = pipeline.load(out)
     kernel = np.asarray(params["layers"][0]["mlp"]["up"]["kernel"])
     assert (kernel[~mask] == 0).all()  # quantization kept the pruned zeros
+
+
+def test_prune_finetune_quantize_in_one_list(run, tmp_path, capsys):
+    out = tmp_path / "pfq"
+    spec = "[{'method': 'magnitude', 'sparsity': 0.5}, {'finetune': 4}, {'method': 'rtn', 'bits': 4}]"
+    assert cli.main(_compress(run, out, f"--config.compress={spec}")) == 0
+    assert "magnitude -> finetune 4 -> rtn" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["stages"]) == 1 and s["stages"][0]["after"] == ["magnitude"]
+    assert s["stages"][0]["finetune"]["steps"] == 4
+    with ocp.StandardCheckpointer() as ck:
+        state = ck.restore(out / "state")
+    mask = state["0"]["masks"]["layers"]["0"]["attn"]["q"]["kernel"]
+    codes = state["1"]["codes"]["layers"]["0"]["attn"]["q"]["kernel"]
+    zero = state["1"]["zero"]["layers"]["0"]["attn"]["q"]["kernel"]
+    assert (codes[~mask] == np.broadcast_to(zero, codes.shape)[~mask]).all()  # pruned weights hold the zero code
+    _, _, _, params, _ = pipeline.load(out)
+    assert (np.asarray(params["layers"][0]["attn"]["q"]["kernel"])[~mask] == 0).all()

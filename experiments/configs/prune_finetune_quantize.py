@@ -1,0 +1,31 @@
+"""The seed workflow "prune -> fine-tune -> quantize" in one config, on the Tiny Shakespeare model.
+
+Command:
+    ziplm compress --config experiments/configs/prune_finetune_quantize.py
+
+SparseGPT prunes the block linear kernels to 50% (128 calibration windows), 200 steps of fine-tuning recover with
+the masks held, then GPTQ quantizes the fine-tuned weights to 4 bits in groups of 32 (pruned weights stay exactly
+zero: they keep the zero code). The summary's "stages" entry holds the fine-tuned pruned model's metrics.
+
+Expected: see runs/prune_finetune_quantize/summary.json; the numbers of the last run are in the README.
+"""
+
+from pathlib import Path
+
+from research.compress import pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def get_config():
+    c = pipeline.base_config()
+    c.model = str(ROOT / "runs" / "shakespeare_char_cpu")
+    c.compress = [
+        dict(method="sparsegpt", sparsity=0.5),
+        dict(finetune=200),
+        dict(method="gptq", bits=4, granularity="group", group_size=32),
+    ]
+    c.calibration.update(n=128, length=64, batch_size=32)
+    c.finetune.update(lr=3e-4, min_lr=3e-5, warmup_steps=10, log_every=20)
+    c.eval.batch_size = 256
+    return c
