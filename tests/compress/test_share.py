@@ -199,3 +199,16 @@ def test_reassign_moves_indices_to_nearest_centroid():
     np.testing.assert_array_equal(same["indices"]["layers"][0]["mlp"]["up"]["kernel"], [[0, 0], [1, 1]])
     new = t.update(moved, state, grads, jnp.int32(2))
     np.testing.assert_array_equal(new["indices"]["layers"][0]["mlp"]["up"]["kernel"], [[1, 0], [1, 0]])
+
+
+def test_codebook_entries_can_be_stored_in_half_precision():
+    w = jax.random.normal(jax.random.key(3), (64, 8)) * 0.1
+    params = {"a": {"kernel": w}}
+    for dtype in ("float16", "bfloat16"):
+        t = codebook.codebook(3, where="a/kernel", granularity="channel", entry_dtype=dtype)
+        state = t.init(params, jax.random.key(0), None)
+        eff = np.asarray(t.apply(params, state)["a"]["kernel"])
+        np.testing.assert_array_equal(eff, eff.astype(dtype).astype(np.float32))  # every value is a stored entry
+        assert len(np.unique(eff[:, 0])) <= 8
+    with pytest.raises(errors.UserError, match="entry_dtype must be one of"):
+        codebook.codebook(3, entry_dtype="int8")

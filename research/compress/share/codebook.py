@@ -33,6 +33,7 @@ from research.compress import core
 from research.compress.share import kmeans
 
 GRANULARITIES = ("tensor", "channel", "group")
+ENTRY_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def to_problems(w, granularity: str, group_size: int):
@@ -76,6 +77,7 @@ def codebook(
     trained: bool = True,
     lr: float = 1e-4,
     reassign_every: int | None = None,
+    entry_dtype: str = "float32",
 ) -> core.Transform:
     """Weight sharing: k = 2**bits centroids per tensor, output channel or group, fitted by weighted k-means.
 
@@ -89,6 +91,9 @@ def codebook(
       trained: fine-tune the centroids with the summed gradients of their weights (else static).
       lr: SGD learning rate of the centroids.
       reassign_every: re-assign weights to the nearest centroid every this many steps (None: never).
+      entry_dtype: the dtype the codebook entries are stored in ("float32", "float16" or "bfloat16"; Deep
+        Compression's "quantize the codebook"): the forward pass uses the entries rounded to it, while the state
+        keeps float32 entries so that training can move them by less than the rounding step.
 
     Returns:
       A `core.Transform`; see the module docstring for its state, gradients and masks.
@@ -101,6 +106,8 @@ def codebook(
         raise errors.UserError(f"group_size must be a positive integer, got {group_size!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise errors.UserError(f"iters must be a non-negative integer, got {iters!r}")
+    if entry_dtype not in ENTRY_DTYPES:
+        raise errors.UserError(f"entry_dtype must be one of {ENTRY_DTYPES}, got {entry_dtype!r}")
     if reassign_every is not None and (not isinstance(reassign_every, int) or reassign_every < 1):
         raise errors.UserError(f"reassign_every must be a positive integer or None, got {reassign_every!r}")
 
@@ -127,6 +134,7 @@ def codebook(
         }
 
     def shared(cb, idx, keep, dtype):
+        cb = cb.astype(entry_dtype).astype(jnp.float32)  # the stored precision of the entries
         rows = to_problems(idx, granularity, group_size).astype(jnp.int32)  # (P, n)
         w = from_problems(jnp.take_along_axis(cb, rows, axis=1), idx.shape, granularity)
         return jnp.where(keep, w, 0.0).astype(dtype)
