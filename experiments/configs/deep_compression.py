@@ -4,11 +4,12 @@ Command:
     ziplm compress --config experiments/configs/deep_compression.py
 
 Magnitude pruning to 50% of the block linear kernels, 200 steps of fine-tuning with the masks held, then 4-bit
-codebooks per output channel (16 centroids, linear init; pruned weights take no centroid), then 200 more steps that
-train the centroids (gradients of the weights sharing a centroid summed, indices fixed). Quantizing the codebook
-entries themselves (Deep Compression stores them in a few bits) is not a transform yet.
+codebooks per output channel (16 centroids, linear init; pruned weights take no centroid, entries stored in
+float16), then 200 more steps that train the centroids (gradients of the weights sharing a centroid summed,
+indices fixed).
 
-Expected: see runs/deep_compression/summary.json; the numbers of the last run are in the README.
+Expected (validation loss, nats/char): dense 1.8252; pruned and fine-tuned 1.8131 (summary "stages"); with 4-bit
+codebooks 1.8151, after training the centroids 1.8148. About 3 minutes on 2 shared CPU cores.
 """
 
 from pathlib import Path
@@ -24,7 +25,7 @@ def get_config():
     c.compress = [
         dict(method="magnitude", sparsity=0.5),
         dict(finetune=200),
-        dict(method="codebook", bits=4, granularity="channel", lr=1e-3),
+        dict(method="codebook", bits=4, granularity="channel", lr=1e-3, entry_dtype="float16"),
     ]
     c.calibration.n = 0
     c.finetune.update(steps=200, lr=3e-4, min_lr=3e-5, warmup_steps=10, log_every=20)

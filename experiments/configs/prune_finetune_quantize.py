@@ -7,7 +7,8 @@ SparseGPT prunes the block linear kernels to 50% (128 calibration windows), 200 
 the masks held, then GPTQ quantizes the fine-tuned weights to 4 bits in groups of 32 (pruned weights stay exactly
 zero: they keep the zero code). The summary's "stages" entry holds the fine-tuned pruned model's metrics.
 
-Expected: see runs/prune_finetune_quantize/summary.json; the numbers of the last run are in the README.
+Expected (validation loss, nats/char): dense 1.8252; pruned and fine-tuned 1.8112 (summary "stages"); after 4-bit
+GPTQ 1.8123. About 3 minutes on 2 shared CPU cores.
 """
 
 from pathlib import Path
