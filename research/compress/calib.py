@@ -81,6 +81,21 @@ def require(calib: Calibration | None, method: str) -> Calibration:
     return calib
 
 
+def fisher(calib: Calibration, params):
+    """Diagonal empirical Fisher of the next-token loss: the mean over calibration batches of the squared batch
+    gradient (a per-batch, not per-token, estimate: one backward pass per batch), a tree like params."""
+    from research.train import step as step_lib
+
+    grad_fn = jax.jit(jax.grad(lambda p, b: step_lib.loss_fn(p, calib.graphdef, b)))
+    total, n = None, 0
+    for batch in calib.batches():
+        g = grad_fn(params, {"inputs": batch[:, :-1], "targets": batch[:, 1:]})
+        sq = jax.tree.map(lambda x: x.astype(jnp.float32) ** 2, g)
+        total = sq if total is None else jax.tree.map(jnp.add, total, sq)
+        n += 1
+    return jax.tree.map(lambda x: x / n, total)
+
+
 def block_targets(paths) -> dict[int, list[str]]:
     """{block index: ["attn/q", ...]} for paths like "layers/3/attn/q/kernel"."""
     out: dict[int, list[str]] = {}

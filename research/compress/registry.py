@@ -26,7 +26,8 @@ METHODS = {
     "gptq": ("quant.gptq", "gptq"),
     "qat": ("quant.qat", "qat"),
 }
-# Methods whose init reads calibration data (structured only with score="taylor" or "activation").
+# Methods whose init reads calibration data (structured only with score="taylor" or "activation", codebook only
+# with weighting="fisher").
 CALIBRATED = {"snip", "wanda", "sparsegpt", "structured", "gptq"}
 
 
@@ -34,6 +35,8 @@ def needs_calibration(spec: dict) -> bool:
     """Whether a compress entry {"method": ..., ...} reads calibration data."""
     if spec.get("method") == "structured":
         return spec.get("score", "magnitude") != "magnitude"
+    if spec.get("method") == "codebook":
+        return spec.get("weighting", "none") == "fisher"
     return spec.get("method") in CALIBRATED
 
 

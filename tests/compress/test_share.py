@@ -212,3 +212,27 @@ def test_codebook_entries_can_be_stored_in_half_precision():
         assert len(np.unique(eff[:, 0])) <= 8
     with pytest.raises(errors.UserError, match="entry_dtype must be one of"):
         codebook.codebook(3, entry_dtype="int8")
+
+
+def test_fisher_weighted_codebooks_follow_the_sensitive_weights():
+    from research.compress import calib
+
+    cfg = config.gpt2_style(vocab_size=64, n_layer=1, n_head=2, d_model=32, max_seq_len=16)
+    graphdef, params = models.init(cfg)
+    data = calib.Calibration(graphdef, calib.sample(np.arange(3000) % 64, 8, 16, seed=0), batch_size=4)
+    where = "layers/0/mlp/up/kernel"
+    with pytest.raises(errors.UserError, match="needs calibration data"):
+        codebook.codebook(2, where=where, weighting="fisher").init(params, jax.random.key(0), None)
+    plain = codebook.codebook(2, where=where, weighting="none").init(params, jax.random.key(0), data)
+    fish = codebook.codebook(2, where=where, weighting="fisher").init(params, jax.random.key(0), data)
+    f = np.asarray(calib.fisher(data, params)["layers"][0]["mlp"]["up"]["kernel"]).ravel()
+    w = np.asarray(params["layers"][0]["mlp"]["up"]["kernel"]).ravel()
+
+    def weighted_error(state):
+        cb = np.asarray(state["codebook"]["layers"][0]["mlp"]["up"]["kernel"])[0]
+        idx = np.asarray(state["indices"]["layers"][0]["mlp"]["up"]["kernel"]).ravel()
+        return float(np.sum(f * (w - cb[idx]) ** 2))
+
+    assert weighted_error(fish) < weighted_error(plain)  # the objective the Fisher weights ask for
+    with pytest.raises(errors.UserError, match="weighting must be one of"):
+        codebook.codebook(2, weighting="hessian")

@@ -29,11 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from research import errors
+from research.compress import calib as calib_lib
 from research.compress import core
 from research.compress.share import kmeans
 
 GRANULARITIES = ("tensor", "channel", "group")
 ENTRY_DTYPES = ("float32", "float16", "bfloat16")
+WEIGHTINGS = ("none", "fisher")
 
 
 def to_problems(w, granularity: str, group_size: int):
@@ -78,6 +80,7 @@ def codebook(
     lr: float = 1e-4,
     reassign_every: int | None = None,
     entry_dtype: str = "float32",
+    weighting: str = "none",
 ) -> core.Transform:
     """Weight sharing: k = 2**bits centroids per tensor, output channel or group, fitted by weighted k-means.
 
@@ -94,6 +97,8 @@ def codebook(
       entry_dtype: the dtype the codebook entries are stored in ("float32", "float16" or "bfloat16"; Deep
         Compression's "quantize the codebook"): the forward pass uses the entries rounded to it, while the state
         keeps float32 entries so that training can move them by less than the rounding step.
+      weighting: "none", or "fisher": weighted k-means with each weight's diagonal Fisher information from the
+        calibration data (`calib.fisher`) as its weight, as SqueezeLLM does; needs calibration data.
 
     Returns:
       A `core.Transform`; see the module docstring for its state, gradients and masks.
@@ -106,6 +111,8 @@ def codebook(
         raise errors.UserError(f"group_size must be a positive integer, got {group_size!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise errors.UserError(f"iters must be a non-negative integer, got {iters!r}")
+    if weighting not in WEIGHTINGS:
+        raise errors.UserError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if entry_dtype not in ENTRY_DTYPES:
         raise errors.UserError(f"entry_dtype must be one of {ENTRY_DTYPES}, got {entry_dtype!r}")
     if reassign_every is not None and (not isinstance(reassign_every, int) or reassign_every < 1):
@@ -114,13 +121,21 @@ def codebook(
     def init_fn(params, key, calib):
         flat = core.touched(params)
         books, idxs, keeps = {}, {}, {}
+        sens = None
+        if weighting == "fisher":
+            sens = core.touched(calib_lib.fisher(calib_lib.require(calib, "codebook with weighting='fisher'"), params))
         for i, path in enumerate(core.select(params, where)):
             w = flat[path]
             _check_leaf(path, w, granularity, group_size)
             keep = w != 0
+            weights = None
+            if sens is not None:  # normalised per leaf; a small floor keeps every problem's total weight positive
+                f = sens[path] / jnp.maximum(jnp.mean(sens[path]), 1e-30)
+                weights = to_problems(f + 1e-6, granularity, group_size)
             cb, idx, _ = kmeans.fit(
                 to_problems(w, granularity, group_size),
                 k,
+                weights=weights,
                 valid=to_problems(keep, granularity, group_size),
                 init=init,
                 iters=iters,
