@@ -81,19 +81,31 @@ def require(calib: Calibration | None, method: str) -> Calibration:
     return calib
 
 
-def fisher(calib: Calibration, params):
-    """Diagonal empirical Fisher of the next-token loss: the mean over calibration batches of the squared batch
-    gradient (a per-batch, not per-token, estimate: one backward pass per batch), a tree like params."""
+def gradients(calib: Calibration, params, square: bool = False):
+    """Mean over the calibration batches of the next-token loss gradient (or of its square), weighted by batch size.
+
+    Every window token but the first is a target. With square=True this is the diagonal empirical Fisher at batch
+    granularity (one backward pass per batch, not per token).
+
+    Returns:
+      A float32 tree like params.
+    """
     from research.train import step as step_lib
 
     grad_fn = jax.jit(jax.grad(lambda p, b: step_lib.loss_fn(p, calib.graphdef, b)))
     total, n = None, 0
     for batch in calib.batches():
         g = grad_fn(params, {"inputs": batch[:, :-1], "targets": batch[:, 1:]})
-        sq = jax.tree.map(lambda x: x.astype(jnp.float32) ** 2, g)
-        total = sq if total is None else jax.tree.map(jnp.add, total, sq)
-        n += 1
+        w = batch.shape[0]  # each batch's gradient is a mean over its windows
+        g = jax.tree.map(lambda x, w=w: (x.astype(jnp.float32) ** 2 if square else x.astype(jnp.float32)) * w, g)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+        n += w
     return jax.tree.map(lambda x: x / n, total)
+
+
+def fisher(calib: Calibration, params):
+    """The diagonal empirical Fisher of the next-token loss (see `gradients`)."""
+    return gradients(calib, params, square=True)
 
 
 def block_targets(paths) -> dict[int, list[str]]:

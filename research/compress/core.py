@@ -106,16 +106,21 @@ def select(params, pattern: str) -> list[str]:
     Raises:
       UserError: the pattern is not a valid regex, or selects nothing (the message lists the available paths).
     """
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise errors.UserError(f"path pattern {pattern!r} is not a valid regex: {e}") from None
+    rx = check_pattern(pattern)
     paths = list(tree.flatten(params))
     chosen = [p for p in paths if rx.fullmatch(p)]
     if not chosen:
         shapes = list(dict.fromkeys(re.sub(r"^layers/\d+/", r"layers/\\d+/", p) for p in paths))
         raise errors.UserError(f"path pattern {pattern!r} selects no parameter; available: {', '.join(shapes)}")
     return chosen
+
+
+def check_pattern(pattern: str) -> re.Pattern:
+    """The compiled path regex; a UserError when it does not compile (factories call this when a method is built)."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise errors.UserError(f"path pattern {pattern!r} is not a valid regex: {e}") from None
 
 
 def touched_tree(params, values: dict) -> Any:

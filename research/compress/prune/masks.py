@@ -10,7 +10,6 @@ of each output, the layout of GPU 2:4 sparse kernels.
 from __future__ import annotations
 
 import math
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -51,10 +50,7 @@ def check_allocation(distribution: str, group: str, where: str | None = None) ->
     if distribution == "global" and group != "tensor":
         raise errors.UserError("a global ranking compares whole tensors: use group='tensor' with it")
     if where is not None:
-        try:
-            re.compile(where)
-        except re.error as e:
-            raise errors.UserError(f"path pattern {where!r} is not a valid regex: {e}") from None
+        core.check_pattern(where)
 
 
 def check_divides(shape, m: int, path: str) -> None:

@@ -7,31 +7,16 @@ the score estimates how much the loss changes when the weight is removed (Molcha
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from research.compress import calib as calib_lib
 from research.compress import core
 from research.compress.prune import masks
-from research.train import step as step_lib
-
-
-def gradients(calib: calib_lib.Calibration, params):
-    """Gradient of the mean next-token loss over all calibration targets (every window token but the first)."""
-    grad_fn = jax.jit(jax.grad(lambda p, b: step_lib.loss_fn(p, calib.graphdef, b)))
-    total, n = None, 0
-    for batch in calib.batches():
-        g = grad_fn(params, {"inputs": batch[:, :-1], "targets": batch[:, 1:]})
-        w = batch.shape[0]  # batches are means over their windows: weight them by size
-        g = jax.tree.map(lambda x, w=w: x * w, g)
-        total = g if total is None else jax.tree.map(jnp.add, total, g)
-        n += w
-    return jax.tree.map(lambda x: x / n, total)
 
 
 def scores(calib: calib_lib.Calibration, params, paths) -> dict:
     """{path: |g * w|} of the selected leaves."""
-    grads, flat = core.touched(gradients(calib, params)), core.touched(params)
+    grads, flat = core.touched(calib_lib.gradients(calib, params)), core.touched(params)
     return {p: jnp.abs(grads[p] * flat[p]) for p in paths}
 
 

@@ -185,7 +185,7 @@ def gptq(
       A Transform with RTN's state format ({"codes", "scale", "zero"}); apply dequantizes.
     """
     grid = qgrid.Grid(bits, symmetric, granularity, group_size)
-    rtn_lib.check_where(where)
+    core.check_pattern(where)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise errors.UserError(f"gptq blocksize must be a positive integer, got {blocksize!r}")
     if not isinstance(percdamp, int | float) or isinstance(percdamp, bool) or not 0 <= percdamp < 1:
@@ -198,7 +198,7 @@ def gptq(
         for p in paths:
             qgrid.check_shape(flat[p].shape, grid, p)
             qgrid.check_finite(flat[p], p)
-        codes, scales, zeros = {}, {}, {}
+        leaves = {}
 
         def visit(i, stats, n_tokens, kernels):
             out = {}
@@ -207,24 +207,11 @@ def gptq(
                 c, s, z = quantize_layer(
                     k, stats[name], grid, blocksize=blocksize, percdamp=percdamp, act_order=act_order, name=path
                 )
-                codes[path], scales[path], zeros[path] = c, s, z
+                leaves[path] = (c, s, z)
                 out[name] = qgrid.dequantize(c, s, z, grid).astype(k.dtype)
             return out
 
         calib.walk(calib_data, params, paths, visit, stat="hessian", desc="gptq")
-        return {
-            "codes": core.touched_tree(params, codes),
-            "scale": core.touched_tree(params, scales),
-            "zero": core.touched_tree(params, zeros),
-        }
+        return rtn_lib.codes_state(params, leaves)
 
-    def apply(params, state):
-        return core.map_touched(
-            lambda c, p, s, z: qgrid.dequantize(c, s, z, grid).astype(p.dtype),
-            state["codes"],
-            params,
-            state["scale"],
-            state["zero"],
-        )
-
-    return core.Transform(init, apply)
+    return core.Transform(init, rtn_lib.dequantizer(grid))

@@ -41,7 +41,7 @@ def qat(
       A `core.Transform`; `apply` is differentiable w.r.t. params (clipped STE).
     """
     grid = qgrid.Grid(bits, symmetric, granularity, group_size)
-    qrtn.check_where(where)
+    core.check_pattern(where)
 
     def init(params, key, calib):
         fitted = qrtn.fit_leaves(params, where, grid)

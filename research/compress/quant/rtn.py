@@ -11,11 +11,8 @@ exactly 0.0 on every grid, so masks survive quantization.
 
 from __future__ import annotations
 
-import re
-
 import jax.numpy as jnp
 
-from research import errors
 from research.compress import core
 from research.compress.quant import grid as qgrid
 
@@ -53,19 +50,26 @@ def rtn(
       A `core.Transform` whose state holds uint8 codes, float32 scales and uint8 zero points.
     """
     grid = qgrid.Grid(bits, symmetric, granularity, group_size)
-    check_where(where)
+    core.check_pattern(where)
 
     def init(params, key, calib):
-        codes, scales, zeros = {}, {}, {}
-        for p, (w, s, z) in fit_leaves(params, where, grid).items():
-            codes[p] = qgrid.quantize(w, s, z, grid)
-            scales[p] = s
-            zeros[p] = z.astype(jnp.uint8)
-        return {
-            "codes": core.touched_tree(params, codes),
-            "scale": core.touched_tree(params, scales),
-            "zero": core.touched_tree(params, zeros),
-        }
+        fitted = fit_leaves(params, where, grid)
+        return codes_state(params, {p: (qgrid.quantize(w, s, z, grid), s, z) for p, (w, s, z) in fitted.items()})
+
+    return core.Transform(init, dequantizer(grid))
+
+
+def codes_state(params, leaves: dict) -> dict:
+    """The state of a code-based quantizer from {path: (uint8 codes, scale, zero)}: {"codes", "scale", "zero"},
+    each a tree mirroring params (None at untouched leaves), zero points stored as uint8."""
+    return {
+        name: core.touched_tree(params, {p: v[i] if i < 2 else v[i].astype(jnp.uint8) for p, v in leaves.items()})
+        for i, name in enumerate(("codes", "scale", "zero"))
+    }
+
+
+def dequantizer(grid: qgrid.Grid):
+    """The `apply` of a code-based quantizer: dequantized codes at the touched leaves, in the params' dtype."""
 
     def apply(params, state):
         return core.map_touched(
@@ -76,12 +80,4 @@ def rtn(
             state["zero"],
         )
 
-    return core.Transform(init, apply)
-
-
-def check_where(where: str) -> None:
-    """Raises UserError when the path regex does not compile (checked when a method is built)."""
-    try:
-        re.compile(where)
-    except re.error as e:
-        raise errors.UserError(f"path pattern {where!r} is not a valid regex: {e}") from None
+    return apply
