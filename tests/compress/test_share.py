@@ -55,6 +55,61 @@ def test_lloyd_inertia_at_least_optimal(init):
         assert float(inertia[p]) >= kmeans.optimal(x[p], 4)[2] * (1 - 1e-5)
 
 
+def _brute_lloyd(x, w, c, iters):
+    """Textbook Lloyd in float64 over every value (no relocation): the reference for the sorted-run version."""
+    x, w, c = np.asarray(x, np.float64), np.asarray(w, np.float64), np.sort(np.asarray(c, np.float32))
+    for _ in range(iters):
+        mid = 0.5 * (c[1:] + c[:-1])  # float32 midpoints, as kmeans.assign
+        idx = np.searchsorted(mid, x.astype(np.float32), side="left")
+        wsum, xsum = np.bincount(idx, w, len(c)), np.bincount(idx, w * x, len(c))
+        assert np.all(wsum > 0), "the reference case must keep every cluster non-empty"
+        new = np.sort((xsum / wsum).astype(np.float32))
+        if np.array_equal(new, c):
+            break
+        c = new
+    return c
+
+
+def test_sorted_lloyd_equals_textbook_lloyd():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_t(3, (4, 2000)) * 0.02).astype(np.float32)
+    w = rng.uniform(0.1, 2.0, x.shape).astype(np.float32)
+    for weights in (None, w):
+        cb, idx, inertia = kmeans.fit(x, 8, weights=weights, init="density")
+        for p in range(4):
+            wp = np.ones(x.shape[1]) if weights is None else w[p]
+            s = np.sort(x[p])
+            c0 = s[
+                np.minimum(
+                    np.searchsorted(np.cumsum(wp[np.argsort(x[p])]), (np.arange(8) + 0.5) / 8 * wp.sum()), len(s) - 1
+                )
+            ]
+            want = _brute_lloyd(x[p], wp, c0, 300)
+            np.testing.assert_allclose(cb[p], want, rtol=1e-6, atol=1e-9)
+            err = ((x[p].astype(np.float64) - np.asarray(cb[p], np.float64)[np.asarray(idx[p])]) ** 2 * wp).sum()
+            assert float(inertia[p]) == pytest.approx(err, rel=1e-5)
+
+
+def test_empty_clusters_are_relocated():
+    # Linear init over [0, 10] puts centroids at 0, 5, 10: the middle one owns nothing. It moves to the value
+    # farthest from its centroid in the worst cluster ({0, .1, 1, 1.1}, mean .55), and Lloyd then reaches the
+    # optimum {0, .1}, {1, 1.1}, {10}; without relocation it would stop at inertia 1.01.
+    x = np.array([[0.0, 0.1, 1.0, 1.1, 10.0]], np.float32)
+    cb, idx, inertia = kmeans.fit(x, 3, init="linear")
+    np.testing.assert_allclose(cb[0], [0.05, 1.05, 10.0], rtol=1e-6)
+    np.testing.assert_array_equal(idx[0], [0, 0, 1, 1, 2])
+    assert float(inertia[0]) == pytest.approx(kmeans.optimal(x[0], 3)[2], rel=1e-5)
+
+
+def test_small_clusters_are_exact_among_a_million_values():
+    # Values around 1.0 (like norm scales) and a lone outlier: its cluster's centroid must be the value itself.
+    # Differences of float32 prefix sums (~1e6 by the end) would miss it by ~0.06.
+    x = np.random.default_rng(1).normal(1.0, 0.02, 1_000_000).astype(np.float32)
+    x[123] = 1.53
+    cb, _, _ = kmeans.fit(x[None], 16, init="linear")  # the top centroid starts at 1.53, alone
+    assert float(cb[0, -1]) == np.float32(1.53)
+
+
 def test_weighted_kmeans_moves_toward_heavy_weights():
     x = jnp.array([[0.0, 1.0, 10.0, 11.0]])
     cb, _, _ = kmeans.fit(x, 2)

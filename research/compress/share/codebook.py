@@ -75,7 +75,7 @@ def codebook(
     granularity: str = "tensor",
     group_size: int = 128,
     init: str = "linear",
-    iters: int = 30,
+    iters: int = 300,
     trained: bool = True,
     lr: float = 1e-4,
     reassign_every: int | None = None,
@@ -90,7 +90,7 @@ def codebook(
       granularity: "tensor", "channel" (per output column) or "group" (groups along the input dim of a column).
       group_size: the group length for granularity="group"; must divide the input dimension.
       init: k-means initialisation, one of `kmeans.INITS` ("linear" is Deep Compression's best).
-      iters: Lloyd iterations.
+      iters: at most this many Lloyd iterations (they stop once no centroid moves).
       trained: fine-tune the centroids with the summed gradients of their weights (else static).
       lr: SGD learning rate of the centroids.
       reassign_every: re-assign weights to the nearest centroid every this many steps (None: never).

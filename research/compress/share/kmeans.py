@@ -8,6 +8,10 @@ weights): they move no centroid, add nothing to the inertia and get index 0.
 
     codebooks, indices, inertia = kmeans.fit(w, 16, init="linear")   # (P, 16) f32, (P, n) uint8, (P,) f32
 
+Lloyd runs on the sorted values: in 1-D every cluster is a run of them, so after one sort (NumPy, on the host) and
+float64 prefix sums of w, w*x and w*x**2, an iteration is k binary searches and k differences per problem, O(k log n)
+instead of O(n). Empty clusters are relocated (to the farthest value of the worst cluster, as scikit-learn does),
+and the iterations run until no centroid moves (at most `iters`), which costs little at this price per iteration.
 Codebooks come back sorted ascending, and every valid value's index is its nearest centroid (ties go to the lower
 one). When a problem has no more distinct valid values than k, its codebook is those values (padded by repeating
 the largest) and a one-line warning is logged.
@@ -76,18 +80,13 @@ def _inertia(codebook, idx, x, w):
 
 
 def _init_one(x, w, valid, key, k: int, init: str):
-    """Initial sorted codebook (k,) of one problem."""
+    """Initial sorted codebook (k,) of one problem ("density" is `_density_init`, on the sorted values)."""
     big = jnp.finfo(jnp.float32).max
     lo = jnp.min(jnp.where(valid, x, big))
     hi = jnp.max(jnp.where(valid, x, -big))
     lo, hi = jnp.where(jnp.any(valid), lo, 0.0), jnp.where(jnp.any(valid), hi, 0.0)
     if init == "linear":
         return jnp.linspace(lo, hi, k)
-    if init == "density":
-        s = jnp.sort(jnp.where(valid, x, big))
-        m = jnp.maximum(jnp.sum(valid), 1)
-        pos = jnp.floor((jnp.arange(k) + 0.5) * m / k).astype(jnp.int32)
-        return s[jnp.minimum(pos, m - 1)]
     if init == "random":
         score = jnp.where(valid, jax.random.uniform(key, x.shape), -1.0)
         _, pick = jax.lax.top_k(score, min(k, x.shape[0]))
@@ -110,37 +109,114 @@ def _init_one(x, w, valid, key, k: int, init: str):
     return jnp.sort(centres)
 
 
-def _lloyd_one(x, w, c0, iters: int, tol: float):
-    """Lloyd iterations from c0 (k,) until the largest centroid move is <= tol * range or `iters` are done."""
-    k = c0.shape[0]
-    scale = jnp.maximum(jnp.max(c0) - jnp.min(c0), 1e-12)
+def _sorted_sums(values, weights, valid):
+    """Each problem's valid values sorted ascending and their weighted prefix sums (NumPy, on the host).
+
+    Returns (xs (P, n) float32 with the invalid values as +inf at the end, and s0, s1, s2 (P, n + 1) float64 with
+    s_j[:, i] = sum over the first i sorted values of w * x**j). XLA:CPU's comparator sort of 1M float32 values
+    takes ~240 ms where NumPy's SIMD sort takes ~4 ms (argsort ~21 ms); the sort runs once, before the iterations.
+    """
+    x, w, v = np.asarray(values, np.float32), np.asarray(weights, np.float64), np.asarray(valid, bool)
+    key = np.where(v, x, np.float32(np.inf))
+    if np.all(w == v):  # unweighted: the weights sorted are 1 for the valid values, which come first
+        xs = np.sort(key, axis=1)
+        ws = (np.arange(x.shape[1])[None, :] < v.sum(1, keepdims=True)).astype(np.float64)
+    else:
+        order = np.argsort(key, axis=1)
+        xs = np.take_along_axis(key, order, axis=1)
+        ws = np.take_along_axis(np.where(v, w, 0.0), order, axis=1)
+    xz = np.where(np.isfinite(xs), xs, 0.0).astype(np.float64)
+    zero = np.zeros((x.shape[0], 1))
+    sums = [np.concatenate([zero, np.cumsum(a, axis=1)], axis=1) for a in (ws, ws * xz, ws * xz * xz)]
+    return xs, *sums
+
+
+def _density_init(xs, s0, k: int):
+    """The weighted (k + 1/2)-quantiles of one sorted problem: (k,) float32."""
+    targets = (jnp.arange(k) + 0.5) / k * s0[-1]
+    pos = jnp.searchsorted(s0[1:], targets, side="left")  # the first value whose cumulative weight reaches it
+    m = jnp.maximum(jnp.sum(jnp.isfinite(xs)), 1)
+    return jnp.where(s0[-1] > 0, xs[jnp.minimum(pos, m - 1)], 0.0).astype(jnp.float32)
+
+
+def _runs(xs, s0, s1, s2, c):
+    """The clusters of one sorted problem under codebook c (k,): each is a run [lo, hi) of the sorted values.
+
+    Returns (lo, hi) int (k,) with hi capped at the valid count, and the runs' weight, weighted sum and squared error
+    (k,) float64, from differences of the prefix sums.
+    """
+    n = xs.shape[0]
+    ends = jnp.searchsorted(xs, 0.5 * (c[1:] + c[:-1]), side="right")  # (k - 1,): the same midpoints as `assign`
+    lo = jnp.concatenate([jnp.zeros(1, ends.dtype), ends])
+    hi = jnp.concatenate([ends, jnp.full(1, n, ends.dtype)])
+    wsum, xsum = s0[hi] - s0[lo], s1[hi] - s1[lo]
+    sse = jnp.where(wsum > 0, s2[hi] - s2[lo] - xsum**2 / jnp.where(wsum > 0, wsum, 1.0), 0.0)
+    return lo, jnp.minimum(hi, jnp.sum(jnp.isfinite(xs))), wsum, xsum, jnp.maximum(sse, 0.0)
+
+
+def _relocate(xs, lo, hi, mean, wsum, sse):
+    """Moves every empty cluster of one problem to the value farthest from its centroid in the cluster with the
+    largest squared error (as scikit-learn does), the i-th empty one to the i-th largest; returns (k,) sorted."""
+    n, k = xs.shape[0], mean.shape[0]
+    empty = wsum <= 0
+    donor = jnp.argsort(-sse)[jnp.clip(jnp.cumsum(empty) - 1, 0, k - 1)]
+    first, last = xs[jnp.minimum(lo[donor], n - 1)], xs[jnp.clip(hi[donor] - 1, 0, n - 1)]
+    far = jnp.where(jnp.abs(first - mean[donor]) > jnp.abs(last - mean[donor]), first, last)
+    return jnp.sort(jnp.where(empty & (sse[donor] > 0), far, mean))
+
+
+def _lloyd_sorted(xs, s0, s1, s2, c0, iters: int, tol: float):
+    """Lloyd iterations of P sorted problems at once from c0 (P, k), each in O(k log n) per problem.
+
+    In 1-D every cluster is a run of the sorted values: the run of centroid j ends where the values pass the midpoint
+    between centroids j and j + 1, found by binary search, and its weight, weighted sum and squared sum are
+    differences of the prefix sums (float64). The means of non-empty runs come out sorted; empty clusters are
+    relocated (`_relocate`), a step that runs only when some problem has one. Stops once no centroid of any problem
+    moves more than tol * (its initial range), or after `iters` iterations.
+
+    Returns (codebooks (P, k) float32 sorted, inertia (P,) float64).
+    """
+    runs = jax.vmap(_runs)
+    scale = jnp.maximum(jnp.max(c0, axis=1) - jnp.min(c0, axis=1), 1e-12)  # (P,)
 
     def step(c):
-        idx = assign(c, x)
-        wsum = jax.ops.segment_sum(w, idx, k)
-        xsum = jax.ops.segment_sum(w * x, idx, k)
-        return jnp.sort(jnp.where(wsum > 0, xsum / jnp.where(wsum > 0, wsum, 1.0), c))  # empty clusters stay
+        lo, hi, wsum, xsum, sse = runs(xs, s0, s1, s2, c)
+        mean = jnp.where(wsum > 0, xsum / jnp.where(wsum > 0, wsum, 1.0), c).astype(jnp.float32)
+        return jax.lax.cond(jnp.any(wsum <= 0), lambda: jax.vmap(_relocate)(xs, lo, hi, mean, wsum, sse), lambda: mean)
 
     def cond(carry):
-        i, _, move = carry
-        return (i < iters) & (move > tol * scale)
+        i, _, moving = carry
+        return (i < iters) & moving
 
     def body(carry):
         i, c, _ = carry
         new = step(c)
-        return i + 1, new, jnp.max(jnp.abs(new - c))
+        return i + 1, new, jnp.any(jnp.max(jnp.abs(new - c), axis=1) > tol * scale)
 
-    _, c, _ = jax.lax.while_loop(cond, body, (0, c0, jnp.inf))
-    return c
+    _, c, _ = jax.lax.while_loop(cond, body, (0, c0, jnp.asarray(True)))
+    return c, jnp.sum(runs(xs, s0, s1, s2, c)[4], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "init", "iters", "tol"))
-def _fit(values, weights, valid, key, *, k: int, init: str, iters: int, tol: float):
+@functools.partial(jax.jit, static_argnames=("k", "init"))
+def _init(values, weights, valid, key, *, k: int, init: str):
     keys = jax.random.split(key, values.shape[0])
-    c0 = jax.vmap(lambda x, w, v, kk: _init_one(x, w, v, kk, k, init))(values, weights, valid, keys)  # (P, k)
-    c = jax.vmap(lambda x, w, c: _lloyd_one(x, w, c, iters, tol))(values, weights, c0)  # (P, k)
+    return jax.vmap(lambda x, w, v, kk: _init_one(x, w, v, kk, k, init))(values, weights, valid, keys)  # (P, k)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "iters", "tol"))
+def _lloyd(xs, s0, s1, s2, c0, *, k: int, iters: int, tol: float):
+    if c0 is None:
+        c0 = jax.vmap(lambda x, s: _density_init(x, s, k))(xs, s0)
+    return _lloyd_sorted(xs, s0, s1, s2, c0, iters, tol)  # (P, k), (P,)
+
+
+def _fit(values, weights, valid, key, *, k: int, init: str, iters: int, tol: float):
+    sums = _sorted_sums(values, weights, valid)
+    c0 = None if init == "density" else _init(values, weights, valid, key, k=k, init=init)
+    with jax.enable_x64(True):  # the prefix sums stay float64: float32 differences of sums of 1M values lose digits
+        c, inertia = _lloyd(*sums, c0, k=k, iters=iters, tol=tol)
+        inertia = inertia.astype(jnp.float32)
     idx = jax.vmap(assign)(c, values)  # (P, n)
-    inertia = jax.vmap(_inertia)(c, idx, values, weights)  # (P,)
     return c, jnp.where(valid, idx, 0).astype(jnp.uint8), inertia
 
 
@@ -172,7 +248,7 @@ def _apply_fallback(values, weights, valid, k, codebooks, indices, inertia):
 
 
 def fit(
-    values, k: int, *, weights=None, valid=None, init: str = "linear", iters: int = 30, tol: float = 1e-6, key=None
+    values, k: int, *, weights=None, valid=None, init: str = "linear", iters: int = 300, tol: float = 0.0, key=None
 ):
     """Weighted 1-D k-means (Lloyd) of P independent problems at once.
 
@@ -184,7 +260,7 @@ def fit(
       init: "linear" (evenly spaced over [min, max]), "density" (quantiles), "random" (k distinct values drawn
         with `key`) or "kmeans++".
       iters: at most this many Lloyd iterations.
-      tol: stop once no centroid moves more than tol * (initial codebook range).
+      tol: stop once no centroid moves more than tol * (initial codebook range); 0.0 runs until none moves.
       key: PRNG key for "random" and "kmeans++" (None: key 0).
 
     Returns:
