@@ -49,12 +49,16 @@ class Transform(NamedTuple):
       update: (params, state, grads, step) -> state, called after every optimizer step of fine-tuning.
       masks: state -> tree of boolean masks (None at unmasked leaves), or None when the method masks nothing.
         Fine-tuning holds the masked weights at exactly zero with `keep_masked`.
+      learn: None, or (state, state_grads, step) -> state for methods whose state holds trained leaves (LSQ step
+        sizes). With it, the train step differentiates the loss w.r.t. the state as well (`allow_int`: integer and
+        boolean leaves get float0 gradients, to be ignored) and calls `learn` before `update`.
     """
 
     init: Callable
     apply: Callable
     update: Callable = _static_update
     masks: Callable = _no_masks
+    learn: Callable | None = None
 
 
 def identity() -> Transform:
@@ -97,7 +101,10 @@ def chain(*transforms: Transform) -> Transform:
                 out = m if out is None else combine_masks(out, m)
         return out
 
-    return Transform(init, apply, update, masks)
+    def learn(state, grads, step):
+        return tuple(s if t.learn is None else t.learn(s, g, step) for t, s, g in zip(transforms, state, grads))
+
+    return Transform(init, apply, update, masks, learn if any(t.learn for t in transforms) else None)
 
 
 def select(params, pattern: str) -> list[str]:

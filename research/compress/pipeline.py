@@ -5,6 +5,10 @@ compression held, evaluate before and after, and save the compressed model with 
 
 A compress config (see `base_config`) holds the source model, the data, the calibration sample, the chain of
 methods (`compress`: a list of {"method": name, **arguments}, applied in order), the fine-tuning and the evaluation.
+Two entries are not parameter transforms: {"finetune": steps} fine-tunes the chain so far, and
+{"method": "act_quant", "bits": 8} fake-quantizes the inputs of the block linear layers per token
+(`quant.act`; W8A8 with an 8-bit weight method): it sets the saved model config's `act_bits`, and every
+evaluation, fine-tuning stage and calibration pass after it runs with quantized activations.
 The output directory, written only when everything succeeded, holds:
 
     compressed.json   model config, tokenizer, source, the run config of the source, the methods
@@ -21,10 +25,12 @@ The output directory, written only when everything succeeded, holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import ml_collections as mlc
@@ -36,6 +42,7 @@ from research import errors, log, models, sources, tree
 from research.compress import calib as calib_lib
 from research.compress import core, finetune, registry
 from research.compress import report as compress_report
+from research.compress.quant import act as act_quant
 from research.data import dataset, tokenizers
 from research.eval import metrics
 
@@ -74,8 +81,15 @@ def base_config() -> mlc.ConfigDict:
     return c
 
 
+class ActQuant(NamedTuple):
+    """A {"method": "act_quant", "bits": b} entry: per-token activation fake quantization from here on."""
+
+    bits: int
+
+
 def members(specs) -> list:
-    """The `compress` list as Transforms, with the steps (ints) of its {"finetune": steps} entries in place."""
+    """The `compress` list as Transforms, with the steps (ints) of its {"finetune": steps} entries and the
+    `ActQuant` of its act_quant entry in place."""
     if not isinstance(specs, list | tuple) or not specs:
         raise errors.UserError("compress must be a non-empty list of {'method': name, ...} entries")
     out = []
@@ -89,16 +103,29 @@ def members(specs) -> list:
             continue
         if "method" not in spec:
             raise errors.UserError(f"compress entry {spec} has no 'method' (or is not {{'finetune': steps}})")
+        if spec["method"] == "act_quant":
+            extra = sorted(set(spec) - {"method", "bits"})
+            if extra or "bits" not in spec:
+                raise errors.UserError(f"an act_quant entry takes exactly one argument, bits (got {spec})")
+            out.append(ActQuant(act_quant.check_bits(spec["bits"])))
+            continue
         out.append(registry.make(spec.pop("method"), **spec))
     if all(isinstance(x, int) for x in out):
         raise errors.UserError("the compress list names no method")
+    if sum(isinstance(x, ActQuant) for x in out) > 1:
+        raise errors.UserError("the compress list has more than one act_quant entry")
     return out
 
 
 def build(specs) -> core.Transform:
-    """The chain of transforms a config's `compress` list names ({"finetune": steps} entries aside)."""
-    ts = [x for x in members(specs) if not isinstance(x, int)]
+    """The chain of transforms a config's `compress` list names ({"finetune": steps} and act_quant entries aside)."""
+    ts = [x for x in members(specs) if isinstance(x, core.Transform)]
     return ts[0] if len(ts) == 1 else core.chain(*ts)
+
+
+def act_bits(specs) -> int | None:
+    """The activation bits of a `compress` list's act_quant entry (None without one)."""
+    return next((x.bits for x in members(specs) if isinstance(x, ActQuant)), None)
 
 
 def validate(cfg: mlc.ConfigDict) -> None:
@@ -165,6 +192,9 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
         specs = [{**s, "head_dim": m.cfg.dim_head} if s.get("method") == "structured" else s for s in cfg.compress]
         transform = build(specs)  # heads are units of the model's head width
     protocol = metrics.Protocol(window, cfg.eval.stride or window)
+    bits = act_bits(cfg.compress)
+    out_cfg = m.cfg if bits is None else m.cfg.replace(act_bits=bits)
+    out_graphdef = m.graphdef if bits is None else models.abstract(out_cfg)[0]
     times["load"] = time.time() - t0
 
     def evaluate(params, desc, graphdef=m.graphdef):
@@ -193,8 +223,10 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     t = time.time()
     base, stages = m.params, []
     parts = members(cfg.compress)
-    if any(isinstance(x, int) for x in parts):
-        transform, cstate, base, stages = _staged(cfg, m, parts, calib, splits.train, seq_len, evaluate, progress)
+    if any(isinstance(x, int | ActQuant) for x in parts):
+        transform, cstate, base, stages = _staged(
+            cfg, m, parts, calib, splits.train, seq_len, evaluate, progress, out_graphdef
+        )
     else:
         cstate = transform.init(m.params, jax.random.key(cfg.seed), calib)
     effective = jax.block_until_ready(transform.apply(base, cstate))
@@ -202,7 +234,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     _check_finite(effective, "compression")
     at_init = compress_report.summarize(effective, transform.masks(cstate))
     t = time.time()
-    after = evaluate(effective, "eval compressed")
+    after = evaluate(effective, "eval compressed", out_graphdef)
     times["eval_compressed"] = time.time() - t
 
     with atomic as tmp:
@@ -212,7 +244,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             if cfg.finetune.steps:
                 batches = dataset.Batches(splits.train, cfg.data.batch_size, seq_len, cfg.seed, "random")
                 params, cstate, ft = finetune.finetune(
-                    m.graphdef,
+                    out_graphdef,
                     base,
                     transform,
                     cstate,
@@ -226,14 +258,14 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
                 times["finetune"] = ft["seconds"]
                 _check_finite(effective, "fine-tuning")
                 t = time.time()
-                tuned = evaluate(effective, "eval fine-tuned")
+                tuned = evaluate(effective, "eval fine-tuned", out_graphdef)
                 times["eval_finetuned"] = time.time() - t
                 logger.log(cfg.finetune.steps, _numeric(tuned), split="val")
         finally:
             logger.close()
         masks = transform.masks(cstate)
         sizes = compress_report.summarize(effective, masks)
-        out_cfg, shrunk = m.cfg, None
+        shrunk = None
         if cfg.get("shrink"):
             from research.compress.prune import structured
 
@@ -247,6 +279,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
         summary = {
             "source": cfg.model,
             "methods": [dict(s) for s in cfg.compress],
+            "act_bits": out_cfg.act_bits,
             "sparsity": sizes["masked_sparsity"],
             "sparsity_compressed": at_init["masked_sparsity"],
             "nonzero_compressed": at_init["nonzero"],
@@ -273,21 +306,28 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     return summary
 
 
-def _staged(cfg, m, parts, calib, train_tokens, seq_len, evaluate, progress):
-    """Initialises the members in order, fine-tuning the chain so far at each {"finetune": steps} entry.
+def _staged(cfg, m, parts, calib, train_tokens, seq_len, evaluate, progress, quantized_graphdef):
+    """Initialises the members in order, fine-tuning the chain so far at each {"finetune": steps} entry; from an
+    act_quant entry on, calibration, fine-tuning and evaluation run on `quantized_graphdef`.
 
     Returns (the whole chain, its state, the raw parameters after the last fine-tuning, per-stage records).
     """
     key = jax.random.key(cfg.seed)
     batches = dataset.Batches(train_tokens, cfg.data.batch_size, seq_len, cfg.seed, "random")
-    ts, states, raw, stages, offset = [], [], m.params, [], 0
+    ts, states, raw, stages, offset, graphdef = [], [], m.params, [], 0, m.graphdef
     for i, part in enumerate(parts):
+        if isinstance(part, ActQuant):
+            graphdef = quantized_graphdef
+            if calib is not None:
+                calib = dataclasses.replace(calib, graphdef=graphdef)
+            continue
         if isinstance(part, int):
             t_cfg = mlc.ConfigDict({**cfg.finetune.to_dict(), "steps": part})
+            chain = core.chain(*ts)
             raw, st, info = finetune.finetune(
-                m.graphdef,
+                graphdef,
                 raw,
-                core.chain(*ts),
+                chain,
                 tuple(states),
                 lambda s, o=offset: batches(s + o),
                 t_cfg,
@@ -295,10 +335,10 @@ def _staged(cfg, m, parts, calib, train_tokens, seq_len, evaluate, progress):
                 progress=progress,
             )
             states, offset = list(st), offset + part
-            effective = core.chain(*ts).apply(raw, tuple(states))
+            effective = chain.apply(raw, tuple(states))
             _check_finite(effective, "fine-tuning")
             before = [dict(x)["method"] for x in cfg.compress[:i] if "method" in x]
-            stages.append({"after": before, "finetune": info, "val": evaluate(effective, f"eval stage {i}")})
+            stages.append({"after": before, "finetune": info, "val": evaluate(effective, f"eval stage {i}", graphdef)})
             continue
         effective = core.chain(*ts).apply(raw, tuple(states)) if ts else raw
         states.append(part.init(effective, jax.random.fold_in(key, len(ts)), calib))

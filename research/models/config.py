@@ -52,6 +52,8 @@ class ModelConfig:
       sliding_window: each query sees at most this many keys, itself included (Mistral); None means all.
       dropout: dropout rate on embeddings and residual branches (only when a dropout key is given).
       dtype: compute dtype; parameters always stay float32 (master weights).
+      act_bits: fake-quantize the input of every block linear layer per token to this many bits (2..16, W8A8
+        studies; `compress.quant.act`); None: full precision.
     """
 
     vocab_size: int = 256
@@ -84,6 +86,7 @@ class ModelConfig:
     sliding_window: int | None = None
     dropout: float = 0.0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    act_bits: int | None = None
 
     def __post_init__(self):
         def need(ok, msg):
@@ -118,6 +121,10 @@ class ModelConfig:
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         need(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(
+            self.act_bits is None or (is_int(self.act_bits) and 2 <= self.act_bits <= 16),
+            f"act_bits must be an integer in 2..16 or None, got {self.act_bits!r}",
+        )
         need(
             self.rope_scaling in (None, "linear", "llama3"),
             f"rope_scaling must be None, 'linear' or 'llama3', got {self.rope_scaling!r}",

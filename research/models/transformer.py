@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from research.compress.quant import act as act_quant
 from research.models import config as config_lib
 
 _ACTIVATIONS = {
@@ -190,16 +191,20 @@ def tap_inputs():
 
 
 class Linear(nnx.Linear):
-    """`nnx.Linear` whose input can be recorded with `tap_inputs` under the name `tap`."""
+    """`nnx.Linear` whose input can be recorded with `tap_inputs` under the name `tap`, and fake-quantized per
+    token to `act_bits` bits (`compress.quant.act`; None: left alone). The recorded input is the one before
+    activation quantization."""
 
-    def __init__(self, *args, tap: str, **kwargs):
+    def __init__(self, *args, tap: str, act_bits: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tap = tap
+        self.tap, self.act_bits = tap, act_bits
 
     def __call__(self, x):
         taps = _TAPS.get()
         if taps is not None:
             taps[self.tap] = x
+        if self.act_bits is not None:
+            x = act_quant.quantize_per_token(x, self.act_bits)
         return super().__call__(x)
 
 
@@ -214,6 +219,7 @@ def _linear(din, dout, cfg, rngs, std, bias, tap):
         bias_init=nnx.initializers.zeros,
         rngs=rngs,
         tap=tap,
+        act_bits=cfg.act_bits,
     )
 
 

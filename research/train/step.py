@@ -73,7 +73,8 @@ def make_train_step(
       apply_fn: see `loss_fn`.
       transform: a compression `core.Transform` to fine-tune under: the state then has a "compress" entry, the
         forward pass sees `transform.apply(params, state["compress"])`, masks go to the optimizer (which must be
-        wrapped in `core.keep_masked` when the transform masks), and `transform.update` runs after each step.
+        wrapped in `core.keep_masked` when the transform masks), `transform.learn` (when set) takes a step on the
+        state's trained leaves with their gradients, and `transform.update` runs after each step.
     """
     key = jax.random.key(seed)
     if transform is not None and apply_fn is not None:
@@ -82,8 +83,16 @@ def make_train_step(
     def step(state, batch):
         rng = jax.random.fold_in(key, state["step"]) if dropout else None
         cstate = state.get("compress")
-        fn = apply_fn if transform is None else (lambda p: transform.apply(p, cstate))
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], graphdef, batch, rng, fn)
+        if transform is not None and transform.learn is not None:  # trained state leaves: differentiate them too
+            loss, (grads, sgrads) = jax.value_and_grad(
+                lambda p, s: loss_fn(p, graphdef, batch, rng, lambda q: transform.apply(q, s)),
+                argnums=(0, 1),
+                allow_int=True,
+            )(state["params"], cstate)
+            cstate = transform.learn(cstate, sgrads, state["step"] + 1)
+        else:
+            fn = apply_fn if transform is None else (lambda p: transform.apply(p, cstate))
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"], graphdef, batch, rng, fn)
         masks = None if transform is None else transform.masks(cstate)
         if masks is None:
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -214,6 +214,11 @@ def export(
 
     if dtype not in config_lib.DTYPES:
         raise errors.UserError(f"export dtype must be one of {config_lib.DTYPES}, got {dtype!r}")
+    if cfg.act_bits is not None:
+        raise errors.UserError(
+            f"this model fake-quantizes its linear inputs to {cfg.act_bits} bits (act_bits), which a Hugging Face "
+            "config.json cannot express; export the model compressed without the act_quant entry instead"
+        )
     try:
         model_type = model_type or families.default_model_type(cfg)
         hf_cfg = transformers.AutoConfig.for_model(model_type, **families.hf_config_dict(cfg, model_type))
