@@ -10,18 +10,24 @@ Quantized leaves: the linear kernels inside the blocks (`core.BLOCK_KERNELS`); e
 float32 and are not counted in the bits per weight.
 
 Rows (protocol as in prune_study.py: validation split, windows of the model's context, stride = context):
-- codebook/<granularity>: weighted k-means (linear init, 30 iterations), 2**bits centroids per output channel
-  ("channel") or per tensor ("tensor"). "oneshot" is the k-means codebook as fitted (the untrained variant);
-  "finetuned" is after fine-tuning with trained=True (centroids trained by SGD, lr 1e-4, on the summed gradients
-  of their weights, indices fixed; Deep Compression).
+- codebook/<granularity>: weighted k-means (linear init, Lloyd until no centroid moves, at most 300 iterations),
+  2**bits centroids per output channel ("channel") or per tensor ("tensor"). "oneshot" is the k-means codebook as
+  fitted; "finetuned" is after fine-tuning with trained=True (centroids trained by SGD, lr 1e-4, on the summed
+  gradients of their weights, indices fixed; Deep Compression); "finetuned_static" is the control: the same
+  fine-tuning with the codebook held fixed (trained=False), so only the unshared parameters (embeddings, norms,
+  biases) move. The gap between the two is what training the centroids adds.
 - rtn/<granularity>, gptq/<granularity>: one-shot only (RTN's apply passes no gradient; fine-tune with QAT).
   GPTQ: calibration 128 training windows of 64 characters, seed 0 (as prune_study), blocksize 128, 1% damping,
   no act-order.
 - qat/channel: "oneshot" is the fake-quantized dense model (the same grid as RTN channel); "finetuned" is after
   QAT fine-tuning, evaluated with its fake-quantized effective weights (scales refitted after every step).
-Fine-tuning (codebook, QAT and the dense control row): AdamW lr 3e-4 -> 3e-5, no weight decay, batch 12 x 64,
-200 steps, the same batches for every row (prune_study's settings). To keep the run under ~20 minutes on 2 shared
-CPU cores, the fine-tuned rows (trained codebooks, QAT) are run at 2, 3, 4 and 8 bits only (--finetune-bits); the
+- lsq/channel: QAT with learned step sizes (`qat(learn_scale=True)`, Adam on log(scale), lr 1e-3), starting from
+  the min/max scales; "finetuned" as for QAT.
+- gptq+a8/channel: GPTQ channel weights and the input of every block linear layer fake-quantized per token to 8
+  bits (W{bits}A8, `quant.act`); one-shot. The bits per weight are GPTQ's (activations store nothing).
+Fine-tuning (codebook, QAT, LSQ and the dense control row): AdamW lr 3e-4 -> 3e-5, no weight decay, batch 12 x 64,
+200 steps, the same batches for every row (prune_study's settings). To keep the run under ~30 minutes on 2 shared
+CPU cores, the fine-tuned rows (codebooks, QAT, LSQ) are run at 2, 3, 4 and 8 bits only (--finetune-bits); the
 one-shot rows cover every bit width 2..8.
 
 Effective bits per weight = (bits x number of codes or indices + 32 x float32 scales or codebook entries + 8 x uint8
@@ -48,13 +54,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from research import config as config_lib  # noqa: E402
-from research import log, sources  # noqa: E402
+from research import log, models, sources  # noqa: E402
 from research.compress import calib, core, finetune, registry  # noqa: E402
 from research.data import dataset, tokenizers  # noqa: E402
 from research.eval import metrics  # noqa: E402
 from research.train import loop  # noqa: E402
 
 GROUP_SIZE = 32  # divides d_model 128 and d_ff 512, the input dims of every block kernel
+LSQ_LR = 1e-3  # Adam on log(scale): about 0.1% per step, so up to ~20% over the 200 fine-tuning steps
 
 
 def _model(path: Path):
@@ -107,7 +114,7 @@ def formula_bits(method: str, bits: int, granularity: str, shapes: list) -> floa
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "runs/shakespeare_char_cpu"), help="trained run directory")
-    p.add_argument("--methods", default="codebook,rtn,gptq,qat")
+    p.add_argument("--methods", default="codebook,rtn,gptq,qat,lsq,gptq+a8")
     p.add_argument("--bits", default="2,3,4,5,6,7,8")
     p.add_argument("--codebook-granularities", default="channel,tensor")
     p.add_argument("--grid-granularities", default="tensor,channel,group", help="for rtn and gptq")
@@ -132,8 +139,8 @@ def main(argv=None) -> int:
     flat = core.touched(m.params)
     shapes = [tuple(flat[p].shape) for p in core.select(m.params, core.BLOCK_KERNELS)]
 
-    def evaluate(params):
-        r = metrics.evaluate(m.graphdef, params, splits.val, tok.token_bytes, protocol, batch_size=256)
+    def evaluate(params, graphdef=m.graphdef):
+        r = metrics.evaluate(graphdef, params, splits.val, tok.token_bytes, protocol, batch_size=256)
         return {k: r[k] for k in ("loss", "bits_per_byte", "accuracy")}
 
     dense = evaluate(m.params)
@@ -147,18 +154,26 @@ def main(argv=None) -> int:
         dense_ft = None
     print(f"dense: {dense}; dense fine-tuned {args.finetune_steps} steps: {dense_ft}", flush=True)
 
-    plan = []  # (method, granularity, kwargs, fine-tune?)
+    # (label, registry method, granularity, kwargs, fine-tune?, activation bits)
+    plan = []
     for method in args.methods.split(","):
         if method == "codebook":
             for g in args.codebook_granularities.split(","):
-                plan.append((method, g, dict(granularity=g, trained=True), True))
+                plan.append((method, method, g, dict(granularity=g, trained=True), True, None))
         elif method in ("rtn", "gptq"):
             for g in args.grid_granularities.split(","):
-                plan.append((method, g, dict(granularity=g, group_size=GROUP_SIZE, symmetric=True), False))
+                kw = dict(granularity=g, group_size=GROUP_SIZE, symmetric=True)
+                plan.append((method, method, g, kw, False, None))
         elif method == "qat":
-            plan.append((method, "channel", dict(granularity="channel", symmetric=True), True))
+            plan.append((method, method, "channel", dict(granularity="channel", symmetric=True), True, None))
+        elif method == "lsq":
+            kw = dict(granularity="channel", symmetric=True, learn_scale=True, scale_lr=LSQ_LR)
+            plan.append((method, "qat", "channel", kw, True, None))
+        elif method == "gptq+a8":
+            plan.append((method, "gptq", "channel", dict(granularity="channel", symmetric=True), False, 8))
         else:
-            raise SystemExit(f"unknown method {method!r} (codebook, rtn, gptq, qat)")
+            raise SystemExit(f"unknown method {method!r} (codebook, rtn, gptq, qat, lsq, gptq+a8)")
+    act_graph = models.abstract(m.cfg.replace(act_bits=8))[0]
 
     n_quant = sum(a * b for a, b in shapes)
 
@@ -174,7 +189,9 @@ def main(argv=None) -> int:
             settings=dict(
                 group_size=GROUP_SIZE,
                 symmetric=True,
-                codebook=dict(init="linear", iters=30, lr=1e-4, trained_in_finetune=True),
+                codebook=dict(init="linear", iters=300, lr=1e-4, trained_in_finetune=True),
+                lsq=dict(scale_lr=LSQ_LR, optimizer="adam on log(scale)"),
+                gptq_a8="gptq channel weights, inputs of every block linear fake-quantized per token to 8 bits",
                 gptq=dict(blocksize=128, percdamp=0.01, act_order=False),
             ),
             finetune=dict(ft.to_dict()),
@@ -190,7 +207,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for method, gran, kw, tune in plan:
+    for label, method, gran, kw, tune, a_bits in plan:
+        graphdef = m.graphdef if a_bits is None else act_graph
         for bits in bits_list:
             t = registry.make(method, bits=bits, **kw)
             t0 = time.time()
@@ -202,11 +220,17 @@ def main(argv=None) -> int:
             size = state_bits(method, bits, state, m.params)
             expected = formula_bits(method, bits, gran, shapes)
             assert abs(size["bits_per_weight"] - expected) < 1e-9, (method, gran, bits, size, expected)
-            row = dict(method=method, granularity=gran, bits=bits, bits_per_weight=size["bits_per_weight"])
-            row.update(size=size, init_seconds=seconds, oneshot=evaluate(effective))
+            row = dict(method=label, granularity=gran, bits=bits, bits_per_weight=size["bits_per_weight"])
+            row.update(size=size, init_seconds=seconds, oneshot=evaluate(effective, graphdef))
+            if a_bits is not None:
+                row["act_bits"] = a_bits
             if tune and args.finetune_steps and bits in ft_bits:
-                params, state, info = finetune.finetune(m.graphdef, m.params, t, state, batches, ft)
-                row.update(finetuned=evaluate(t.apply(params, state)), finetune_seconds=info["seconds"])
+                params, st, info = finetune.finetune(graphdef, m.params, t, state, batches, ft)
+                row.update(finetuned=evaluate(t.apply(params, st), graphdef), finetune_seconds=info["seconds"])
+                if method == "codebook":  # the control: the same fine-tuning with the codebook held fixed
+                    static = registry.make(method, bits=bits, **{**kw, "trained": False})
+                    params, st, _ = finetune.finetune(graphdef, m.params, static, state, batches, ft)
+                    row["finetuned_static"] = evaluate(static.apply(params, st), graphdef)
             rows.append(row)
             brief = {k: v for k, v in row.items() if k != "size"}
             print(json.dumps(brief), flush=True)
@@ -222,12 +246,13 @@ def main(argv=None) -> int:
 def table(result: dict) -> None:
     d, dft = result["dense"]["loss"], result["dense_finetuned"]
     print(f"dense {d:.4f}" + (f", dense fine-tuned {dft['loss']:.4f}" if dft else "") + " (nats/char)")
-    print(f"{'method':<10} {'gran':<8} {'bits':>4} {'bits/w':>7} {'oneshot':>8} {'finetuned':>9}")
+    print(f"{'method':<10} {'gran':<8} {'bits':>4} {'bits/w':>7} {'oneshot':>8} {'finetuned':>9} {'static':>8}")
     for r in result["rows"]:
         ftl = f"{r['finetuned']['loss']:9.4f}" if "finetuned" in r else f"{'-':>9}"
+        stl = f"{r['finetuned_static']['loss']:8.4f}" if "finetuned_static" in r else f"{'-':>8}"
         print(
             f"{r['method']:<10} {r['granularity']:<8} {r['bits']:>4} {r['bits_per_weight']:7.3f} "
-            f"{r['oneshot']['loss']:8.4f} {ftl}"
+            f"{r['oneshot']['loss']:8.4f} {ftl} {stl}"
         )
 
 
@@ -239,7 +264,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(10, 6))
-    colors = {"codebook": "C0", "rtn": "C1", "gptq": "C2", "qat": "C3"}
+    colors = {"codebook": "C0", "rtn": "C1", "gptq": "C2", "qat": "C3", "lsq": "C4", "gptq+a8": "C5"}
     styles = {"tensor": ":", "channel": "-", "group": "-."}
     series = dict.fromkeys((r["method"], r["granularity"]) for r in result["rows"])
     for method, gran in series:
@@ -247,9 +272,13 @@ def plot(result: dict, path: Path) -> None:
             (r for r in result["rows"] if (r["method"], r["granularity"]) == (method, gran)),
             key=lambda r: r["bits_per_weight"],
         )
-        stages = [("finetuned", "fine-tuned", "s")] if method == "qat" else [("oneshot", "one-shot", "o")]
+        stages = [("finetuned", "fine-tuned", "s")] if method in ("qat", "lsq") else [("oneshot", "one-shot", "o")]
         if method == "codebook":
-            stages = [("oneshot", "untrained", "o"), ("finetuned", "trained", "s")]
+            stages = [
+                ("oneshot", "untrained", "o"),
+                ("finetuned_static", "static + FT", "^"),
+                ("finetuned", "trained", "s"),
+            ]
         for stage, label, marker in stages:
             xs = [(r["bits_per_weight"], r[stage]["loss"]) for r in rows if stage in r]
             if xs:

@@ -265,8 +265,19 @@ def test_codebook_entries_can_be_stored_in_half_precision():
         eff = np.asarray(t.apply(params, state)["a"]["kernel"])
         np.testing.assert_array_equal(eff, eff.astype(dtype).astype(np.float32))  # every value is a stored entry
         assert len(np.unique(eff[:, 0])) <= 8
+    # int8 entries: every column's values are integer multiples of its own scale max|entry| / 127.
+    t = codebook.codebook(3, where="a/kernel", granularity="channel", entry_dtype="int8")
+    state = t.init(params, jax.random.key(0), None)
+    eff = np.asarray(t.apply(params, state)["a"]["kernel"], np.float64)
+    scale = np.abs(np.asarray(state["codebook"]["a"]["kernel"])).max(1) / 127  # (8,) one per column
+    codes = eff / scale[None, :]
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
+    assert np.abs(codes).max() <= 127 + 1e-4
+    full = codebook.codebook(3, where="a/kernel", granularity="channel")  # same fit, float32 entries
+    exact = np.asarray(full.apply(params, full.init(params, jax.random.key(0), None))["a"]["kernel"])
+    assert 0 < np.abs(eff - exact).max() <= scale.max() / 2 * (1 + 1e-5)  # rounded by at most half a step
     with pytest.raises(errors.UserError, match="entry_dtype must be one of"):
-        codebook.codebook(3, entry_dtype="int8")
+        codebook.codebook(3, entry_dtype="int4")
 
 
 def test_fisher_weighted_codebooks_follow_the_sensitive_weights():

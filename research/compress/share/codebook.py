@@ -34,7 +34,7 @@ from research.compress import core
 from research.compress.share import kmeans
 
 GRANULARITIES = ("tensor", "channel", "group")
-ENTRY_DTYPES = ("float32", "float16", "bfloat16")
+ENTRY_DTYPES = ("float32", "float16", "bfloat16", "int8")
 WEIGHTINGS = ("none", "fisher")
 
 
@@ -94,9 +94,10 @@ def codebook(
       trained: fine-tune the centroids with the summed gradients of their weights (else static).
       lr: SGD learning rate of the centroids.
       reassign_every: re-assign weights to the nearest centroid every this many steps (None: never).
-      entry_dtype: the dtype the codebook entries are stored in ("float32", "float16" or "bfloat16"; Deep
-        Compression's "quantize the codebook"): the forward pass uses the entries rounded to it, while the state
-        keeps float32 entries so that training can move them by less than the rounding step.
+      entry_dtype: how the codebook entries are stored ("float32", "float16", "bfloat16", or "int8": a symmetric
+        8-bit grid per codebook, scale = max|entry| / 127; Deep Compression's "quantize the codebook"): the forward
+        pass uses the entries rounded to it, while the state keeps float32 entries so that training can move them
+        by less than the rounding step.
       weighting: "none", or "fisher": weighted k-means with each weight's diagonal Fisher information from the
         calibration data (`calib.fisher`) as its weight, as SqueezeLLM does; needs calibration data.
 
@@ -149,7 +150,7 @@ def codebook(
         }
 
     def shared(cb, idx, keep, dtype):
-        cb = cb.astype(entry_dtype).astype(jnp.float32)  # the stored precision of the entries
+        cb = stored_entries(cb, entry_dtype)
         rows = to_problems(idx, granularity, group_size).astype(jnp.int32)  # (P, n)
         w = from_problems(jnp.take_along_axis(cb, rows, axis=1), idx.shape, granularity)
         return jnp.where(keep, w, 0.0).astype(dtype)
@@ -189,6 +190,17 @@ def codebook(
 
 def _none(x):
     return x is None
+
+
+def stored_entries(cb, entry_dtype: str):
+    """The codebook entries (P, k) as stored: rounded to `entry_dtype`, or for "int8" to the codes round(c / s)
+    with one scale s = max|c| / 127 per codebook (a codebook of zeros keeps s = 1). Returns float32 (P, k)."""
+    cb = cb.astype(jnp.float32)
+    if entry_dtype != "int8":
+        return cb.astype(entry_dtype).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(cb), axis=1, keepdims=True)  # (P, 1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(cb / scale), -127, 127) * scale
 
 
 def centroid_grads(cb, g, idx, keep, granularity: str, group_size: int):
