@@ -4,7 +4,8 @@
 CPython's pydoc topics for a few minutes of CPU, evaluates validation loss and bits per byte, then prunes the
 block linear layers to 50% with magnitude and with Wanda (calibrated on 128 training windows), fine-tunes each
 briefly with the masks held, shares its weights through 4-bit codebooks (trained centroids, fine-tuned briefly)
-and quantizes them to 4 bits with GPTQ (one-shot), and prints sparsity against validation bits per byte. Everything
+and quantizes them to 4 bits with GPTQ (one-shot) and to W8A8 (8-bit GPTQ weights, 8-bit per-token activations),
+and prints sparsity against validation bits per byte. Everything
 lands in the run
 directory: checkpoints, config.json, metrics.jsonl, summary.json, loss.png, and one `compress-<method>/` directory
 per pruned model (loadable with `ziplm eval --model`). Config overrides work as for `train`
@@ -29,15 +30,21 @@ ROWS = [
     ("wanda 50%", dict(method="wanda", sparsity=0.5), 100),
     ("codebook 4-bit", dict(method="codebook", bits=4, granularity="channel", lr=1e-3), 100),
     ("gptq 4-bit g32", dict(method="gptq", bits=4, granularity="group", group_size=32), 0),
+    (
+        "w8a8 (gptq + act_quant)",
+        [dict(method="gptq", bits=8, granularity="channel"), dict(method="act_quant", bits=8)],
+        0,
+    ),
 ]
 FINETUNE_STEPS = 100
 
 
 def compress_config(run_dir: Path, spec: dict, steps: int = FINETUNE_STEPS):
-    """The compress config of one demo row: `spec` on the trained run, fine-tuned `steps` steps at a low lr."""
+    """The compress config of one demo row: `spec` (one entry or a list) on the trained run, fine-tuned `steps`
+    steps at a low lr."""
     c = pipeline.base_config()
     c.model = str(run_dir)
-    c.compress = [dict(spec)]
+    c.compress = [dict(x) for x in spec] if isinstance(spec, list) else [dict(spec)]
     c.calibration.update(n=128, length=128, batch_size=32)
     c.finetune.update(steps=steps, lr=3e-4, min_lr=3e-5, warmup_steps=10, log_every=10)
     c.wandb.mode = "disabled"

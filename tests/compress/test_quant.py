@@ -188,3 +188,32 @@ def test_non_finite_weights_are_user_errors_naming_the_leaf(bad, make):
     params["layers"][0]["mlp"]["up"]["kernel"] = params["layers"][0]["mlp"]["up"]["kernel"].at[3, 5].set(bad)
     with pytest.raises(errors.UserError, match="layers/0/mlp/up/kernel holds NaN or Inf"):
         make(4).init(params, jax.random.key(0), None)
+
+
+def test_qat_composes_with_masks_and_codebooks():
+    # prune -> share (trained centroids) -> fake-quantize: the gradient reaches the centroids through QAT's
+    # straight-through estimator, pruned weights stay exactly zero, the forward pass sees QAT's grid.
+    from research.compress.share import codebook
+
+    graphdef, params = tiny()
+    t = core.chain(magnitude.magnitude(0.5), codebook.codebook(4, lr=1e-2), qat.qat(8))
+    cstate = t.init(params, jax.random.key(0), None)
+    books0 = {p: np.asarray(b) for p, b in core.touched(cstate[1]["codebook"]).items()}
+    tx = core.keep_masked(optax.adam(1e-2))
+    state = {**train_step.init_state(params, tx), "compress": cstate}
+    step = train_step.make_train_step(graphdef, tx, seed=0, dropout=False, transform=t)
+    tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    cs = state["compress"]
+    eff, masks = core.touched(t.apply(state["params"], cs)), core.touched(t.masks(cs))
+    for p, book in core.touched(cs[1]["codebook"]).items():
+        assert np.abs(np.asarray(book) - books0[p]).max() > 0  # the centroids trained
+        assert (np.asarray(eff[p])[~np.asarray(masks[p])] == 0).all()
+        s, z = np.asarray(core.touched(cs[2]["scale"])[p]), np.asarray(core.touched(cs[2]["zero"])[p], np.float32)
+        q = np.asarray(eff[p]) / s[None] + z[None]
+        np.testing.assert_allclose(q, np.round(q), atol=1e-3)
