@@ -7,3 +7,8 @@ message on one line and exits with status 2; library callers catch it like any e
 
 class UserError(Exception):
     """An error in the user's input; its message names the problem and the fix."""
+
+
+class CorruptData(UserError):
+    """A file or stream that fails its checks (truncated, a flipped bit, a wrong magic or version); the message
+    names what is wrong and where."""
