@@ -8,9 +8,12 @@
     ziplm export --model SRC --out DIR [--model-type gpt2|llama|...] [--dtype float32|bfloat16|float16] [--overwrite]
     ziplm compress --config experiments/configs/prune.py:wanda [--model SRC] [--workdir DIR] [--overwrite]
                 [--config.compress.0.sparsity=0.6 ...]
+    ziplm pack  --model SRC --out FILE.zlm [--overwrite] [--json OUT]
+    ziplm unpack FILE.zlm --out DIR [--overwrite]
+    ziplm inspect FILE.zlm [--leaves] [--json OUT]
 
-SRC is a run directory (ours), a compressed model directory (from `compress`), a Hugging Face checkpoint directory
-(config.json + safetensors), or a hub id.
+SRC is a run directory (ours), a compressed model directory (from `compress`), a packed model file (from `pack`),
+a Hugging Face checkpoint directory (config.json + safetensors), or a hub id.
 
 A mistake in the input (a missing file, an unknown config key, a bad value) prints one line, "error: ...", and
 exits with status 2; an interrupted run exits with 130 after saving a checkpoint.
@@ -163,6 +166,44 @@ def _compress(args, overrides) -> int:
     return 0
 
 
+def _pack(args, overrides) -> int:
+    from research.coding import packed
+
+    _no_extra(overrides, "pack")
+    rep = packed.pack_model(args.model, args.out, step=args.step, overwrite=args.overwrite)
+    print(packed.table(rep))
+    print(f"packed {args.model} into {rep['file']}")
+    if args.json:
+        packed.write_json(rep, args.json)
+    return 0
+
+
+def _unpack(args, overrides) -> int:
+    from research.coding import packed
+
+    _no_extra(overrides, "unpack")
+    out = packed.unpack_model(args.file, args.out, overwrite=args.overwrite)
+    print(f"unpacked {args.file} into {out} (every checksum verified; ziplm eval --model {out})")
+    return 0
+
+
+def _inspect(args, overrides) -> int:
+    from research.coding import packed
+
+    _no_extra(overrides, "inspect")
+    rep = packed.inspect(args.file)
+    m = rep["meta"]
+    model = m.get("model", {})
+    print(
+        f"{args.file}: format version {1}, source {m.get('source')} ({m.get('source_kind')}), tokenizer "
+        f"{m.get('tokenizer')}, {model.get('n_layer')} layers x {model.get('d_model')}, checksums verified"
+    )
+    print(packed.table(rep, leaves=args.leaves))
+    if args.json:
+        packed.write_json(rep, args.json)
+    return 0
+
+
 def _no_extra(overrides, command):
     if overrides:
         raise errors.UserError(f"unrecognised argument {overrides[0]!r} for {command} (see ziplm {command} --help)")
@@ -259,6 +300,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="the model to compress (overrides the config's model)")
     c.add_argument("--workdir", help="output directory (default runs/<config name>); must be new or empty")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --workdir")
+    k = sub.add_parser("pack", help="pack a model into one file of entropy-coded, bit-exact sections")
+    k.add_argument("--model", required=True, help="run, compressed directory, HF directory or hub id")
+    k.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
+    k.add_argument("--out", required=True, help="the file to write (e.g. model.zlm)")
+    k.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    k.add_argument("--json", help="also write the report to this JSON file")
+    u = sub.add_parser("unpack", help="unpack a packed model into a directory that eval and compress load")
+    u.add_argument("file", help="a file written by ziplm pack")
+    u.add_argument("--out", required=True, help="directory to write (must be new or empty, unless --overwrite)")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
+    i = sub.add_parser("inspect", help="list a packed model's contents and sizes without decoding it")
+    i.add_argument("file", help="a file written by ziplm pack")
+    i.add_argument("--leaves", action="store_true", help="one row per parameter leaf")
+    i.add_argument("--json", help="also write the report to this JSON file")
     return p
 
 
@@ -279,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         "sample": _sample,
         "export": _export,
         "compress": _compress,
+        "pack": _pack,
+        "unpack": _unpack,
+        "inspect": _inspect,
     }
     try:
         return handlers[args.command](args, rest)

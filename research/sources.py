@@ -4,6 +4,7 @@ m = sources.load("runs/demo")              # our orbax checkpoint (latest step, 
 m = sources.load("path/to/opt-125m")       # config.json + safetensors
 m = sources.load("EleutherAI/pythia-70m")  # downloaded when a network is available
 m = sources.load("runs/pruned")            # a compressed model written by `ziplm compress`
+m = sources.load("pruned.zlm")             # a packed model written by `ziplm pack`
 logits = models.merge(m.graphdef, m.params)(tokens)
 """
 
@@ -23,7 +24,7 @@ class Model:
     Attributes:
       cfg: the model config; graphdef, params: as `models.split` returns them.
       tokenizer: a tokenizer spec, or None when the source has none.
-      kind: "run", "hf" or "compressed".
+      kind: "run", "hf", "compressed" or "packed".
       source: what was asked for; step: the checkpoint step of a run (None for HF).
       run_config: the run's ConfigDict (None for HF), with its corpus, eval settings and seed.
       model_type: the Hugging Face family (for HF sources), used again on export.
@@ -52,8 +53,17 @@ def load(source: str, step: int | None = None, dtype: str | None = None) -> Mode
       step: checkpoint step of a run (default: the latest); not allowed for HF sources.
       dtype: compute dtype for HF checkpoints (default float32); runs keep their configured dtype.
     """
+    from research.coding import packed
     from research.compress import pipeline
 
+    if packed.is_packed(source):
+        if step is not None:
+            raise errors.UserError(f"--step applies to run directories; {source} is a packed model")
+        from research import config as run_config
+
+        meta, cfg, graphdef, params = packed.load(source)
+        run_cfg = run_config.from_dict(meta["run_config"]) if meta.get("run_config") else None
+        return Model(cfg, graphdef, params, meta.get("tokenizer"), "packed", source, None, run_cfg)
     if pipeline.is_compressed(source):
         if step is not None:
             raise errors.UserError(f"--step applies to run directories; {source} is a compressed model")

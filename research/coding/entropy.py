@@ -8,7 +8,8 @@ when that is smaller (near-uniform symbols, tiny streams). The byte layout, litt
     u32 n          number of symbols
     u16 alphabet   symbols are in [0, alphabet), 1..65536 (stored as alphabet - 1)
     raw:  n symbols as uint8 (alphabet <= 256) or uint16
-    ANS:  u16 m, then m (u16 symbol, u32 count) pairs for the symbols that occur, then the ANS words (uint32)
+    ANS:  u16 lo, u32 m: the counts of the symbols lo .. lo + m - 1 (the range the stream uses), as LEB128
+          varints, then u32 bytes of varints, the varints, then the ANS words (uint32)
 
 Probabilities are the counts divided by n in float64, which constriction quantizes deterministically, so the
 encoder and the decoder build the same model from the same counts. `entropy_bits` is the lower bound a stream
@@ -64,6 +65,42 @@ def _model(counts: np.ndarray):
     return constriction.stream.model.Categorical(p / p.sum(), perfect=False)
 
 
+def varints(values) -> bytes:
+    """Non-negative integers (< 2**63) as LEB128 varints: 7 bits a byte, the high bit set on all but the last."""
+    v = np.asarray(values, np.uint64).ravel()
+    if not v.size:
+        return b""
+    nbytes = np.ones(v.size, np.int64)
+    for k in range(1, 10):
+        nbytes += (v >> np.uint64(7 * k)) > 0
+    total = int(nbytes.sum())
+    out = np.zeros(total, np.uint8)
+    starts = np.concatenate([[0], np.cumsum(nbytes)[:-1]])
+    for k in range(int(nbytes.max())):
+        has = nbytes > k
+        byte = (v[has] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (nbytes[has] > k + 1).astype(np.uint8) << 7
+        out[starts[has] + k] = byte.astype(np.uint8) | more
+    return out.tobytes()
+
+
+def from_varints(data, count: int) -> np.ndarray:
+    """The first `count` varints of `data` (uint64), and nothing else may follow (CorruptData otherwise)."""
+    b = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(b < 0x80)
+    if len(ends) != count or (count and ends[-1] != len(b) - 1):
+        raise errors.CorruptData(f"a coded stream's table holds {len(ends)} counts, expected {count}")
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if count and lengths.max() > 9:
+        raise errors.CorruptData("a coded stream's table has an oversized count")
+    out = np.zeros(count, np.uint64)
+    for k in range(int(lengths.max()) if count else 0):
+        has = lengths > k
+        out[has] |= (b[starts[has] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    return out
+
+
 def encode(symbols, alphabet: int) -> bytes:
     """The stream's bytes (see the module docstring): ANS against its histogram, or raw when that is smaller."""
     s = np.asarray(symbols).ravel()
@@ -71,23 +108,26 @@ def encode(symbols, alphabet: int) -> bytes:
         raise ValueError(f"alphabet must be in 1..65536, got {alphabet}")
     if s.size and (s.min() < 0 or s.max() >= alphabet):
         raise ValueError(f"symbols must lie in [0, {alphabet}), got [{s.min()}, {s.max()}]")
+    head = _HEAD.pack(ANS, s.size, alphabet - 1)
+    if not s.size:
+        return head + struct.pack("<HI", 0, 0) + struct.pack("<I", 0)
+    lo, hi = int(s.min()), int(s.max())
+    counts = histogram(s, alphabet)[lo : hi + 1]
+    table = varints(counts)
+    table = struct.pack("<HI", lo, len(counts)) + struct.pack("<I", len(table)) + table
+    if lo == hi:  # one distinct symbol: the table says it all
+        return head + table
     raw_dtype = np.uint8 if alphabet <= 256 else np.uint16
     raw = _HEAD.pack(RAW, s.size, alphabet - 1) + s.astype(raw_dtype).tobytes()
-    counts = histogram(s, alphabet)
-    used = np.flatnonzero(counts)
-    if len(used) <= 1:  # zero or one distinct symbol: the table says it all
-        table = struct.pack("<H", len(used)) + b"".join(struct.pack("<HI", u, counts[u]) for u in used)
-        return _HEAD.pack(ANS, s.size, alphabet - 1) + table
+    if len(table) + len(head) >= len(raw):
+        return raw
     import constriction
 
-    # Map the used symbols to 0..m-1 so the model's size is the number of distinct symbols, not the alphabet.
-    dense = np.searchsorted(used, s).astype(np.int32)
+    used = counts > 0
+    dense = (np.cumsum(used) - 1)[s - lo].astype(np.int32)  # symbols renumbered over the ones that occur
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(dense, _model(counts[used]))
-    words = coder.get_compressed()
-    pairs = np.empty(len(used), dtype=[("s", "<u2"), ("c", "<u4")])
-    pairs["s"], pairs["c"] = used, counts[used]
-    ans = _HEAD.pack(ANS, s.size, alphabet - 1) + struct.pack("<H", len(used)) + pairs.tobytes() + words.tobytes()
+    ans = head + table + coder.get_compressed().tobytes()
     return ans if len(ans) < len(raw) else raw
 
 
@@ -104,42 +144,44 @@ def decode(data: bytes) -> np.ndarray:
         if len(body) != n * np.dtype(dtype).itemsize:
             raise errors.CorruptData(f"a raw stream holds {len(body)} bytes for {n} symbols")
         out = np.frombuffer(body, dtype).astype(np.int64)
-    elif coder == ANS:
-        if len(body) < 2:
-            raise errors.CorruptData("a coded stream has no symbol table")
-        (m,) = struct.unpack_from("<H", body, 0)
-        table_end = 2 + 6 * m
-        if len(body) < table_end:
-            raise errors.CorruptData("a coded stream's symbol table runs past its end")
-        pairs = np.frombuffer(body[2:table_end], dtype=[("s", "<u2"), ("c", "<u4")])
-        used, counts = pairs["s"].astype(np.int64), pairs["c"].astype(np.int64)
-        if counts.sum() != n or (m and (used.max() >= alphabet or np.any(np.diff(used) <= 0))):
-            raise errors.CorruptData("a coded stream's symbol table does not match its length")
-        if m <= 1:
-            return np.full(n, used[0] if m else 0, np.int64)
-        words = body[table_end:]
-        if len(words) % 4:
-            raise errors.CorruptData("a coded stream's payload is not whole 32-bit words")
-        import constriction
-
-        try:
-            dec = constriction.stream.stack.AnsCoder(np.frombuffer(words, np.uint32).copy())
-            dense = dec.decode(_model(counts), n)
-        except Exception as e:  # constriction reports exhausted or inconsistent data as a plain error
-            raise errors.CorruptData(f"a coded stream does not decode ({e})") from None
-        out = used[np.asarray(dense, np.int64)]
-    else:
+        if n and out.max() >= alphabet:
+            raise errors.CorruptData("a raw stream holds a symbol outside its alphabet")
+        return out
+    if coder != ANS:
         raise errors.CorruptData(f"unknown stream coder {coder}")
-    return out
+    if len(body) < 10:
+        raise errors.CorruptData("a coded stream has no symbol table")
+    lo, m, tlen = struct.unpack_from("<HII", body, 0)
+    if 10 + tlen > len(body) or lo + m > alphabet:
+        raise errors.CorruptData("a coded stream's symbol table runs past its end or its alphabet")
+    counts = from_varints(body[10 : 10 + tlen], m).astype(np.int64)
+    if int(counts.sum()) != n:
+        raise errors.CorruptData(f"a coded stream's counts add up to {int(counts.sum())}, not its length {n}")
+    used = np.flatnonzero(counts)
+    if len(used) <= 1:
+        return np.full(n, lo + (used[0] if len(used) else 0), np.int64)
+    words = body[10 + tlen :]
+    if len(words) % 4:
+        raise errors.CorruptData("a coded stream's payload is not whole 32-bit words")
+    import constriction
+
+    try:
+        dec = constriction.stream.stack.AnsCoder(np.frombuffer(words, np.uint32).copy())
+        dense = np.asarray(dec.decode(_model(counts[used]), n), np.int64)
+    except Exception as e:  # constriction reports exhausted or inconsistent data as a plain error
+        raise errors.CorruptData(f"a coded stream does not decode ({e})") from None
+    return lo + used[dense]
 
 
 def stats(symbols, alphabet: int, coded: bytes) -> dict:
-    """Sizes of one stream: coded bytes, the entropy bound, its table and the Huffman baseline, in bits."""
+    """Sizes of one stream, in bits: coded, the entropy bound, its table, and the Huffman code of the histogram."""
     counts = histogram(symbols, alphabet)
+    used = np.flatnonzero(counts)
+    table = varints(counts[used[0] : used[-1] + 1]) if len(used) else b""
     return dict(
         n=int(np.size(symbols)),
         coded_bits=8 * len(coded),
         entropy_bits=entropy_bits(counts),
-        table_bits=8 * (2 + 6 * int(np.count_nonzero(counts))),
+        table_bits=8 * len(table),
         huffman_bits=huffman_bits(counts),
     )

@@ -1,0 +1,179 @@
+"""The packed-model file: a versioned header (JSON) that lists every section, the sections, and checksums.
+
+Layout (little-endian), version 1:
+
+    offset 0     8 bytes   magic b"ZIPLMPK\\n"
+    8            u16       format version (1)
+    10           u16       reserved (0)
+    12           u64       H, the header's length in bytes
+    20           H bytes   the header: UTF-8 JSON (see below), zlib-compressed
+    20 + H       u32       CRC-32 of the header bytes
+    24 + H       ...       the sections, back to back (offsets in the header count from here)
+    end - 40     32 bytes  SHA-256 of every byte before it
+    end - 8      8 bytes   end magic b"ZIPLMEND"
+
+The header holds {"format": "ziplm-packed", "version": 1, "meta": {...}, "leaves": [...]}; each leaf records its
+path, shape, dtype, kind (see `pack`), the CRC-32 of its decoded bytes, and its sections as
+{"name": {"offset", "length", "crc32", "bound_bits"}}. So `read_header` lists the contents (and `inspect` their
+sizes) after reading only the header, and a reader checks, in order: the magic and version, that the header and
+every section lie inside the file, the header's CRC, each section's CRC before decoding it, and each decoded leaf's
+CRC after. `verify` also checks the whole-file SHA-256. Any failure raises `errors.CorruptData` naming what is
+wrong; nothing is decoded from bytes that failed a check.
+
+`write` writes to a temporary file beside the target and renames it into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+from research import errors
+
+MAGIC, END = b"ZIPLMPK\n", b"ZIPLMEND"
+VERSION = 1
+FORMAT = "ziplm-packed"
+_FIXED = struct.Struct("<8sHHQ")  # magic, version, reserved, header length
+FOOTER = 40
+
+
+def crc(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def write(path, meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]], *, overwrite: bool = False) -> int:
+    """Writes a packed file; returns its size in bytes.
+
+    Args:
+      path: the target file; an existing one is refused unless `overwrite`.
+      meta: JSON-able model metadata (config, tokenizer, source, ...).
+      leaves: per leaf, its JSON record without "sections" (path, shape, dtype, kind, crc32, ...).
+      blobs: per leaf, {section name: bytes}, in the order the sections are stored; a name may carry a
+        "bound_bits" entry in the leaf record's "bounds" dict.
+    """
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not overwrite:
+        raise errors.UserError(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise errors.UserError(f"the directory of {path} does not exist")
+    offset, records = 0, []
+    for leaf, sections in zip(leaves, blobs, strict=True):
+        bounds = leaf.pop("bounds", {})
+        entry = dict(leaf, sections={})
+        for name, data in sections.items():
+            entry["sections"][name] = dict(
+                offset=offset, length=len(data), crc32=crc(data), bound_bits=bounds.get(name)
+            )
+            offset += len(data)
+        records.append(entry)
+    header = zlib.compress(json.dumps(dict(format=FORMAT, version=VERSION, meta=meta, leaves=records)).encode(), 9)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f:
+
+            def put(b):
+                f.write(b)
+                digest.update(b)
+
+            put(_FIXED.pack(MAGIC, VERSION, 0, len(header)))
+            put(header)
+            put(struct.pack("<I", crc(header)))
+            for sections in blobs:
+                for data in sections.values():
+                    put(data)
+            f.write(digest.digest() + END)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+class Reader:
+    """An open packed file: the checked header, and the sections on demand (each CRC-checked)."""
+
+    def __init__(self, path):
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise errors.UserError(f"packed model {self.path} does not exist")
+        self.size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            fixed = f.read(_FIXED.size)
+            if len(fixed) < _FIXED.size:
+                raise errors.CorruptData(f"{self.path}: {self.size} bytes is too short for a packed model header")
+            magic, version, _, hlen = _FIXED.unpack(fixed)
+            if magic != MAGIC:
+                raise errors.CorruptData(f"{self.path} is not a ziplm packed model (wrong magic {magic!r})")
+            if version != VERSION:
+                raise errors.CorruptData(f"{self.path} is format version {version}; this ziplm reads version {VERSION}")
+            self.data_start = _FIXED.size + hlen + 4
+            if self.data_start + FOOTER > self.size:
+                raise errors.CorruptData(
+                    f"{self.path} is truncated: its header claims {hlen} bytes, the file has {self.size}"
+                )
+            raw = f.read(hlen)
+            (want,) = struct.unpack("<I", f.read(4))
+            if crc(raw) != want:
+                raise errors.CorruptData(f"{self.path}: the header fails its checksum (the file is damaged)")
+            f.seek(self.size - 8)
+            if f.read(8) != END:
+                raise errors.CorruptData(f"{self.path} is truncated or damaged: no end marker")
+        try:
+            self.header = json.loads(zlib.decompress(raw))
+        except (ValueError, zlib.error) as e:
+            raise errors.CorruptData(f"{self.path}: the header is not valid JSON ({e})") from None
+        if self.header.get("format") != FORMAT:
+            raise errors.CorruptData(f"{self.path}: header format {self.header.get('format')!r}, expected {FORMAT!r}")
+        self.data_end = self.size - FOOTER
+        for leaf in self.header["leaves"]:
+            for name, s in leaf["sections"].items():
+                if s["offset"] < 0 or self.data_start + s["offset"] + s["length"] > self.data_end:
+                    raise errors.CorruptData(
+                        f"{self.path}: section {name!r} of {leaf['path']} runs past the end of the file"
+                    )
+
+    @property
+    def meta(self) -> dict:
+        return self.header["meta"]
+
+    @property
+    def leaves(self) -> list[dict]:
+        return self.header["leaves"]
+
+    def section(self, leaf: dict, name: str) -> bytes:
+        """A section's bytes, after its CRC check."""
+        s = leaf["sections"][name]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + s["offset"])
+            data = f.read(s["length"])
+        if len(data) != s["length"] or crc(data) != s["crc32"]:
+            raise errors.CorruptData(
+                f"{self.path}: section {name!r} of {leaf['path']} fails its checksum (the file is damaged)"
+            )
+        return data
+
+    def verify(self) -> None:
+        """Checks the whole-file SHA-256 (CorruptData when it does not match)."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            remaining = self.size - FOOTER
+            while remaining:
+                chunk = f.read(min(remaining, 1 << 24))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                remaining -= len(chunk)
+            stored = f.read(32)
+        if digest.digest() != stored:
+            for leaf in self.leaves:  # name the damaged section when one of them is
+                for name in leaf["sections"]:
+                    self.section(leaf, name)
+            raise errors.CorruptData(f"{self.path}: the file fails its SHA-256 checksum (damaged or truncated)")

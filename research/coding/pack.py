@@ -1,0 +1,379 @@
+"""Packing a model into the fewest bytes and back, exactly: per parameter leaf, the smallest exact representation.
+
+Every leaf is stored as one of four kinds, each a few sections (see `container` for the file around them):
+
+  float    the values, bit-exact (`floats`: exponent and sign/mantissa streams, entropy-coded)
+  masked   the positions of the non-zero entries (`masks`) and those entries, bit-exact; an entry counts as zero
+           only when its bits are those of +0.0, so -0.0 is kept as a value
+  grid     integer codes on a quantization grid with its scales and zero points: value = (code - zero) * scale,
+           per tensor, output channel or group (`compress.quant.grid`'s convention); the codes either as one stream
+           (positions and values coded together against their joint histogram) or as a mask plus the codes of the
+           kept entries, whichever is smaller (N:M masks favour the second)
+  palette  indices into a per-problem table of distinct values (a codebook per tensor, channel or group, as
+           `compress.share.codebook` lays them out), the table bit-exact; again joint or mask + kept indices
+
+`encode_leaf` builds every kind that applies and keeps the smallest whose decoding gives back the leaf's exact bits
+(so a representation can never change a weight: at worst a leaf falls back to `float`). Which grid or palette
+applies comes from the transform state a `ziplm compress` directory saved (`hints`): a leaf with "scale" and
+"zero" in some chain member's state is tried as a grid with them, one with a "codebook" as a palette of its layout.
+Without hints, a leaf with at most 256 distinct values becomes a per-tensor palette.
+
+    report = pack.pack(params, "model.zlm", meta=dict(model=cfg.to_dict(), tokenizer="byte"), hints=hints)
+    meta, params = pack.unpack("model.zlm")        # bit-identical to the packed params
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from research import errors, tree
+from research.coding import container, entropy, floats, masks
+
+KINDS = ("float", "masked", "grid", "palette")
+PALETTE_MAX = 256
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x).view(f"u{x.dtype.itemsize}")
+
+
+def _nonzero(x: np.ndarray) -> np.ndarray:
+    return _bits(x) != 0  # +0.0 is the only all-zero bit pattern
+
+
+# --- layouts of scales (grid) and problems (palette) -------------------------------------------------------------
+
+
+def _grid_layout(shape, scale_shape):
+    """("tensor" | "channel" | "group", group size) of a grid whose scales have `scale_shape`, or None."""
+    shape, scale_shape = tuple(shape), tuple(scale_shape)
+    if scale_shape == ():
+        return "tensor", 0
+    if len(shape) >= 2 and scale_shape == shape[1:]:
+        return "channel", 0
+    if len(shape) >= 2 and len(scale_shape) == len(shape) and scale_shape[1:] == shape[1:]:
+        if scale_shape[0] and shape[0] % scale_shape[0] == 0:
+            return "group", shape[0] // scale_shape[0]
+    return None
+
+
+def _expand(a: np.ndarray, shape, layout, group: int) -> np.ndarray:
+    if layout == "tensor":
+        return a
+    if layout == "channel":
+        return a[None]
+    return np.repeat(a, group, axis=0)
+
+
+def _to_problems(x: np.ndarray, layout: str, group: int) -> np.ndarray:
+    if layout == "tensor":
+        return x.reshape(1, -1)
+    cols = x.reshape(-1, x.shape[-1]).T  # (out, in)
+    return cols if layout == "channel" else cols.reshape(-1, group)
+
+
+def _from_problems(rows: np.ndarray, shape, layout: str) -> np.ndarray:
+    if layout == "tensor":
+        return rows.reshape(shape)
+    return rows.reshape(shape[-1], -1).T.reshape(shape)
+
+
+def _palette_layout(shape, n_problems: int):
+    size = int(np.prod(shape, dtype=np.int64))
+    if n_problems == 1:
+        return "tensor", 0
+    if len(shape) >= 2 and n_problems == shape[-1]:
+        return "channel", 0
+    if len(shape) >= 2 and size % n_problems == 0 and (size // shape[-1]) % (size // n_problems) == 0:
+        return "group", size // n_problems
+    return None
+
+
+# --- the four kinds ------------------------------------------------------------------------------------------------
+
+
+def _enc_float(x):
+    return {}, {"values": floats.encode(x)}
+
+
+def _enc_masked(x):
+    keep = _nonzero(x)
+    return {}, {"mask": masks.encode(keep), "values": floats.encode(x[keep])}
+
+
+def _with_mask(record, symbols, keep, alphabet):
+    """Two ways to store a symbol stream with zeros in it: joint, or mask + kept symbols; the smaller one."""
+    joint = {"symbols": entropy.encode(symbols.ravel(), alphabet)}
+    if keep is None or keep.all():
+        return dict(record, masked=False), joint
+    split = {"mask": masks.encode(keep), "symbols": entropy.encode(symbols[keep], alphabet)}
+    if sum(map(len, split.values())) < len(joint["symbols"]):
+        return dict(record, masked=True), split
+    return dict(record, masked=False), joint
+
+
+def _enc_grid(x, scale, zero):
+    layout = _grid_layout(x.shape, np.shape(scale))
+    if layout is None or x.dtype != np.float32:
+        return None
+    gran, group = layout
+    s = np.asarray(scale, np.float32)
+    z = np.asarray(zero, np.float32)
+    se, ze = _expand(s, x.shape, gran, group), _expand(z, x.shape, gran, group)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.clip(np.round(x.astype(np.float64) / se + ze), 0, 255)
+    if not np.all(np.isfinite(codes)):
+        return None
+    codes = codes.astype(np.int64)
+    keep = codes != np.broadcast_to(ze, x.shape).astype(np.int64)
+    record, sections = _with_mask(dict(layout=gran, group=group, scale_shape=list(s.shape)), codes, keep, 256)
+    sections["scale"] = floats.encode(s)
+    sections["zero"] = entropy.encode(np.asarray(zero).astype(np.int64).ravel(), 256)
+    return record, sections
+
+
+def _enc_palette(x, n_problems):
+    layout = _palette_layout(x.shape, n_problems)
+    if layout is None:
+        return None
+    gran, group = layout
+    u = _to_problems(_bits(x), gran, group)  # (P, n) bit patterns
+    s = np.sort(u, axis=1)
+    distinct = np.concatenate([np.ones((s.shape[0], 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
+    k = int(distinct.sum(1).max())
+    if k > PALETTE_MAX:
+        return None
+    entries = np.zeros((s.shape[0], k), s.dtype)
+    rows, cols = np.nonzero(distinct)
+    entries[rows, np.cumsum(distinct, axis=1)[rows, cols] - 1] = s[rows, cols]
+    counts = distinct.sum(1)
+    entries = np.where(
+        np.arange(k)[None] < counts[:, None], entries, entries[np.arange(len(entries)), counts - 1, None]
+    )
+    idx = _rowwise_search(entries, u)
+    keep = _nonzero(x)
+    record, sections = _with_mask(dict(layout=gran, group=group, k=k), _from_problems(idx, x.shape, gran), keep, k)
+    sections["entries"] = floats.encode(entries.view(x.dtype))
+    return record, sections
+
+
+def _rowwise_search(entries, u):
+    """searchsorted of every row of u (P, n) in the matching sorted row of entries (P, k)."""
+    off = np.arange(len(u), dtype=np.uint64)[:, None] << np.uint64(32)
+    flat = (entries.astype(np.uint64) + off).ravel()
+    pos = np.searchsorted(flat, (u.astype(np.uint64) + off).ravel()).reshape(u.shape)
+    return pos - np.arange(len(u))[:, None] * entries.shape[1]
+
+
+# --- decoding ------------------------------------------------------------------------------------------------------
+
+
+def _symbols(record, sections, shape):
+    n = int(np.prod(shape, dtype=np.int64))
+    sym = entropy.decode(sections["symbols"])
+    if not record["masked"]:
+        if sym.size != n:
+            raise errors.CorruptData(f"{record['path']}: {sym.size} symbols for {n} values")
+        return sym.reshape(shape), None
+    keep = masks.decode(sections["mask"], shape)
+    if sym.size != int(keep.sum()):
+        raise errors.CorruptData(f"{record['path']}: {sym.size} symbols for {int(keep.sum())} kept values")
+    return sym, keep
+
+
+def decode_leaf(record: dict, sections: dict) -> np.ndarray:
+    """A leaf from its header record and section bytes (CorruptData when they do not fit together)."""
+    shape, dtype, kind = tuple(record["shape"]), record["dtype"], record["kind"]
+    if kind == "float":
+        return floats.decode(sections["values"], dtype, shape)
+    if kind == "masked":
+        keep = masks.decode(sections["mask"], shape)
+        out = np.zeros(shape, floats._numpy_dtype(dtype))
+        out[keep] = floats.decode(sections["values"], dtype, (int(keep.sum()),))
+        return out
+    if kind == "grid":
+        gran, group = record["layout"], record["group"]
+        scale = floats.decode(sections["scale"], "float32", tuple(record["scale_shape"]))
+        zero = entropy.decode(sections["zero"]).astype(np.float32).reshape(scale.shape)
+        ze = np.broadcast_to(_expand(zero, shape, gran, group), shape)
+        sym, keep = _symbols(record, sections, shape)
+        if keep is None:
+            codes = sym.astype(np.float32)
+        else:
+            codes = ze.copy()
+            codes[keep] = sym
+        return ((codes - ze) * _expand(scale, shape, gran, group)).astype(np.float32)
+    if kind == "palette":
+        gran, group, k = record["layout"], record["group"], record["k"]
+        size = int(np.prod(shape, dtype=np.int64))
+        n_problems = 1 if gran == "tensor" else shape[-1] if gran == "channel" else size // group
+        entries = floats.decode(sections["entries"], dtype, (n_problems, k))
+        sym, keep = _symbols(record, sections, shape)
+        if keep is None:
+            idx = sym
+        else:
+            idx = np.zeros(shape, np.int64)
+            idx[keep] = sym
+        rows = _to_problems(idx, gran, group)
+        if rows.size and rows.max() >= k:
+            raise errors.CorruptData(f"{record['path']}: a palette index past its table")
+        out = _from_problems(np.take_along_axis(entries, rows, axis=1), shape, gran)
+        if keep is not None:
+            out = np.where(keep, out, np.zeros((), out.dtype))
+        return out
+    raise errors.CorruptData(f"{record['path']}: unknown leaf kind {kind!r}")
+
+
+# --- choosing ------------------------------------------------------------------------------------------------------
+
+
+def encode_leaf(path: str, x, hint: dict | None = None) -> tuple[dict, dict]:
+    """(record, {section: bytes}) of the smallest exact representation of one leaf (see the module docstring)."""
+    x = np.asarray(x)
+    name = floats.dtype_name(x)
+    base = dict(path=path, shape=list(x.shape), dtype=name, crc32=container.crc(np.ascontiguousarray(x).tobytes()))
+    x1 = x.reshape(x.shape or (1,))
+    hint = hint or {}
+    candidates = [("float", _enc_float(x1))]
+    if x1.size and np.any(~_nonzero(x1)):
+        candidates.append(("masked", _enc_masked(x1)))
+    if "scale" in hint:
+        candidates.append(("grid", _enc_grid(x1, np.asarray(hint["scale"]), np.asarray(hint["zero"]))))
+    n_problems = hint.get("problems")
+    if n_problems is None and x1.size and len(np.unique(_bits(x1.ravel()[:65536]))) <= PALETTE_MAX:
+        n_problems = 1
+    if n_problems:
+        candidates.append(("palette", _enc_palette(x1, n_problems)))
+    best = None
+    for kind, built in candidates:
+        if built is None:
+            continue
+        extra, sections = built
+        record = dict(base, kind=kind, **extra)
+        size = sum(map(len, sections.values()))
+        if best is not None and size >= best[2]:
+            continue
+        try:
+            back = decode_leaf(record, sections)
+        except errors.CorruptData:
+            continue
+        if back.shape == x1.shape and np.array_equal(_bits(back), _bits(x1)):
+            best = (record, sections, size)
+    record, sections, _ = best
+    record["bounds"] = _bounds(record, sections)
+    return record, sections
+
+
+def _bounds(record, sections) -> dict:
+    """The empirical-entropy bound (bits, tables excluded) of every section, for the report."""
+    out = {}
+    for name, data in sections.items():
+        if name in ("values", "scale", "entries"):
+            planes = [entropy.decode(s) for s in floats.split(data)]
+            out[name] = sum(entropy.entropy_bits(np.bincount(p)) for p in planes)
+        elif name == "mask":
+            out[name] = masks.bound_bits(masks.decode(data, tuple(record["shape"]) or (1,)))
+        else:
+            out[name] = entropy.entropy_bits(np.bincount(entropy.decode(data)))
+    return out
+
+
+# --- trees ---------------------------------------------------------------------------------------------------------
+
+
+def hints(state) -> dict:
+    """{leaf path: hint} from a transform state as `ziplm compress` saves it (nested dicts, a chain's members under
+    "0", "1", ...): {"scale", "zero"} for quantized leaves, {"problems": P} for codebook-shared ones. Later chain
+    members win, as their effective weights are what was saved."""
+    out: dict = {}
+
+    def visit(s):
+        if not isinstance(s, dict):
+            return
+        if "scale" in s and "zero" in s:
+            zeros = tree.flatten(s["zero"])
+            for p, sc in tree.flatten(s["scale"]).items():
+                out[p] = {"scale": np.asarray(sc), "zero": np.asarray(zeros[p])}
+            return
+        if "codebook" in s:
+            for p, cb in tree.flatten(s["codebook"]).items():
+                out[p] = {"problems": int(np.shape(cb)[0])}
+            return
+        for key in sorted((k for k in s if str(k).isdigit()), key=int):
+            visit(s[key])
+
+    visit(state)
+    return out
+
+
+def pack(params, path, *, meta: dict, hints: dict | None = None, overwrite: bool = False, progress=None) -> dict:
+    """Packs a parameter tree into one file; returns the report (see `report`).
+
+    Args:
+      params: nested dict of float32 / bfloat16 / float16 arrays.
+      path: the output file (written atomically; an existing one needs `overwrite`).
+      meta: JSON-able metadata stored in the header (model config, tokenizer, source, ...).
+      hints: {path: hint} from `hints(state)`.
+      progress: show a progress bar (None: when attached to a terminal).
+    """
+    flat = tree.flatten(params)
+    records, blobs = [], []
+    for p, x in tqdm(flat.items(), desc="pack", disable=None if progress is None else not progress, leave=False):
+        record, sections = encode_leaf(p, np.asarray(x), (hints or {}).get(p))
+        records.append(record)
+        blobs.append(sections)
+    container.write(path, meta, records, blobs, overwrite=overwrite)
+    return report(container.Reader(path))
+
+
+def unpack(path, *, verify: bool = True) -> tuple[dict, dict]:
+    """(meta, params as a nested dict of NumPy arrays) of a packed file, every checksum checked."""
+    r = container.Reader(path)
+    if verify:
+        r.verify()
+    out: dict = {}
+    for leaf in r.leaves:
+        x = decode_leaf(leaf, {name: r.section(leaf, name) for name in leaf["sections"]})
+        if container.crc(np.ascontiguousarray(x).tobytes()) != leaf["crc32"]:
+            raise errors.CorruptData(f"{r.path}: {leaf['path']} decodes to the wrong values (checksum mismatch)")
+        node = out
+        keys = [int(k) if k.isdigit() else k for k in leaf["path"].split("/")]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = x
+    return r.meta, out
+
+
+def report(reader: container.Reader) -> dict:
+    """Sizes from the header alone: bytes per kind and section, bits per weight, the entropy bound, and the
+    compression ratio against float32 and bfloat16 with every byte of the file (header, tables, checksums)
+    counted."""
+    n = sum(int(np.prod(leaf["shape"], dtype=np.int64)) for leaf in reader.leaves)
+    by_kind: dict = {}
+    sections: dict = {}
+    bound = 0.0
+    for leaf in reader.leaves:
+        k = by_kind.setdefault(leaf["kind"], dict(leaves=0, values=0, bytes=0))
+        k["leaves"] += 1
+        k["values"] += int(np.prod(leaf["shape"], dtype=np.int64))
+        for name, s in leaf["sections"].items():
+            k["bytes"] += s["length"]
+            sec = sections.setdefault(name, dict(bytes=0, bound_bits=0.0))
+            sec["bytes"] += s["length"]
+            sec["bound_bits"] += s["bound_bits"] or 0.0
+            bound += s["bound_bits"] or 0.0
+    total = reader.size
+    return dict(
+        file=str(reader.path),
+        params=n,
+        file_bytes=total,
+        overhead_bytes=total - sum(k["bytes"] for k in by_kind.values()),
+        bits_per_weight=8 * total / max(n, 1),
+        bound_bytes=bound / 8,
+        bound_bits_per_weight=bound / max(n, 1),
+        ratio_vs_fp32=4 * n / total,
+        ratio_vs_bf16=2 * n / total,
+        kinds=by_kind,
+        sections=sections,
+    )

@@ -1,0 +1,212 @@
+"""Packing: every Transform type and chains of them unpack to bit-identical effective parameters (and the same
+loss); random pytrees round-trip; damaged files fail with a clear error, never with wrong weights."""
+
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from research import errors, models, tree
+from research.coding import container, pack
+from research.compress import calib, pipeline, registry
+from research.models import config as model_config
+from research.train import step as train_step
+
+
+def _tiny():
+    cfg = model_config.gpt2_style(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16)
+    graphdef, params = models.init(cfg, seed=0)
+    return cfg, graphdef, params
+
+
+def _same_bits(a, b):
+    fa, fb = tree.flatten(a), tree.flatten(b)
+    assert set(fa) == set(fb)
+    for p in fa:
+        x, y = np.asarray(fa[p]), np.asarray(fb[p])
+        assert x.shape == y.shape and x.dtype == y.dtype, p
+        assert np.array_equal(x.view(f"u{x.dtype.itemsize}"), y.view(f"u{y.dtype.itemsize}")), p
+
+
+def _saved_state(state):
+    """The state as `ziplm compress` saves and restores it: None leaves dropped, chain members as "0", "1"."""
+    return pipeline._strip_none(jax.tree.map(np.asarray, state))
+
+
+METHODS = [
+    [dict(method="magnitude", sparsity=0.5)],
+    [dict(method="random", sparsity=0.3)],
+    [dict(method="magnitude", sparsity=0.5, pattern="2:4")],
+    [dict(method="wanda", sparsity=0.5)],
+    [dict(method="sparsegpt", sparsity=0.5)],
+    [dict(method="snip", sparsity=0.4)],
+    [dict(method="structured", neurons=0.5, head_dim=16)],
+    [dict(method="codebook", bits=3, granularity="channel")],
+    [dict(method="codebook", bits=2, granularity="group", group_size=16, entry_dtype="int8")],
+    [dict(method="rtn", bits=4, granularity="tensor")],
+    [dict(method="rtn", bits=3, granularity="group", group_size=16, symmetric=False)],
+    [dict(method="gptq", bits=4, granularity="channel")],
+    [dict(method="qat", bits=4, learn_scale=True)],
+    [dict(method="magnitude", sparsity=0.5), dict(method="codebook", bits=4)],
+    [
+        dict(method="sparsegpt", sparsity=0.5, pattern="2:4"),
+        dict(method="gptq", bits=4, granularity="group", group_size=16),
+    ],
+    [
+        dict(method="magnitude", sparsity=0.5),
+        dict(method="codebook", bits=4, granularity="channel"),
+        dict(method="qat", bits=8),
+    ],
+]
+
+
+@pytest.mark.parametrize("specs", METHODS, ids=lambda s: "+".join(x["method"] for x in s))
+def test_every_transform_unpacks_bit_identically(specs, tmp_path):
+    cfg, graphdef, params = _tiny()
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (4000,), 0, 64), np.int32)
+    data = calib.Calibration(graphdef, calib.sample(tokens, 8, 16, 0, 16), 8)
+    t = pipeline.build(specs)
+    state = t.init(params, jax.random.key(1), data if any(registry.needs_calibration(s) for s in specs) else None)
+    effective = jax.tree.map(np.asarray, t.apply(params, state))
+    out = tmp_path / "m.zlm"
+    rep = pack.pack(effective, out, meta={"model": cfg.to_dict()}, hints=pack.hints(_saved_state(state)))
+    meta, back = pack.unpack(out)
+    _same_bits(effective, back)
+    batch = {"inputs": jnp.asarray(tokens[:64].reshape(4, 16)), "targets": jnp.asarray(tokens[1:65].reshape(4, 16))}
+    loss = lambda p: float(train_step.loss_fn(jax.tree.map(jnp.asarray, p), graphdef, batch))  # noqa: E731
+    assert loss(back) == loss(effective)
+    kinds = {leaf["kind"] for leaf in container.Reader(out).leaves}
+    last = specs[-1]["method"]
+    if last in ("rtn", "gptq", "qat"):
+        assert "grid" in kinds  # real integer codes, not floats
+    if last == "codebook":
+        assert "palette" in kinds
+    assert rep["ratio_vs_fp32"] > 1.0
+
+
+@st.composite
+def pytrees(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    leaves, hints = {}, {}
+    for i in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["float", "masked", "codebook", "grid", "special"]))
+        shape = (draw(st.sampled_from([4, 8, 16])), draw(st.integers(1, 6)))
+        x = rng.normal(0, 0.05, shape).astype(np.float32)
+        if kind == "masked":
+            x[rng.random(shape) < draw(st.floats(0.0, 1.0))] = 0.0
+        elif kind == "codebook":
+            k = draw(st.integers(1, 8))
+            book = rng.normal(0, 0.05, (shape[1], k)).astype(np.float32)
+            x = np.take_along_axis(book, rng.integers(0, k, (shape[1], shape[0])), 1).T.copy()
+            x[rng.random(shape) < 0.3] = 0.0
+            hints[f"l{i}/kernel"] = {"problems": shape[1]}
+        elif kind == "grid":
+            g = draw(st.sampled_from(["tensor", "channel", "group"]))
+            sshape = {"tensor": (), "channel": (shape[1],), "group": (shape[0] // 4, shape[1])}[g]
+            scale = rng.uniform(0.001, 0.1, sshape).astype(np.float32)
+            zero = rng.integers(0, 16, sshape).astype(np.uint8)
+            codes = rng.integers(0, 16, shape)
+            se = scale if g == "tensor" else scale[None] if g == "channel" else np.repeat(scale, 4, 0)
+            ze = zero if g == "tensor" else zero[None] if g == "channel" else np.repeat(zero, 4, 0)
+            x = ((codes.astype(np.float32) - ze.astype(np.float32)) * se).astype(np.float32)
+            hints[f"l{i}/kernel"] = {"scale": scale, "zero": zero}
+        elif kind == "special":
+            bits = rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32)
+            bits.ravel()[:3] = [0x80000000, 0x7FC00001, 0x00000001][: bits.size]  # -0.0, a NaN payload, a subnormal
+            x = bits.view(np.float32)
+        leaves[f"l{i}"] = {"kernel": x}
+    return leaves, hints
+
+
+@given(pytrees())
+@settings(max_examples=40, deadline=None)
+def test_random_pytrees_round_trip(tmp_path_factory, case):
+    params, hints = case
+    out = tmp_path_factory.mktemp("p") / "r.zlm"
+    pack.pack(params, out, meta={}, hints=hints)
+    _, back = pack.unpack(out)
+    _same_bits(params, back)
+    for leaf in container.Reader(out).leaves:  # a hinted grid is always stored as codes when it is smaller
+        assert leaf["kind"] in pack.KINDS
+
+
+@pytest.fixture
+def packed_file(tmp_path):
+    _, _, params = _tiny()
+    t = pipeline.build([dict(method="magnitude", sparsity=0.5), dict(method="rtn", bits=4)])
+    state = t.init(params, jax.random.key(0), None)
+    effective = jax.tree.map(np.asarray, t.apply(params, state))
+    out = tmp_path / "m.zlm"
+    pack.pack(effective, out, meta={"note": "test"}, hints=pack.hints(_saved_state(state)))
+    return out, effective
+
+
+def _damaged(path, fn, tmp_path):
+    data = bytearray(path.read_bytes())
+    fn(data)
+    bad = tmp_path / "bad.zlm"
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+def _flip(pos):
+    def fn(d):
+        d[pos] ^= 0x10
+
+    return fn
+
+
+def test_damaged_files_fail_clearly_never_with_wrong_weights(packed_file, tmp_path):
+    path, _ = packed_file
+    size = path.stat().st_size
+    (hlen,) = struct.unpack_from("<Q", path.read_bytes(), 12)
+    r = container.Reader(path)
+    leaf = r.leaves[3]
+    section = next(iter(leaf["sections"].values()))
+    in_section = r.data_start + section["offset"] + section["length"] // 2
+    cases = {
+        "too short": (lambda d: d.__delitem__(slice(10, None)), "too short"),
+        "wrong magic": (lambda d: d.__setitem__(slice(0, 8), b"NOTZIPLM"), "wrong magic"),
+        "wrong version": (lambda d: d.__setitem__(slice(8, 10), struct.pack("<H", 7)), "format version 7"),
+        "header length past the end": (lambda d: d.__setitem__(slice(12, 20), struct.pack("<Q", 10**9)), "truncated"),
+        "flipped header bit": (_flip(20 + hlen // 2), "header fails its checksum"),
+        "truncated": (lambda d: d.__delitem__(slice(size - 100, None)), "truncated or damaged"),
+        "flipped section bit": (_flip(in_section), f"of {leaf['path']} fails its checksum"),
+        "flipped footer bit": (_flip(size - 20), "SHA-256"),
+    }
+    for fn, match in cases.values():
+        bad = _damaged(path, fn, tmp_path)
+        with pytest.raises(errors.CorruptData, match=match):
+            pack.unpack(bad)
+    # Without the whole-file hash, a damaged section is caught by its own CRC, before anything is decoded.
+    with pytest.raises(errors.CorruptData, match=f"section .* of {leaf['path']} fails its checksum"):
+        pack.unpack(_damaged(path, _flip(in_section), tmp_path), verify=False)
+
+
+def test_a_section_past_the_end_is_refused(packed_file, tmp_path):
+    import json
+    import zlib
+
+    path, _ = packed_file
+    data = path.read_bytes()
+    (hlen,) = struct.unpack_from("<Q", data, 12)
+    header = json.loads(zlib.decompress(data[20 : 20 + hlen]))
+    next(iter(header["leaves"][0]["sections"].values()))["length"] = 10**9
+    raw = zlib.compress(json.dumps(header).encode())
+    rebuilt = data[:12] + struct.pack("<Q", len(raw)) + raw + struct.pack("<I", container.crc(raw)) + data[24 + hlen :]
+    bad = tmp_path / "long.zlm"
+    bad.write_bytes(rebuilt)
+    with pytest.raises(errors.CorruptData, match="runs past the end of the file"):
+        container.Reader(bad)
+
+
+def test_write_is_atomic_and_refuses_to_overwrite(packed_file):
+    path, effective = packed_file
+    before = path.read_bytes()
+    with pytest.raises(errors.UserError, match="exists"):
+        pack.pack(effective, path, meta={})
+    assert path.read_bytes() == before and not list(path.parent.glob(".m.zlm.*"))
