@@ -162,6 +162,12 @@ def _compress(args, overrides) -> int:
     if summary["masked_params"]:
         print(compress_report.table(summary) + "\n")
     print(compress_report.stages_table(summary))
+    if summary.get("packed"):
+        pk = summary["packed"]
+        print(
+            f"packed: {pk['file_bytes']:,} bytes, {pk['bits_per_weight']:.3f} bits per weight, "
+            f"{pk['ratio_vs_fp32']:.2f}x vs float32, {pk['ratio_vs_bf16']:.2f}x vs bfloat16 (model.zlm)"
+        )
     print(f"compressed model and summary.json in {summary['workdir']}")
     return 0
 

@@ -5,7 +5,8 @@ CPython's pydoc topics for a few minutes of CPU, evaluates validation loss and b
 block linear layers to 50% with magnitude and with Wanda (calibrated on 128 training windows), fine-tunes each
 briefly with the masks held, shares its weights through 4-bit codebooks (trained centroids, fine-tuned briefly)
 and quantizes them to 4 bits with GPTQ (one-shot) and to W8A8 (8-bit GPTQ weights, 8-bit per-token activations),
-and prints sparsity against validation bits per byte. Everything
+and prints sparsity, validation bits per byte and the packed size of every model (`ziplm pack`'s format: the file
+each compressed directory holds as model.zlm, every byte counted) with its compression ratio against float32. Everything
 lands in the run
 directory: checkpoints, config.json, metrics.jsonl, summary.json, loss.png, and one `compress-<method>/` directory
 per pruned model (loadable with `ziplm eval --model`). Config overrides work as for `train`
@@ -56,17 +57,20 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
     summary = loop.train(cfg, workdir)
     run_dir = Path(summary["workdir"])
     plot = report.plot_losses(run_dir)
-    rows = [["dense", 0.0, summary["val"]["loss"], summary["val"]["bits_per_byte"], 0.0, "-"]]
+    rows = [["dense", 0.0, summary["val"]["loss"], summary["val"]["bits_per_byte"], 0.0, None, None, "-"]]
     dense_bpb = summary["val"]["bits_per_byte"]
     for name, spec, steps in ROWS:
         print(f"\ncompressing: {spec}", flush=True)
         out = run_dir / f"compress-{name.split()[0]}"
         s = pipeline.run(compress_config(run_dir, spec, steps), out, overwrite=True)
+        if name == "dense":  # sparsity 0 changes nothing: its "compressed" model is the dense one, packed bit-exactly
+            rows[0][5:7] = [s["packed_compressed"]["file_bytes"] / 1e3, s["packed_compressed"]["ratio_vs_fp32"]]
         stages = [("compressed", name)] if name != "dense" else []
         stages += [("finetuned", f"{name} + {steps} steps")] if steps else []
         for stage, label in stages:
             r = s[stage]
             sparsity = s["sparsity_compressed"] if stage == "compressed" else s["sparsity"]
+            packed = s["packed_compressed"] if stage == "compressed" else s["packed"]
             rows.append(
                 [
                     label,
@@ -74,13 +78,21 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
                     r["loss"],
                     r["bits_per_byte"],
                     r["bits_per_byte"] - dense_bpb,
+                    packed["file_bytes"] / 1e3,
+                    packed["ratio_vs_fp32"],
                     f"{s['seconds']['compress']:.1f}",
                 ]
             )
-    table = report.table(["model", "sparsity", "val loss", "bits/byte", "vs dense", "compress s"], rows)
-    log.write_json_atomic(run_dir / "compress_table.json", {"rows": rows, "protocol": summary["val"]["protocol"]})
+    headers = ["model", "sparsity", "val loss", "bits/byte", "vs dense", "packed kB", "x fp32", "compress s"]
+    table = report.table(headers, rows)
+    log.write_json_atomic(
+        run_dir / "compress_table.json", {"headers": headers, "rows": rows, "protocol": summary["val"]["protocol"]}
+    )
     print("\nziplm demo: byte-level GPT-2-style model on the embedded pydoc corpus\n")
     print(report.train_table(summary))
-    print(f"\ncompressing the block linear layers (validation split; sparsity over the pruned weights):\n{table}")
+    print(
+        "\ncompressing the block linear layers (validation split; sparsity over the pruned weights; packed: the whole"
+        f" model as one file, x fp32 = 4 bytes per parameter / packed bytes):\n{table}"
+    )
     print(f"loss curve: {plot}")
     return 0

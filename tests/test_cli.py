@@ -110,6 +110,11 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
     assert rows["wanda 50%"][1] == pytest.approx(0.5) and rows["dense + 100 steps"][1] == 0.0
     assert "gptq 4-bit g32" in rows and "gptq 4-bit g32 + 0 steps" not in rows
     assert (tmp_path / "demo" / "compress-wanda" / "compressed.json").is_file()
+    for label, row in rows.items():  # every model's packed size, with its ratio against float32
+        assert row[5] > 0 and row[6] > 0, label
+    assert (
+        rows["gptq 4-bit g32"][6] > 1.5 * rows["dense"][6] and rows["magnitude 50% + 100 steps"][6] > rows["dense"][6]
+    )
     w8a8 = json.loads((tmp_path / "demo" / "compress-w8a8" / "compressed.json").read_text())
     assert "w8a8 (gptq + act_quant)" in rows and w8a8["model"]["act_bits"] == 8
 

@@ -18,8 +18,12 @@ The output directory, written only when everything succeeded, holds:
     state/            orbax: the transform's state (masks, SparseGPT deltas, uint8 codes with scales and zero points,
                       codebooks with uint8 indices), None leaves dropped, a chain's members under "0", "1", ...
                       With `shrink`, the smaller dense model of structured pruning is saved, without masks/ or state/.
+    model.zlm         the packed model (`coding.pack`: entropy-coded codes, indices, masks and bit-exact floats; with
+                      `pack`, the default), which `ziplm eval --model` also loads
     summary.json      methods, sparsity report, metrics before / after compression / after fine-tuning, seconds
-                      per stage
+                      per stage, and the packed sizes (bytes, bits per weight, ratios against float32 and bfloat16)
+                      of the compressed model before fine-tuning ("packed_compressed") and of the saved one
+                      ("packed")
     metrics.jsonl     fine-tuning losses (and W&B offline files under wandb/ when enabled)
 """
 
@@ -39,6 +43,7 @@ import orbax.checkpoint as ocp
 
 from research import config as config_lib
 from research import errors, log, models, sources, tree
+from research.coding import pack as coding_pack
 from research.compress import calib as calib_lib
 from research.compress import core, finetune, registry
 from research.compress import report as compress_report
@@ -65,6 +70,8 @@ def base_config() -> mlc.ConfigDict:
     c.compress = [dict(method="magnitude", sparsity=0.5)]
     # After structured pruning: save the physically smaller dense model (prune.structured.shrink) instead of masks.
     c.shrink = False
+    # Pack the result into model.zlm and report real file sizes (see research/coding/pack.py).
+    c.pack = True
     c.finetune = dict(
         steps=0,
         lr=1e-4,
@@ -236,6 +243,11 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     t = time.time()
     after = evaluate(effective, "eval compressed", out_graphdef)
     times["eval_compressed"] = time.time() - t
+    packed_at_init = None
+    if cfg.get("pack", True):
+        t = time.time()
+        packed_at_init = _packed_size(effective, cstate)
+        times["pack_compressed"] = time.time() - t
 
     with atomic as tmp:
         logger = log.Logger(tmp, cfg.to_dict(), cfg.wandb.to_dict())
@@ -302,6 +314,26 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "workdir": str(out),
         }
         _save(tmp, m, out_cfg, effective, masks, None if shrunk else cstate, tok.spec, corpus, run_cfg, cfg)
+        if cfg.get("pack", True):
+            t = time.time()
+            meta = dict(
+                model=out_cfg.to_dict(),
+                tokenizer=tok.spec,
+                source=str(cfg.model),
+                source_kind="compressed",
+                source_step=m.step,
+                run_config=run_cfg.to_dict() if run_cfg is not None else None,
+                methods=[dict(x) for x in cfg.compress],
+            )
+            hints = {} if shrunk else coding_pack.hints(_strip_none(jax.tree.map(np.asarray, cstate)))
+            summary["packed"] = _brief(
+                coding_pack.pack(
+                    jax.tree.map(np.asarray, effective), tmp / "model.zlm", meta=meta, hints=hints, progress=progress
+                )
+            )
+            summary["packed_compressed"] = packed_at_init
+            times["pack"] = time.time() - t
+            summary["seconds"] = {**times, "total": time.time() - t0}
         log.write_json_atomic(tmp / "summary.json", summary)
     return summary
 
@@ -344,6 +376,22 @@ def _staged(cfg, m, parts, calib, train_tokens, seq_len, evaluate, progress, qua
         states.append(part.init(effective, jax.random.fold_in(key, len(ts)), calib))
         ts.append(part)
     return core.chain(*ts), tuple(states), raw, stages
+
+
+def _brief(rep: dict) -> dict:
+    keys = ("file_bytes", "bits_per_weight", "bound_bits_per_weight", "ratio_vs_fp32", "ratio_vs_bf16", "kinds")
+    return {k: rep[k] for k in keys}
+
+
+def _packed_size(params, cstate) -> dict:
+    """The packing report of params (with the hints of the transform state), written to a scratch file."""
+    import tempfile
+
+    hints = coding_pack.hints(_strip_none(jax.tree.map(np.asarray, cstate)))
+    with tempfile.TemporaryDirectory() as d:
+        return _brief(
+            coding_pack.pack(jax.tree.map(np.asarray, params), Path(d) / "m.zlm", meta={}, hints=hints, progress=False)
+        )
 
 
 def _check_finite(params, stage: str) -> None:

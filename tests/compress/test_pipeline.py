@@ -43,6 +43,13 @@ def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
     capsys.readouterr()
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["loss"] == pytest.approx(s["finetuned"]["loss"], rel=1e-6)
+    # So does its packed file, which the summary sizes with every byte counted.
+    assert cli.main(["eval", "--model", str(out / "model.zlm"), "--json", str(tmp_path / "p.json")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "p.json").read_text())["loss"] == e["loss"]
+    assert s["packed"]["file_bytes"] == (out / "model.zlm").stat().st_size
+    assert s["packed"]["ratio_vs_fp32"] == pytest.approx(4 * s["params"] / s["packed"]["file_bytes"])
+    assert s["packed_compressed"]["file_bytes"] > 0
     record, _, _, params, masks = pipeline.load(out)
     assert record["source"] == str(run)
     kernel = np.asarray(params["layers"][0]["mlp"]["up"]["kernel"])
