@@ -32,7 +32,8 @@ _HEAD = struct.Struct("<BIH")
 
 def histogram(symbols: np.ndarray, alphabet: int) -> np.ndarray:
     """Counts (alphabet,) int64 of the symbols."""
-    return np.bincount(np.asarray(symbols, np.int64).ravel(), minlength=alphabet)[:alphabet]
+    s = np.asarray(symbols).ravel()
+    return np.bincount(s if s.dtype.kind == "u" else s.astype(np.int64), minlength=alphabet)[:alphabet]
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -124,7 +125,7 @@ def encode(symbols, alphabet: int) -> bytes:
     import constriction
 
     used = counts > 0
-    dense = (np.cumsum(used) - 1)[s - lo].astype(np.int32)  # symbols renumbered over the ones that occur
+    dense = (np.cumsum(used, dtype=np.int32) - 1)[s - lo] if not used.all() else (s - lo).astype(np.int32)
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(dense, _model(counts[used]))
     ans = head + table + coder.get_compressed().tobytes()
@@ -132,7 +133,7 @@ def encode(symbols, alphabet: int) -> bytes:
 
 
 def decode(data: bytes) -> np.ndarray:
-    """The symbols (int64) of a stream written by `encode`; damaged streams raise `errors.CorruptData`."""
+    """The symbols (an integer array) of a stream written by `encode`; damaged streams raise `errors.CorruptData`."""
     mv = memoryview(data)
     if len(mv) < _HEAD.size:
         raise errors.CorruptData("a coded stream is shorter than its header")
@@ -143,7 +144,7 @@ def decode(data: bytes) -> np.ndarray:
         dtype = np.uint8 if alphabet <= 256 else np.uint16
         if len(body) != n * np.dtype(dtype).itemsize:
             raise errors.CorruptData(f"a raw stream holds {len(body)} bytes for {n} symbols")
-        out = np.frombuffer(body, dtype).astype(np.int64)
+        out = np.frombuffer(body, dtype)
         if n and out.max() >= alphabet:
             raise errors.CorruptData("a raw stream holds a symbol outside its alphabet")
         return out
@@ -167,10 +168,12 @@ def decode(data: bytes) -> np.ndarray:
 
     try:
         dec = constriction.stream.stack.AnsCoder(np.frombuffer(words, np.uint32).copy())
-        dense = np.asarray(dec.decode(_model(counts[used]), n), np.int64)
+        dense = np.asarray(dec.decode(_model(counts[used]), n))  # int32
     except Exception as e:  # constriction reports exhausted or inconsistent data as a plain error
         raise errors.CorruptData(f"a coded stream does not decode ({e})") from None
-    return lo + used[dense]
+    if len(used) == m:  # every symbol of the range occurs: no renumbering to undo
+        return dense + np.int32(lo)
+    return (used.astype(np.int32) + np.int32(lo))[dense]
 
 
 def stats(symbols, alphabet: int, coded: bytes) -> dict:

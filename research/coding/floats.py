@@ -46,16 +46,17 @@ def _chunks(mbits: int) -> list[int]:
 
 
 def planes(x) -> list[tuple[np.ndarray, int]]:
-    """The (symbols, alphabet) streams of a float array (see the module docstring)."""
+    """The (symbols, alphabet) streams of a float array (see the module docstring); symbols as uint8/uint16."""
     name = dtype_name(x)
     _, ebits, mbits, view = FORMATS[name]
-    u = np.ascontiguousarray(x).view(view).ravel().astype(np.uint64)
-    out = [((u >> mbits) & ((1 << ebits) - 1), 1 << ebits)]
+    u = np.ascontiguousarray(x).view(view).ravel().astype(np.uint32)
+    small = np.uint8 if ebits <= 8 else np.uint16
+    out = [(((u >> mbits) & ((1 << ebits) - 1)).astype(small), 1 << ebits)]
     rest = ((u >> (ebits + mbits)) << mbits) | (u & ((1 << mbits) - 1))  # sign, then the mantissa
     shift = 1 + mbits
     for width in _chunks(mbits):
         shift -= width
-        out.append(((rest >> shift) & ((1 << width) - 1), 1 << width))
+        out.append((((rest >> shift) & ((1 << width) - 1)).astype(np.uint8), 1 << width))
     return out
 
 
@@ -99,12 +100,12 @@ def decode(data: bytes, dtype: str, shape) -> np.ndarray:
     symbols = [entropy.decode(s) for s in streams]
     if any(len(s) != n for s in symbols):
         raise errors.CorruptData(f"a {dtype} section decodes to the wrong number of values (expected {n})")
-    rest = np.zeros(n, np.uint64)
+    rest = np.zeros(n, np.uint32)
     for s, width in zip(symbols[1:], widths):
-        rest = (rest << np.uint64(width)) | s.astype(np.uint64)
-    sign = rest >> np.uint64(mbits)
-    mant = rest & np.uint64((1 << mbits) - 1)
-    u = (sign << np.uint64(ebits + mbits)) | (symbols[0].astype(np.uint64) << np.uint64(mbits)) | mant
+        rest = (rest << np.uint32(width)) | s.astype(np.uint32)
+    sign = rest >> np.uint32(mbits)
+    mant = rest & np.uint32((1 << mbits) - 1)
+    u = (sign << np.uint32(ebits + mbits)) | (symbols[0].astype(np.uint32) << np.uint32(mbits)) | mant
     return u.astype(view).view(np.dtype(_numpy_dtype(dtype))).reshape(shape)
 
 
