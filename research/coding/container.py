@@ -13,9 +13,9 @@ Layout (little-endian), version 1:
     end - 8      8 bytes   end magic b"ZIPLMEND"
 
 The header holds {"format": "ziplm-packed", "version": 1, "meta": {...}, "leaves": [...]}; each leaf records its
-path, shape, dtype, kind (see `pack`), the CRC-32 of its decoded bytes, and its sections as
-{"name": {"offset", "length", "crc32", "bound_bits"}}. So `read_header` lists the contents (and `inspect` their
-sizes) after reading only the header, and a reader checks, in order: the magic and version, that the header and
+path, shape, dtype, kind (see `pack`), the CRC-32 of its decoded bytes, and its sections as {"name": {"offset",
+"length", "crc32", "bound_bits", "huffman_bits"}}. So a `Reader` lists the contents (and `inspect` their sizes)
+after reading only the header, and a reader checks, in order: the magic and version, that the header and
 every section lie inside the file, the header's CRC, each section's CRC before decoding it, and each decoded leaf's
 CRC after. `verify` also checks the whole-file SHA-256. Any failure raises `errors.CorruptData` naming what is
 wrong; nothing is decoded from bytes that failed a check.
@@ -53,8 +53,8 @@ def write(path, meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]], *
       path: the target file; an existing one is refused unless `overwrite`.
       meta: JSON-able model metadata (config, tokenizer, source, ...).
       leaves: per leaf, its JSON record without "sections" (path, shape, dtype, kind, crc32, ...).
-      blobs: per leaf, {section name: bytes}, in the order the sections are stored; a name may carry a
-        "bound_bits" entry in the leaf record's "bounds" dict.
+      blobs: per leaf, {section name: bytes}, in the order the sections are stored; the leaf record's "bounds"
+        dict may give a section's (entropy bound, Huffman size) in bits.
     """
     path = Path(path).expanduser().resolve()
     if path.exists() and not overwrite:
@@ -66,8 +66,9 @@ def write(path, meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]], *
         bounds = leaf.pop("bounds", {})
         entry = dict(leaf, sections={})
         for name, data in sections.items():
+            bound, huffman = bounds.get(name, (None, None))
             entry["sections"][name] = dict(
-                offset=offset, length=len(data), crc32=crc(data), bound_bits=bounds.get(name)
+                offset=offset, length=len(data), crc32=crc(data), bound_bits=bound, huffman_bits=huffman
             )
             offset += len(data)
         records.append(entry)

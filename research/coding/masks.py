@@ -59,11 +59,3 @@ def decode(data: bytes, shape) -> np.ndarray:
         raise errors.CorruptData(f"a mask section decodes to {symbols.size} groups, expected {shape[0] // m * rest}")
     bits = (symbols[:, None] >> np.arange(m)[None, :]) & 1  # (groups * rest, m)
     return bits.reshape(shape[0] // m, rest, m).transpose(0, 2, 1).reshape(shape).astype(bool)
-
-
-def bound_bits(mask) -> float:
-    """The empirical-entropy bound used in reports: the smallest n_groups * H(group symbols) over the group sizes."""
-    mask = np.asarray(mask, bool).reshape(np.shape(mask) or (1,))
-    return min(
-        entropy.entropy_bits(entropy.histogram(_symbols(mask, m), 1 << m)) for m in GROUPS if mask.shape[0] % m == 0
-    )

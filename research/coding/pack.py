@@ -261,21 +261,23 @@ def encode_leaf(path: str, x, hint: dict | None = None) -> tuple[dict, dict]:
         if back.shape == x1.shape and np.array_equal(_bits(back), _bits(x1)):
             best = (record, sections, size)
     record, sections, _ = best
-    record["bounds"] = _bounds(record, sections)
+    record["bounds"] = _bounds(sections)
     return record, sections
 
 
-def _bounds(record, sections) -> dict:
-    """The empirical-entropy bound (bits, tables excluded) of every section, for the report."""
+def _bounds(sections) -> dict:
+    """Per section, (the empirical-entropy bound, the Huffman code length) in bits of its symbol streams, tables
+    excluded: the limit the coded size is compared with, and what Deep Compression's coder would take."""
     out = {}
     for name, data in sections.items():
         if name in ("values", "scale", "entries"):
-            planes = [entropy.decode(s) for s in floats.split(data)]
-            out[name] = sum(entropy.entropy_bits(np.bincount(p)) for p in planes)
+            streams = [np.bincount(entropy.decode(s)) for s in floats.split(data)]
         elif name == "mask":
-            out[name] = masks.bound_bits(masks.decode(data, tuple(record["shape"]) or (1,)))
+            streams = [np.bincount(entropy.decode(data[1:]))]
         else:
-            out[name] = entropy.entropy_bits(np.bincount(entropy.decode(data)))
+            streams = [np.bincount(entropy.decode(data))]
+        bound = sum(entropy.entropy_bits(c) for c in streams)  # of the streams as coded (a mask: its groups)
+        out[name] = (bound, sum(entropy.huffman_bits(c) for c in streams))
     return out
 
 
@@ -346,23 +348,25 @@ def unpack(path, *, verify: bool = True) -> tuple[dict, dict]:
 
 
 def report(reader: container.Reader) -> dict:
-    """Sizes from the header alone: bytes per kind and section, bits per weight, the entropy bound, and the
-    compression ratio against float32 and bfloat16 with every byte of the file (header, tables, checksums)
-    counted."""
+    """Sizes from the header alone: bytes per kind and section, bits per weight, the entropy bound, the Huffman
+    code of the same streams (Deep Compression's coder, tables not counted), and the compression ratio against
+    float32 and bfloat16 with every byte of the file (header, tables, checksums) counted."""
     n = sum(int(np.prod(leaf["shape"], dtype=np.int64)) for leaf in reader.leaves)
     by_kind: dict = {}
     sections: dict = {}
-    bound = 0.0
+    bound, huffman = 0.0, 0
     for leaf in reader.leaves:
         k = by_kind.setdefault(leaf["kind"], dict(leaves=0, values=0, bytes=0))
         k["leaves"] += 1
         k["values"] += int(np.prod(leaf["shape"], dtype=np.int64))
         for name, s in leaf["sections"].items():
             k["bytes"] += s["length"]
-            sec = sections.setdefault(name, dict(bytes=0, bound_bits=0.0))
+            sec = sections.setdefault(name, dict(bytes=0, bound_bits=0.0, huffman_bits=0))
             sec["bytes"] += s["length"]
             sec["bound_bits"] += s["bound_bits"] or 0.0
+            sec["huffman_bits"] += s.get("huffman_bits") or 0
             bound += s["bound_bits"] or 0.0
+            huffman += s.get("huffman_bits") or 0
     total = reader.size
     return dict(
         file=str(reader.path),
@@ -372,6 +376,7 @@ def report(reader: container.Reader) -> dict:
         bits_per_weight=8 * total / max(n, 1),
         bound_bytes=bound / 8,
         bound_bits_per_weight=bound / max(n, 1),
+        huffman_bytes=huffman / 8,
         ratio_vs_fp32=4 * n / total,
         ratio_vs_bf16=2 * n / total,
         kinds=by_kind,

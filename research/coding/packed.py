@@ -155,10 +155,16 @@ def table(rep: dict, leaves: bool = False) -> str:
     ]
     lines.append(report.table(["kind", "leaves", "values", "bytes", "bits/value"], kinds))
     secs = [
-        [k, v["bytes"], v["bound_bits"] / 8, v["bytes"] / max(v["bound_bits"] / 8, 1e-9)]
+        [
+            k,
+            v["bytes"],
+            v["bound_bits"] / 8,
+            v["bytes"] / (v["bound_bits"] / 8) if v["bound_bits"] > 8 else None,
+            v["huffman_bits"] / 8,
+        ]
         for k, v in rep["sections"].items()
     ]
-    lines.append(report.table(["section", "bytes", "bound bytes", "bytes / bound"], secs))
+    lines.append(report.table(["section", "bytes", "bound bytes", "bytes / bound", "huffman bytes"], secs))
     lines.append(
         f"{rep['params']:,} parameters in {rep['file_bytes']:,} bytes ({rep['overhead_bytes']:,} of header and "
         f"checksums): {rep['bits_per_weight']:.3f} bits per weight (entropy bound "
