@@ -64,7 +64,7 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
         out = run_dir / f"compress-{name.split()[0]}"
         s = pipeline.run(compress_config(run_dir, spec, steps), out, overwrite=True)
         if name == "dense":  # sparsity 0 changes nothing: its "compressed" model is the dense one, packed bit-exactly
-            rows[0][5:7] = [s["packed_compressed"]["file_bytes"] / 1e3, s["packed_compressed"]["ratio_vs_fp32"]]
+            rows[0][5:7] = [round(s["packed_compressed"]["file_bytes"] / 1e3), s["packed_compressed"]["ratio_vs_fp32"]]
         stages = [("compressed", name)] if name != "dense" else []
         stages += [("finetuned", f"{name} + {steps} steps")] if steps else []
         for stage, label in stages:
@@ -78,7 +78,7 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
                     r["loss"],
                     r["bits_per_byte"],
                     r["bits_per_byte"] - dense_bpb,
-                    packed["file_bytes"] / 1e3,
+                    round(packed["file_bytes"] / 1e3),
                     packed["ratio_vs_fp32"],
                     f"{s['seconds']['compress']:.1f}",
                 ]
