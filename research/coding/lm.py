@@ -1,0 +1,351 @@
+"""Language modeling is compression: range coding of any bytes with a model's next-token probabilities.
+
+    blob, rep = lm.encode(data, m)          # m: a `sources.Model` (run, compressed directory, packed file, HF)
+    data2, _ = lm.decode(blob, m)           # == data, or a CorruptData / UserError
+
+Tokens. A byte-level model codes the bytes themselves. A tokenizer model codes token ids: the input is cut into
+runs of valid UTF-8 and invalid bytes; each text run is tokenized and kept only if decoding its tokens gives back
+its exact bytes, and every other byte is an escape byte, stored raw (8 bits) in its own section. So any input
+round-trips, whatever the tokenizer does with it.
+
+Chunks. The token stream is cut into chunks of `chunk_len` tokens (at most the model's context), coded as batches
+of `batch_size` parallel streams through the KV-cache step (`models.decode.step`), one position of every chunk per
+step; a batch short of chunks is padded, so every step runs the same jitted function on the same shapes in the
+encoder and the decoder and gets bit-identical logits. Each chunk starts from a fixed start token (the tokenizer's
+BOS, else its EOS, else byte 10, "\\n"); its first symbol is coded with the model's prediction after it.
+
+Coding. Logits become probabilities in float64 NumPy (a softmax both sides compute identically), which
+`constriction`'s range coder quantizes deterministically (`Categorical(perfect=False)`: every symbol keeps a
+non-zero probability). The coded size is the model's log-loss on the data, -sum log2 p(x_t), plus the range
+coder's few bytes and the quantization loss; the report gives both, and the overhead.
+
+File layout (little-endian, version 1), a 40-60 byte header and the payload:
+
+    4 bytes magic b"ZLMT", u8 version, u8 reserved
+    8 bytes the model's fingerprint (the first 8 bytes of `fingerprint`), 4 bytes the tokenizer's
+    8 bytes the first 8 bytes of the input's SHA-256, u32 CRC-32 of the payload
+    LEB128 varints: input length, tokens, chunk length, batch size, start token, range-coder words, escape bytes,
+            number of runs, then per run (bytes << 1 | is_escape) and, for text runs, its tokens
+    u32 CRC-32 of everything above
+    payload: the range coder's uint32 words, then the escape bytes
+
+Decoding checks the magic, version, header CRC, payload CRC and model fingerprint before it decodes, and the
+input's hash after: a different model or a damaged file is an error, never wrong output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+import zlib
+
+import numpy as np
+
+from research import errors, tree
+from research.coding import entropy
+
+MAGIC = b"ZLMT"
+VERSION = 1
+_FIXED = struct.Struct("<4sBB8s4s8sI")  # magic, version, reserved, model, tokenizer, input hash, payload CRC
+
+
+def fingerprint(cfg, params) -> str:
+    """SHA-256 of the model config and every parameter's path, dtype, shape and bytes: the same for a model and
+    its packed or unpacked copies, different for any other weights."""
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for path, x in tree.flatten(params).items():
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{path}:{a.dtype.name}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _start_token(tok) -> int:
+    if tok.spec == "byte":
+        return 10
+    t = tok._tok
+    for tid in (t.bos_token_id, t.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _runs(data: bytes, tok) -> tuple[list, np.ndarray, bytes]:
+    """(runs [[kind, n_bytes, n_tokens]], token ids, escape bytes) of the input (see the module docstring)."""
+    if tok.spec == "byte":
+        return [["t", len(data), len(data)]], np.frombuffer(data, np.uint8).astype(np.int32), b""
+    runs, ids, escapes, i = [], [], bytearray(), 0
+    while i < len(data):
+        try:
+            data[i:].decode("utf-8")
+            end, bad = len(data), len(data)
+        except UnicodeDecodeError as e:
+            end, bad = i + e.start, i + e.end
+        if end > i:
+            text = data[i:end]
+            t = tok.encode(text.decode("utf-8"))
+            if tok.decode(t).encode("utf-8") == text:
+                runs.append(["t", len(text), len(t)])
+                ids.append(t)
+            else:
+                runs.append(["b", len(text), 0])
+                escapes += text
+        if bad > end:
+            runs.append(["b", bad - end, 0])
+            escapes += data[end:bad]
+        i = bad
+    tokens = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
+    return runs, tokens, bytes(escapes)
+
+
+def _join(runs, tokens: np.ndarray, escapes: bytes, tok) -> bytes:
+    out, ti, ei = bytearray(), 0, 0
+    for kind, n_bytes, n_tokens in runs:
+        if kind == "t":
+            piece = bytes(tokens[ti : ti + n_tokens].astype(np.uint8)) if tok.spec == "byte" else None
+            if piece is None:
+                piece = tok.decode(tokens[ti : ti + n_tokens]).encode("utf-8")
+            out += piece
+            ti += n_tokens
+        else:
+            out += escapes[ei : ei + n_bytes]
+            ei += n_bytes
+    return bytes(out)
+
+
+def _probs(logits) -> np.ndarray:
+    """(B, V) float64 probabilities from (B, V) logits, computed identically by the encoder and the decoder."""
+    x = np.asarray(logits, np.float64)
+    x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return x / x.sum(axis=-1, keepdims=True)
+
+
+class _Stepper:
+    """Runs one batch of chunks through the KV-cache step, position by position."""
+
+    def __init__(self, m, batch_size: int, chunk_len: int, start: int):
+        from research.models import decode
+
+        self.m, self.decode, self.b, self.l, self.start = m, decode, batch_size, chunk_len, start
+        self.model_seconds = 0.0
+
+    def run(self, chunk_tokens, lengths, on_step):
+        """on_step(t, probs (B, V)) -> tokens (B,) at position t (the encoder knows them; the decoder decodes)."""
+        cache = self.decode.init_cache(self.m.cfg, self.b, self.l)
+        prev = np.full((self.b, 1), self.start, np.int32)
+        for t in range(int(lengths.max(initial=0))):
+            t0 = time.perf_counter()
+            logits, cache = self.decode.step(self.m.graphdef, self.m.params, cache, prev)
+            logits = np.asarray(logits[:, 0, :])
+            self.model_seconds += time.perf_counter() - t0
+            prev = np.asarray(on_step(t, _probs(logits)), np.int32).reshape(self.b, 1)
+
+
+def _check(m, chunk_len: int, batch_size: int) -> None:
+    for name, v in (("chunk_len", chunk_len), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise errors.UserError(f"{name} must be a positive integer, got {v!r}")
+    if chunk_len > m.cfg.max_seq_len:
+        raise errors.UserError(
+            f"chunk_len {chunk_len} exceeds the model's context ({m.cfg.max_seq_len}); use --chunk-len "
+            f"{m.cfg.max_seq_len} or less"
+        )
+    if m.tokenizer is None:
+        raise errors.UserError(f"{m.source} names no tokenizer: the coder needs one (byte or hf:DIR)")
+
+
+def encode(data: bytes, m, *, chunk_len: int | None = None, batch_size: int = 16) -> tuple[bytes, dict]:
+    """The coded file of `data` under the model `m`, and the report (sizes, ideal bits, overhead, timings)."""
+    import constriction
+
+    from research.data import tokenizers
+
+    chunk_len = chunk_len or m.cfg.max_seq_len
+    _check(m, chunk_len, batch_size)
+    t_start = time.perf_counter()
+    tok = tokenizers.load(m.tokenizer)
+    runs, tokens, escapes = _runs(bytes(data), tok)
+    start = _start_token(tok)
+    n = len(tokens)
+    n_chunks = -(-n // chunk_len)
+    coder = constriction.stream.queue.RangeEncoder()
+    family = constriction.stream.model.Categorical(perfect=False)
+    stepper = _Stepper(m, batch_size, chunk_len, start)
+    ideal, coder_seconds = 0.0, 0.0
+    for first in range(0, n_chunks, batch_size):
+        chunk = np.zeros((batch_size, chunk_len), np.int32)
+        lengths = np.zeros(batch_size, np.int64)
+        for i in range(batch_size):
+            lo = (first + i) * chunk_len
+            piece = tokens[lo : lo + chunk_len]
+            chunk[i, : len(piece)], lengths[i] = piece, len(piece)
+
+        def on_step(t, probs, chunk=chunk, lengths=lengths):
+            nonlocal ideal, coder_seconds
+            live = lengths > t
+            sym = chunk[live, t]
+            p = probs[live]
+            t0 = time.perf_counter()
+            coder.encode(sym, family, p)
+            coder_seconds += time.perf_counter() - t0
+            ideal += float(-np.log2(p[np.arange(len(sym)), sym]).sum())
+            return chunk[:, t]
+
+        stepper.run(chunk, lengths, on_step)
+    words = coder.get_compressed()
+    payload = words.tobytes() + escapes
+    fields = [len(data), n, chunk_len, batch_size, start, len(words), len(escapes), len(runs)]
+    for kind, n_bytes, n_tokens in runs:
+        fields += [n_bytes << 1 | (kind == "b")] + ([n_tokens] if kind == "t" else [])
+    head = _FIXED.pack(
+        MAGIC,
+        VERSION,
+        0,
+        bytes.fromhex(fingerprint(m.cfg, m.params))[:8],
+        bytes.fromhex(tok.fingerprint.removeprefix("hf-").ljust(8, "0")[:8]) if tok.spec != "byte" else b"byte",
+        hashlib.sha256(data).digest()[:8],
+        zlib.crc32(payload) & 0xFFFFFFFF,
+    ) + entropy.varints(fields)
+    blob = head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF) + payload
+    seconds = time.perf_counter() - t_start
+    ideal_total = ideal + 8 * len(escapes)
+    rep = dict(
+        input_bytes=len(data),
+        coded_bytes=len(blob),
+        payload_bytes=len(payload),
+        header_bytes=len(blob) - len(payload),
+        tokens=int(n),
+        escape_bytes=len(escapes),
+        bits_per_byte=8 * len(blob) / max(len(data), 1),
+        ideal_bits=ideal_total,
+        ideal_bits_per_byte=ideal_total / max(len(data), 1),
+        overhead_bytes=len(blob) - ideal_total / 8,
+        overhead_fraction=(len(blob) - ideal_total / 8) / max(ideal_total / 8, 1e-9),
+        seconds=seconds,
+        model_seconds=stepper.model_seconds,
+        coder_seconds=coder_seconds,
+        kb_per_s=len(data) / 1e3 / max(seconds, 1e-9),
+        chunk_len=chunk_len,
+        batch_size=batch_size,
+    )
+    return blob, rep
+
+
+def read_header(blob: bytes) -> tuple[dict, bytes]:
+    """(header, payload) of a coded file, after the magic, version, header CRC and payload CRC checks."""
+    mv = memoryview(blob)
+    if len(mv) < _FIXED.size + 4:
+        raise errors.CorruptData(f"a coded file of {len(mv)} bytes is too short for its header")
+    magic, version, _, model, tokenizer, digest, payload_crc = _FIXED.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise errors.CorruptData(f"not a ziplm coded file (wrong magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise errors.CorruptData(f"coded file format version {version}; this ziplm reads version {VERSION}")
+    pos = _FIXED.size
+
+    def varint():
+        nonlocal pos
+        value, shift = 0, 0
+        while True:
+            if pos >= len(mv) or shift > 63:
+                raise errors.CorruptData("the coded file is truncated inside its header")
+            byte = mv[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    length, n, chunk_len, batch_size, start, n_words, n_escapes, n_runs = (varint() for _ in range(8))
+    runs = []
+    for _ in range(n_runs):
+        first = varint()
+        runs.append(["b", first >> 1, 0] if first & 1 else ["t", first >> 1, varint()])
+    if pos + 4 > len(mv):
+        raise errors.CorruptData("the coded file is truncated inside its header")
+    (want,) = struct.unpack_from("<I", mv, pos)
+    if zlib.crc32(mv[:pos]) & 0xFFFFFFFF != want:
+        raise errors.CorruptData("the coded file's header fails its checksum (the file is damaged)")
+    payload = bytes(mv[pos + 4 :])
+    if len(payload) != 4 * n_words + n_escapes:
+        raise errors.CorruptData(
+            f"the coded file is truncated or padded: {len(payload)} payload bytes, expected {4 * n_words + n_escapes}"
+        )
+    if zlib.crc32(payload) & 0xFFFFFFFF != payload_crc:
+        raise errors.CorruptData("the coded file's payload fails its checksum (the file is damaged)")
+    header = dict(
+        model=model.hex(),
+        tokenizer=tokenizer.hex(),
+        sha256_prefix=digest.hex(),
+        length=length,
+        tokens=n,
+        chunk_len=chunk_len,
+        batch_size=batch_size,
+        start_token=start,
+        words=n_words,
+        escapes=n_escapes,
+        runs=runs,
+        header_bytes=pos + 4,
+    )
+    return header, payload
+
+
+def decode(blob: bytes, m) -> tuple[bytes, dict]:
+    """The bytes `encode` coded, with the model `m` (the same one: checked by fingerprint), and a report."""
+    import constriction
+
+    from research.data import tokenizers
+
+    t_start = time.perf_counter()
+    header, payload = read_header(blob)
+    have = fingerprint(m.cfg, m.params)[:16]
+    if have != header["model"]:
+        raise errors.UserError(
+            f"this file was coded with another model (fingerprint {header['model']}; {m.source} has {have}): "
+            "decode with the model it was coded with"
+        )
+    chunk_len, batch_size, n = header["chunk_len"], header["batch_size"], header["tokens"]
+    _check(m, chunk_len, batch_size)
+    tok = tokenizers.load(m.tokenizer)
+    words = np.frombuffer(payload[: 4 * header["words"]], np.uint32).copy()
+    escapes = payload[4 * header["words"] :]
+    coder = constriction.stream.queue.RangeDecoder(words)
+    family = constriction.stream.model.Categorical(perfect=False)
+    stepper = _Stepper(m, batch_size, chunk_len, header["start_token"])
+    tokens = np.zeros(n, np.int32)
+    coder_seconds = 0.0
+    n_chunks = -(-n // chunk_len)
+    for first in range(0, n_chunks, batch_size):
+        lengths = np.array([max(0, min(chunk_len, n - (first + i) * chunk_len)) for i in range(batch_size)], np.int64)
+        chunk = np.zeros((batch_size, chunk_len), np.int32)
+
+        def on_step(t, probs, chunk=chunk, lengths=lengths):
+            nonlocal coder_seconds
+            live = lengths > t
+            t0 = time.perf_counter()
+            try:
+                sym = np.asarray(coder.decode(family, probs[live]), np.int32)
+            except Exception as e:
+                raise errors.CorruptData(f"the coded payload does not decode ({e})") from None
+            coder_seconds += time.perf_counter() - t0
+            chunk[live, t] = sym
+            return chunk[:, t]
+
+        stepper.run(chunk, lengths, on_step)
+        for i in range(batch_size):
+            lo = (first + i) * chunk_len
+            tokens[lo : lo + lengths[i]] = chunk[i, : lengths[i]]
+    data = _join(header["runs"], tokens, escapes, tok)
+    if len(data) != header["length"] or hashlib.sha256(data).hexdigest()[:16] != header["sha256_prefix"]:
+        raise errors.CorruptData("the decoded bytes fail the input's SHA-256 (damaged file or a changed tokenizer)")
+    seconds = time.perf_counter() - t_start
+    rep = dict(
+        output_bytes=len(data),
+        seconds=seconds,
+        model_seconds=stepper.model_seconds,
+        coder_seconds=coder_seconds,
+        kb_per_s=len(data) / 1e3 / max(seconds, 1e-9),
+    )
+    return data, rep
