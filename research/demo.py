@@ -6,7 +6,10 @@ block linear layers to 50% with magnitude and with Wanda (calibrated on 128 trai
 briefly with the masks held, shares its weights through 4-bit codebooks (trained centroids, fine-tuned briefly)
 and quantizes them to 4 bits with GPTQ (one-shot) and to W8A8 (8-bit GPTQ weights, 8-bit per-token activations),
 and prints sparsity, validation bits per byte and the packed size of every model (`ziplm pack`'s format: the file
-each compressed directory holds as model.zlm, every byte counted) with its compression ratio against float32. Everything
+each compressed directory holds as model.zlm, every byte counted) with its compression ratio against float32;
+then codes the held-out text with the dense model and every saved compressed model (`coding.lm`) and with gzip,
+bz2, xz and zstd, and prints bits per byte and the total description length (coded data + packed model), with a
+plot (coding.png). Everything
 lands in the run
 directory: checkpoints, config.json, metrics.jsonl, summary.json, loss.png, and one `compress-<method>/` directory
 per pruned model (loadable with `ziplm eval --model`). Config overrides work as for `train`
@@ -19,7 +22,9 @@ from pathlib import Path
 
 from research import config as config_lib
 from research import log, report
+from research.coding import compare, packed
 from research.compress import pipeline
+from research.data import corpora, dataset
 from research.train import loop
 
 # The compression rows of the demo table: (label, method settings, fine-tuning steps), on the block linear
@@ -59,10 +64,12 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
     plot = report.plot_losses(run_dir)
     rows = [["dense", 0.0, summary["val"]["loss"], summary["val"]["bits_per_byte"], 0.0, None, None, "-"]]
     dense_bpb = summary["val"]["bits_per_byte"]
+    saved = {}  # the model each compress directory keeps, by its table row
     for name, spec, steps in ROWS:
         print(f"\ncompressing: {spec}", flush=True)
         out = run_dir / f"compress-{name.split()[0]}"
         s = pipeline.run(compress_config(run_dir, spec, steps), out, overwrite=True)
+        saved[f"{name} + {steps} steps" if steps else name] = out / "model.zlm"
         if name == "dense":  # sparsity 0 changes nothing: its "compressed" model is the dense one, packed bit-exactly
             rows[0][5:7] = [round(s["packed_compressed"]["file_bytes"] / 1e3), s["packed_compressed"]["ratio_vs_fp32"]]
         stages = [("compressed", name)] if name != "dense" else []
@@ -95,4 +102,23 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
         f" model as one file, x fp32 = 4 bytes per parameter / packed bytes):\n{table}"
     )
     print(f"loss curve: {plot}")
+    coding = code_held_out(cfg, run_dir, saved)
+    print(
+        f"\ncoding the held-out text ({coding['bytes']:,} bytes of the validation split) with each model and with "
+        f"the classic codecs; total = coded data + the packed model:\n{compare.table(coding['rows'])}"
+    )
+    print(f"coding plot: {coding['plot']}")
     return 0
+
+
+def code_held_out(cfg, run_dir: Path, saved: dict) -> dict:
+    """Codes the validation split's bytes with the dense model and every saved compressed model (their packed
+    files), and with gzip / bz2 / xz / zstd; writes coding_table.json and coding.png into the run directory."""
+    dense = run_dir / "model.zlm"
+    packed.pack_model(str(run_dir), dense, overwrite=True, progress=False)
+    data = dataset.split_text(corpora.load(cfg.data.corpus).text, cfg.data.val_fraction)[1].encode("utf-8")
+    rows = compare.rows(data, {"dense": dense, **saved}, batch_size=64, progress=None)
+    path = compare.plot({f"held-out text ({len(data):,} bytes)": rows}, run_dir / "coding.png")
+    result = dict(bytes=len(data), rows=rows, plot=str(path), protocol="chunks of the model's context, 64 streams")
+    log.write_json_atomic(run_dir / "coding_table.json", result)
+    return result

@@ -117,6 +117,12 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
     )
     w8a8 = json.loads((tmp_path / "demo" / "compress-w8a8" / "compressed.json").read_text())
     assert "w8a8 (gptq + act_quant)" in rows and w8a8["model"]["act_bits"] == 8
+    coding = json.loads((tmp_path / "demo" / "coding_table.json").read_text())
+    coders = {r["coder"]: r for r in coding["rows"]}
+    assert {"gzip -9", "xz -9e", "model: dense", "model: gptq 4-bit g32"} <= set(coders)
+    for r in coding["rows"]:
+        assert r["total_bytes"] == r["model_bytes"] + r["data_bytes"] and r["bits_per_byte"] > 0
+    assert (tmp_path / "demo" / "coding.png").stat().st_size > 1000 and "coding the held-out text" in out
 
 
 def _bad(args, capsys, match):
