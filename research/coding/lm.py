@@ -8,11 +8,13 @@ runs of valid UTF-8 and invalid bytes; each text run is tokenized and kept only 
 its exact bytes, and every other byte is an escape byte, stored raw (8 bits) in its own section. So any input
 round-trips, whatever the tokenizer does with it.
 
-Chunks. The token stream is cut into chunks of `chunk_len` tokens (at most the model's context), coded as batches
-of `batch_size` parallel streams through the KV-cache step (`models.decode.step`), one position of every chunk per
-step; a batch short of chunks is padded, so every step runs the same jitted function on the same shapes in the
-encoder and the decoder and gets bit-identical logits. Each chunk starts from a fixed start token (the tokenizer's
-BOS, else its EOS, else byte 10, "\\n"); its first symbol is coded with the model's prediction after it.
+Streams and windows. The token stream is cut into `batch_size` contiguous segments, coded as parallel streams
+through the KV-cache step (`models.decode.step`). Each stream advances window by window: a window codes the next
+`chunk_len` tokens (default: half the model's context) one position per step, after a prefill of the
+`context - chunk_len + 1` tokens before them (the first window starts from a fixed start token: the tokenizer's
+BOS, else its EOS, else byte 10, "\n"), so every token after the first window sees at least that much context.
+All streams take the same steps on the same shapes in the encoder and the decoder (a stream that has run out is
+masked, not shortened), so both get bit-identical logits.
 
 Coding. Logits become probabilities in float64 NumPy (a softmax both sides compute identically), which
 `constriction`'s range coder quantizes deterministically (`Categorical(perfect=False)`: every symbol keeps a
@@ -122,25 +124,44 @@ def _probs(logits) -> np.ndarray:
     return x / x.sum(axis=-1, keepdims=True)
 
 
-class _Stepper:
-    """Runs one batch of chunks through the KV-cache step, position by position."""
+def _segments(n: int, batch_size: int) -> tuple[int, np.ndarray]:
+    """(span S, (B,) lengths): stream i codes tokens [i * S, i * S + lengths[i])."""
+    span = -(-n // batch_size) if n else 0
+    return span, np.clip(n - span * np.arange(batch_size), 0, span)
 
-    def __init__(self, m, batch_size: int, chunk_len: int, start: int):
-        from research.models import decode
 
-        self.m, self.decode, self.b, self.l, self.start = m, decode, batch_size, chunk_len, start
-        self.model_seconds = 0.0
+def _run(m, n: int, batch_size: int, chunk_len: int, start: int, predict) -> tuple[np.ndarray, float]:
+    """Drives the model over the streams, window by window (see the module docstring).
 
-    def run(self, chunk_tokens, lengths, on_step):
-        """on_step(t, probs (B, V)) -> tokens (B,) at position t (the encoder knows them; the decoder decodes)."""
-        cache = self.decode.init_cache(self.m.cfg, self.b, self.l)
-        prev = np.full((self.b, 1), self.start, np.int32)
-        for t in range(int(lengths.max(initial=0))):
-            t0 = time.perf_counter()
-            logits, cache = self.decode.step(self.m.graphdef, self.m.params, cache, prev)
-            logits = np.asarray(logits[:, 0, :])
-            self.model_seconds += time.perf_counter() - t0
-            prev = np.asarray(on_step(t, _probs(logits)), np.int32).reshape(self.b, 1)
+    `predict(probs (B, V), live (B,) bool, pos)` returns the (B,) tokens at stream position `pos` (the encoder
+    knows them; the decoder decodes them); entries where `live` is False are ignored. Returns the (B, S) tokens
+    and the seconds spent in the model.
+    """
+    from research.models import decode
+
+    window = m.cfg.max_seq_len
+    keep = window - chunk_len + 1  # context carried into every window after the first
+    span, lengths = _segments(n, batch_size)
+    tokens = np.zeros((batch_size, span), np.int32)
+    seconds = 0.0
+
+    def step(cache, x):
+        nonlocal seconds
+        t0 = time.perf_counter()
+        logits, cache = decode.step(m.graphdef, m.params, cache, x)
+        out = np.asarray(logits[:, -1, :])
+        seconds += time.perf_counter() - t0
+        return out, cache
+
+    for lo in range(0, span, chunk_len):
+        prefix = np.full((batch_size, 1), start, np.int32) if lo == 0 else tokens[:, max(0, lo - keep) : lo]
+        logits, cache = step(decode.init_cache(m.cfg, batch_size, window), prefix)
+        for pos in range(lo, min(lo + chunk_len, span)):
+            live = lengths > pos
+            tokens[:, pos] = np.where(live, predict(_probs(logits), live, pos), 0)
+            if pos + 1 < min(lo + chunk_len, span):
+                logits, cache = step(cache, tokens[:, pos : pos + 1])
+    return tokens, seconds
 
 
 def _check(m, chunk_len: int, batch_size: int) -> None:
@@ -162,38 +183,31 @@ def encode(data: bytes, m, *, chunk_len: int | None = None, batch_size: int = 16
 
     from research.data import tokenizers
 
-    chunk_len = chunk_len or m.cfg.max_seq_len
+    chunk_len = chunk_len or max(1, m.cfg.max_seq_len // 2)
     _check(m, chunk_len, batch_size)
     t_start = time.perf_counter()
     tok = tokenizers.load(m.tokenizer)
     runs, tokens, escapes = _runs(bytes(data), tok)
     start = _start_token(tok)
     n = len(tokens)
-    n_chunks = -(-n // chunk_len)
     coder = constriction.stream.queue.RangeEncoder()
     family = constriction.stream.model.Categorical(perfect=False)
-    stepper = _Stepper(m, batch_size, chunk_len, start)
+    span, lengths = _segments(n, batch_size)
+    streams = np.zeros((batch_size, span), np.int32)
+    for i in range(batch_size):
+        streams[i, : lengths[i]] = tokens[i * span : i * span + lengths[i]]
     ideal, coder_seconds = 0.0, 0.0
-    for first in range(0, n_chunks, batch_size):
-        chunk = np.zeros((batch_size, chunk_len), np.int32)
-        lengths = np.zeros(batch_size, np.int64)
-        for i in range(batch_size):
-            lo = (first + i) * chunk_len
-            piece = tokens[lo : lo + chunk_len]
-            chunk[i, : len(piece)], lengths[i] = piece, len(piece)
 
-        def on_step(t, probs, chunk=chunk, lengths=lengths):
-            nonlocal ideal, coder_seconds
-            live = lengths > t
-            sym = chunk[live, t]
-            p = probs[live]
-            t0 = time.perf_counter()
-            coder.encode(sym, family, p)
-            coder_seconds += time.perf_counter() - t0
-            ideal += float(-np.log2(p[np.arange(len(sym)), sym]).sum())
-            return chunk[:, t]
+    def predict(probs, live, pos):
+        nonlocal ideal, coder_seconds
+        sym, p = streams[live, pos], probs[live]
+        t0 = time.perf_counter()
+        coder.encode(sym, family, p)
+        coder_seconds += time.perf_counter() - t0
+        ideal += float(-np.log2(p[np.arange(len(sym)), sym]).sum())
+        return streams[:, pos]
 
-        stepper.run(chunk, lengths, on_step)
+    _, model_seconds = _run(m, n, batch_size, chunk_len, start, predict)
     words = coder.get_compressed()
     payload = words.tobytes() + escapes
     fields = [len(data), n, chunk_len, batch_size, start, len(words), len(escapes), len(runs)]
@@ -224,7 +238,7 @@ def encode(data: bytes, m, *, chunk_len: int | None = None, batch_size: int = 16
         overhead_bytes=len(blob) - ideal_total / 8,
         overhead_fraction=(len(blob) - ideal_total / 8) / max(ideal_total / 8, 1e-9),
         seconds=seconds,
-        model_seconds=stepper.model_seconds,
+        model_seconds=model_seconds,
         coder_seconds=coder_seconds,
         kb_per_s=len(data) / 1e3 / max(seconds, 1e-9),
         chunk_len=chunk_len,
@@ -313,30 +327,23 @@ def decode(blob: bytes, m) -> tuple[bytes, dict]:
     escapes = payload[4 * header["words"] :]
     coder = constriction.stream.queue.RangeDecoder(words)
     family = constriction.stream.model.Categorical(perfect=False)
-    stepper = _Stepper(m, batch_size, chunk_len, header["start_token"])
-    tokens = np.zeros(n, np.int32)
     coder_seconds = 0.0
-    n_chunks = -(-n // chunk_len)
-    for first in range(0, n_chunks, batch_size):
-        lengths = np.array([max(0, min(chunk_len, n - (first + i) * chunk_len)) for i in range(batch_size)], np.int64)
-        chunk = np.zeros((batch_size, chunk_len), np.int32)
 
-        def on_step(t, probs, chunk=chunk, lengths=lengths):
-            nonlocal coder_seconds
-            live = lengths > t
-            t0 = time.perf_counter()
-            try:
-                sym = np.asarray(coder.decode(family, probs[live]), np.int32)
-            except Exception as e:
-                raise errors.CorruptData(f"the coded payload does not decode ({e})") from None
-            coder_seconds += time.perf_counter() - t0
-            chunk[live, t] = sym
-            return chunk[:, t]
+    def predict(probs, live, pos):
+        nonlocal coder_seconds
+        t0 = time.perf_counter()
+        try:
+            sym = np.asarray(coder.decode(family, probs[live]), np.int32)
+        except Exception as e:
+            raise errors.CorruptData(f"the coded payload does not decode ({e})") from None
+        coder_seconds += time.perf_counter() - t0
+        out = np.zeros(len(live), np.int32)
+        out[live] = sym
+        return out
 
-        stepper.run(chunk, lengths, on_step)
-        for i in range(batch_size):
-            lo = (first + i) * chunk_len
-            tokens[lo : lo + lengths[i]] = chunk[i, : lengths[i]]
+    streams, model_seconds = _run(m, n, batch_size, chunk_len, header["start_token"], predict)
+    _, lengths = _segments(n, batch_size)
+    tokens = np.concatenate([streams[i, : lengths[i]] for i in range(batch_size)]) if n else np.zeros(0, np.int32)
     data = _join(header["runs"], tokens, escapes, tok)
     if len(data) != header["length"] or hashlib.sha256(data).hexdigest()[:16] != header["sha256_prefix"]:
         raise errors.CorruptData("the decoded bytes fail the input's SHA-256 (damaged file or a changed tokenizer)")
@@ -344,7 +351,7 @@ def decode(blob: bytes, m) -> tuple[bytes, dict]:
     rep = dict(
         output_bytes=len(data),
         seconds=seconds,
-        model_seconds=stepper.model_seconds,
+        model_seconds=model_seconds,
         coder_seconds=coder_seconds,
         kb_per_s=len(data) / 1e3 / max(seconds, 1e-9),
     )
