@@ -13,8 +13,8 @@ Part 1, ratio (compressed bytes / original bytes, lower is better), per tensor s
     decompress to the input.
 Tensor sets: the trained Tiny Shakespeare model (runs/shakespeare_char_cpu, 0.8M parameters, if present), the
 trained demo model (runs/demo, if present) and a GPT-2-small-shaped model at its random init (N(0, 0.02) kernels,
-124M parameters; zstd at levels 19 and 22 take minutes on it): no trained LLM checkpoint can be downloaded here, so the anchor (ZipNN / DFloat11: 67-70% of
-bf16 for LLM weights) is compared on these, not on a real LLM.
+124M parameters; zstd at levels 19 and 22 take minutes on it): no trained LLM checkpoint can be downloaded here,
+so the anchor (ZipNN / DFloat11: 67-70% of bf16 for LLM weights) is compared on these, not on a real LLM.
 
 Part 2, throughput on the 124M model (CPU; 2 cores on the dev machine): `pack.pack` and `pack.unpack` (every
 checksum verified) of (a) the dense fp32 model and (b) the same model with the block kernels pruned to 50%
