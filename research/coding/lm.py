@@ -19,7 +19,9 @@ masked, not shortened), so both get bit-identical logits.
 Coding. Logits become probabilities in float64 NumPy (a softmax both sides compute identically), which
 `constriction`'s range coder quantizes deterministically (`Categorical(perfect=False)`: every symbol keeps a
 non-zero probability). The coded size is the model's log-loss on the data, -sum log2 p(x_t), plus the range
-coder's few bytes and the quantization loss; the report gives both, and the overhead.
+coder's few bytes and the quantization loss; the report gives both, and the overhead. The overhead can be
+negative: the coder's quantized model floors every probability near 2**-24, so a symbol the float model gives
+less than that (out-of-domain bytes) costs at most ~24 bits, fewer than its -log2 p.
 
 File layout (little-endian, version 1), a 40-60 byte header and the payload:
 
