@@ -11,13 +11,14 @@ then codes the held-out text with the dense model and every saved compressed mod
 bz2, xz and zstd, and prints bits per byte and the total description length (coded data + packed model), with a
 plot (coding.png). Everything
 lands in the run
-directory: checkpoints, config.json, metrics.jsonl, summary.json, loss.png, and one `compress-<method>/` directory
-per pruned model (loadable with `ziplm eval --model`). Config overrides work as for `train`
+directory: checkpoints, config.json, metrics.jsonl, summary.json, loss.png, and one `compress-<row>/` directory
+per compressed model, named after its row (loadable with `ziplm eval --model`). Config overrides work as for `train`
 (`ziplm demo --config.train.steps=100`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from research import config as config_lib
@@ -36,6 +37,15 @@ ROWS = [
     ("wanda 50%", dict(method="wanda", sparsity=0.5), 100),
     ("codebook 4-bit", dict(method="codebook", bits=4, granularity="channel", lr=1e-3), 100),
     ("gptq 4-bit g32", dict(method="gptq", bits=4, granularity="group", group_size=32), 0),
+    (
+        "magnitude 50% -> ft -> gptq 4-bit",
+        [
+            dict(method="magnitude", sparsity=0.5),
+            dict(finetune=100),
+            dict(method="gptq", bits=4, granularity="group", group_size=32),
+        ],
+        0,
+    ),
     (
         "w8a8 (gptq + act_quant)",
         [dict(method="gptq", bits=8, granularity="channel"), dict(method="act_quant", bits=8)],
@@ -67,7 +77,7 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
     saved = {}  # the model each compress directory keeps, by its table row
     for name, spec, steps in ROWS:
         print(f"\ncompressing: {spec}", flush=True)
-        out = run_dir / f"compress-{name.split()[0]}"
+        out = run_dir / ("compress-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
         s = pipeline.run(compress_config(run_dir, spec, steps), out, overwrite=True)
         saved[f"{name} + {steps} steps" if steps else name] = out / "model.zlm"
         if name == "dense":  # sparsity 0 changes nothing: its "compressed" model is the dense one, packed bit-exactly
