@@ -53,6 +53,7 @@ ROWS = [
     ),
 ]
 FINETUNE_STEPS = 100
+CODE_BYTES = None  # how much of the validation split the coding table codes (None: all of it)
 
 
 def compress_config(run_dir: Path, spec: dict, steps: int = FINETUNE_STEPS):
@@ -127,6 +128,7 @@ def code_held_out(cfg, run_dir: Path, saved: dict) -> dict:
     dense = run_dir / "model.zlm"
     packed.pack_model(str(run_dir), dense, overwrite=True, progress=False)
     data = dataset.split_text(corpora.load(cfg.data.corpus).text, cfg.data.val_fraction)[1].encode("utf-8")
+    data = data[:CODE_BYTES] if CODE_BYTES else data
     rows = compare.rows(data, {"dense": dense, **saved}, batch_size=64, progress=None)
     path = compare.plot({f"held-out text ({len(data):,} bytes)": rows}, run_dir / "coding.png")
     result = dict(bytes=len(data), rows=rows, plot=str(path), protocol="chunks of the model's context, 64 streams")

@@ -59,7 +59,7 @@ def _reference_bits(m, tokens, batch_size, chunk_len):
 
 @pytest.mark.parametrize("chunk_len", [16, 8, 5])
 def test_coded_size_is_the_log_loss_plus_a_few_bytes(chunk_len):
-    data = bytes(np.random.default_rng(0).integers(97, 123, 1500, dtype=np.uint8))
+    data = bytes(np.random.default_rng(0).integers(97, 123, 600, dtype=np.uint8))
     blob, rep = lm.encode(data, BYTE, chunk_len=chunk_len, batch_size=6)
     bits = _reference_bits(BYTE, np.frombuffer(data, np.uint8).astype(np.int32), 6, chunk_len)
     assert rep["ideal_bits"] == pytest.approx(bits, rel=1e-4)
