@@ -175,6 +175,7 @@ def _compress(args, overrides) -> int:
 
 
 def _pack(args, overrides) -> int:
+    from research import log
     from research.coding import packed
 
     _no_extra(overrides, "pack")
@@ -182,7 +183,7 @@ def _pack(args, overrides) -> int:
     print(packed.table(rep))
     print(f"packed {args.model} into {rep['file']}")
     if args.json:
-        packed.write_json(rep, args.json)
+        log.write_json_atomic(Path(args.json), rep)
     return 0
 
 
@@ -196,6 +197,7 @@ def _unpack(args, overrides) -> int:
 
 
 def _inspect(args, overrides) -> int:
+    from research import log
     from research.coding import packed
 
     _no_extra(overrides, "inspect")
@@ -203,33 +205,13 @@ def _inspect(args, overrides) -> int:
     m = rep["meta"]
     model = m.get("model", {})
     print(
-        f"{args.file}: format version {1}, source {m.get('source')} ({m.get('source_kind')}), tokenizer "
+        f"{args.file}: format version {rep['version']}, source {m.get('source')} ({m.get('source_kind')}), tokenizer "
         f"{m.get('tokenizer')}, {model.get('n_layer')} layers x {model.get('d_model')}, checksums verified"
     )
     print(packed.table(rep, leaves=args.leaves))
     if args.json:
-        packed.write_json(rep, args.json)
+        log.write_json_atomic(Path(args.json), rep)
     return 0
-
-
-def _write_bytes(path, data: bytes, overwrite: bool) -> None:
-    """Writes a file atomically (a temporary file beside it, renamed into place); refuses to overwrite."""
-    import os
-    import tempfile
-
-    target = Path(path).expanduser().resolve()
-    if target.exists() and not overwrite:
-        raise errors.UserError(f"{target} exists; pass --overwrite to replace it")
-    if not target.parent.is_dir():
-        raise errors.UserError(f"the directory of {target} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_bytes(path) -> bytes:
@@ -240,14 +222,14 @@ def _read_bytes(path) -> bytes:
 
 
 def _encode(args, overrides) -> int:
-    from research import sources
+    from research import log, sources
     from research.coding import lm
 
     _no_extra(overrides, "encode")
     data = _read_bytes(args.input)
     m = sources.load(args.model, args.step)
     blob, rep = lm.encode(data, m, chunk_len=args.chunk_len, batch_size=args.batch_size)
-    _write_bytes(args.output, blob, args.overwrite)
+    log.write_bytes_atomic(args.output, blob, overwrite=args.overwrite)
     print(
         f"{args.input}: {rep['input_bytes']:,} bytes -> {rep['coded_bytes']:,} bytes, {rep['bits_per_byte']:.4f} "
         f"bits per byte (ideal {rep['ideal_bits_per_byte']:.4f}: -log2 P(x) = {rep['ideal_bits'] / 8:,.1f} bytes, "
@@ -256,14 +238,12 @@ def _encode(args, overrides) -> int:
         f"(model {rep['model_seconds']:.1f} s, coder {rep['coder_seconds']:.2f} s)"
     )
     if args.json:
-        from research import log
-
         log.write_json_atomic(Path(args.json), rep)
     return 0
 
 
 def _decode(args, overrides) -> int:
-    from research import sources
+    from research import log, sources
     from research.coding import lm
 
     _no_extra(overrides, "decode")
@@ -271,7 +251,7 @@ def _decode(args, overrides) -> int:
     lm.read_header(blob)  # a damaged file fails before the model is loaded
     m = sources.load(args.model, args.step)
     data, rep = lm.decode(blob, m)
-    _write_bytes(args.output, data, args.overwrite)
+    log.write_bytes_atomic(args.output, data, overwrite=args.overwrite)
     print(f"{args.input} -> {args.output}: {len(data):,} bytes, checksum verified; {rep['kb_per_s']:.1f} kB/s")
     return 0
 
@@ -393,8 +373,8 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
     en.add_argument("input", help="the file to compress (any bytes)")
     en.add_argument("output", help="the coded file to write")
-    en.add_argument("--chunk-len", type=int, help="tokens per chunk (default: the model's context)")
-    en.add_argument("--batch-size", type=int, default=16, help="chunks coded in parallel (default 16)")
+    en.add_argument("--chunk-len", type=int, help="new tokens per window (default: half the model's context)")
+    en.add_argument("--batch-size", type=int, default=16, help="streams coded in parallel (default 16)")
     en.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     en.add_argument("--json", help="also write the report to this JSON file")
     de = sub.add_parser("decode", help="decompress a file coded by `ziplm encode`, with the same model")

@@ -36,6 +36,25 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes_atomic(path, data: bytes, *, overwrite: bool = False) -> Path:
+    """Writes a file through a temporary file beside it, renamed into place; an existing file is refused unless
+    `overwrite` (a UserError, as is a missing directory). Returns the resolved path."""
+    target = Path(path).expanduser().resolve()
+    if target.exists() and not overwrite:
+        raise errors.UserError(f"{target} exists; pass --overwrite to replace it")
+    if not target.parent.is_dir():
+        raise errors.UserError(f"the directory of {target} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 class Logger:
     """Writes metrics to `<workdir>/metrics.jsonl` and, when enabled, to W&B.
 

@@ -132,8 +132,8 @@ def encode(symbols, alphabet: int) -> bytes:
     return ans if len(ans) < len(raw) else raw
 
 
-def decode(data: bytes) -> np.ndarray:
-    """The symbols (an integer array) of a stream written by `encode`; damaged streams raise `errors.CorruptData`."""
+def _parse(data: bytes):
+    """(coder, n, alphabet, the raw symbols or the (lo, counts) table, the ANS words) of a stream, checked."""
     mv = memoryview(data)
     if len(mv) < _HEAD.size:
         raise errors.CorruptData("a coded stream is shorter than its header")
@@ -147,7 +147,7 @@ def decode(data: bytes) -> np.ndarray:
         out = np.frombuffer(body, dtype)
         if n and out.max() >= alphabet:
             raise errors.CorruptData("a raw stream holds a symbol outside its alphabet")
-        return out
+        return coder, n, alphabet, out, None
     if coder != ANS:
         raise errors.CorruptData(f"unknown stream coder {coder}")
     if len(body) < 10:
@@ -158,20 +158,37 @@ def decode(data: bytes) -> np.ndarray:
     counts = from_varints(body[10 : 10 + tlen], m).astype(np.int64)
     if int(counts.sum()) != n:
         raise errors.CorruptData(f"a coded stream's counts add up to {int(counts.sum())}, not its length {n}")
-    used = np.flatnonzero(counts)
+    return coder, n, alphabet, (lo, counts), body[10 + tlen :]
+
+
+def counts(data: bytes) -> np.ndarray:
+    """The histogram of a stream's symbols, read from its table (raw streams: counted), without decoding it."""
+    coder, _, alphabet, table, _ = _parse(data)
+    if coder == RAW:
+        return histogram(table, alphabet)
+    lo, c = table
+    return np.concatenate([np.zeros(lo, np.int64), c])
+
+
+def decode(data: bytes) -> np.ndarray:
+    """The symbols (an integer array) of a stream written by `encode`; damaged streams raise `errors.CorruptData`."""
+    coder, n, _, table, words = _parse(data)
+    if coder == RAW:
+        return table
+    lo, table_counts = table
+    used = np.flatnonzero(table_counts)
     if len(used) <= 1:
         return np.full(n, lo + (used[0] if len(used) else 0), np.int64)
-    words = body[10 + tlen :]
     if len(words) % 4:
         raise errors.CorruptData("a coded stream's payload is not whole 32-bit words")
     import constriction
 
     try:
         dec = constriction.stream.stack.AnsCoder(np.frombuffer(words, np.uint32).copy())
-        dense = np.asarray(dec.decode(_model(counts[used]), n))  # int32
+        dense = np.asarray(dec.decode(_model(table_counts[used]), n))  # int32
     except Exception as e:  # constriction reports exhausted or inconsistent data as a plain error
         raise errors.CorruptData(f"a coded stream does not decode ({e})") from None
-    if len(used) == m:  # every symbol of the range occurs: no renumbering to undo
+    if len(used) == len(table_counts):  # every symbol of the range occurs: no renumbering to undo
         return dense + np.int32(lo)
     return (used.astype(np.int32) + np.int32(lo))[dense]
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import time
 import zlib
@@ -66,40 +67,30 @@ def fingerprint(cfg, params) -> str:
     return h.hexdigest()
 
 
-def _start_token(tok) -> int:
-    if tok.spec == "byte":
-        return 10
-    t = tok._tok
-    for tid in (t.bos_token_id, t.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
+def _tokenizer_id(tok) -> bytes:
+    """4 bytes naming the tokenizer in the header (b"byte", or the start of its vocabulary fingerprint)."""
+    return b"byte" if tok.spec == "byte" else bytes.fromhex(tok.fingerprint.removeprefix("hf-")[:8])
+
+
+_ESCAPED = re.compile("([\udc80-\udcff]+)")  # the bytes `surrogateescape` could not decode as UTF-8
 
 
 def _runs(data: bytes, tok) -> tuple[list, np.ndarray, bytes]:
     """(runs [[kind, n_bytes, n_tokens]], token ids, escape bytes) of the input (see the module docstring)."""
     if tok.spec == "byte":
         return [["t", len(data), len(data)]], np.frombuffer(data, np.uint8).astype(np.int32), b""
-    runs, ids, escapes, i = [], [], bytearray(), 0
-    while i < len(data):
-        try:
-            data[i:].decode("utf-8")
-            end, bad = len(data), len(data)
-        except UnicodeDecodeError as e:
-            end, bad = i + e.start, i + e.end
-        if end > i:
-            text = data[i:end]
-            t = tok.encode(text.decode("utf-8"))
-            if tok.decode(t).encode("utf-8") == text:
-                runs.append(["t", len(text), len(t)])
-                ids.append(t)
-            else:
-                runs.append(["b", len(text), 0])
-                escapes += text
-        if bad > end:
-            runs.append(["b", bad - end, 0])
-            escapes += data[end:bad]
-        i = bad
+    runs, ids, escapes = [], [], bytearray()
+    for i, part in enumerate(_ESCAPED.split(data.decode("utf-8", "surrogateescape"))):
+        if not part:
+            continue
+        raw = part.encode("utf-8", "surrogateescape")
+        t = tok.encode(part) if i % 2 == 0 else None  # odd parts are the undecodable bytes
+        if t is not None and tok.decode(t).encode("utf-8") == raw:
+            runs.append(["t", len(raw), len(t)])
+            ids.append(t)
+        else:
+            runs.append(["b", len(raw), 0])
+            escapes += raw
     tokens = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
     return runs, tokens, bytes(escapes)
 
@@ -107,15 +98,13 @@ def _runs(data: bytes, tok) -> tuple[list, np.ndarray, bytes]:
 def _join(runs, tokens: np.ndarray, escapes: bytes, tok) -> bytes:
     out, ti, ei = bytearray(), 0, 0
     for kind, n_bytes, n_tokens in runs:
-        if kind == "t":
-            piece = bytes(tokens[ti : ti + n_tokens].astype(np.uint8)) if tok.spec == "byte" else None
-            if piece is None:
-                piece = tok.decode(tokens[ti : ti + n_tokens]).encode("utf-8")
-            out += piece
-            ti += n_tokens
-        else:
+        if kind == "b":
             out += escapes[ei : ei + n_bytes]
             ei += n_bytes
+            continue
+        piece = tokens[ti : ti + n_tokens]
+        out += piece.astype(np.uint8).tobytes() if tok.spec == "byte" else tok.decode(piece).encode("utf-8")
+        ti += n_tokens
     return bytes(out)
 
 
@@ -190,7 +179,7 @@ def encode(data: bytes, m, *, chunk_len: int | None = None, batch_size: int = 16
     t_start = time.perf_counter()
     tok = tokenizers.load(m.tokenizer)
     runs, tokens, escapes = _runs(bytes(data), tok)
-    start = _start_token(tok)
+    start = tok.start_token
     n = len(tokens)
     coder = constriction.stream.queue.RangeEncoder()
     family = constriction.stream.model.Categorical(perfect=False)
@@ -220,7 +209,7 @@ def encode(data: bytes, m, *, chunk_len: int | None = None, batch_size: int = 16
         VERSION,
         0,
         bytes.fromhex(fingerprint(m.cfg, m.params))[:8],
-        bytes.fromhex(tok.fingerprint.removeprefix("hf-").ljust(8, "0")[:8]) if tok.spec != "byte" else b"byte",
+        _tokenizer_id(tok),
         hashlib.sha256(data).digest()[:8],
         zlib.crc32(payload) & 0xFFFFFFFF,
     ) + entropy.varints(fields)
@@ -325,6 +314,11 @@ def decode(blob: bytes, m) -> tuple[bytes, dict]:
     chunk_len, batch_size, n = header["chunk_len"], header["batch_size"], header["tokens"]
     _check(m, chunk_len, batch_size)
     tok = tokenizers.load(m.tokenizer)
+    if _tokenizer_id(tok).hex() != header["tokenizer"]:
+        raise errors.UserError(
+            f"this file was coded with another tokenizer ({header['tokenizer']}; {m.source} uses {m.tokenizer}): "
+            "decode with the model and tokenizer it was coded with"
+        )
     words = np.frombuffer(payload[: 4 * header["words"]], np.uint32).copy()
     escapes = payload[4 * header["words"] :]
     coder = constriction.stream.queue.RangeDecoder(words)

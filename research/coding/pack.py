@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from research import errors, tree
 from research.coding import container, entropy, floats, masks
+from research.compress.share import codebook  # the problem layout of codebooks (tensor / channel / group)
 
 KINDS = ("float", "masked", "grid", "palette")
 PALETTE_MAX = 256
@@ -64,19 +65,6 @@ def _expand(a: np.ndarray, shape, layout, group: int) -> np.ndarray:
     if layout == "channel":
         return a[None]
     return np.repeat(a, group, axis=0)
-
-
-def _to_problems(x: np.ndarray, layout: str, group: int) -> np.ndarray:
-    if layout == "tensor":
-        return x.reshape(1, -1)
-    cols = x.reshape(-1, x.shape[-1]).T  # (out, in)
-    return cols if layout == "channel" else cols.reshape(-1, group)
-
-
-def _from_problems(rows: np.ndarray, shape, layout: str) -> np.ndarray:
-    if layout == "tensor":
-        return rows.reshape(shape)
-    return rows.reshape(shape[-1], -1).T.reshape(shape)
 
 
 def _palette_layout(shape, n_problems: int):
@@ -138,7 +126,7 @@ def _enc_palette(x, n_problems):
     if layout is None:
         return None
     gran, group = layout
-    u = _to_problems(_bits(x), gran, group)  # (P, n) bit patterns
+    u = codebook.to_problems(_bits(x), gran, group)  # (P, n) bit patterns
     s = np.sort(u, axis=1)
     distinct = np.concatenate([np.ones((s.shape[0], 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
     k = int(distinct.sum(1).max())
@@ -153,7 +141,9 @@ def _enc_palette(x, n_problems):
     )
     idx = _rowwise_search(entries, u)
     keep = _nonzero(x)
-    record, sections = _with_mask(dict(layout=gran, group=group, k=k), _from_problems(idx, x.shape, gran), keep, k)
+    record, sections = _with_mask(
+        dict(layout=gran, group=group, k=k), codebook.from_problems(idx, x.shape, gran), keep, k
+    )
     sections["entries"] = floats.encode(entries.view(x.dtype))
     return record, sections
 
@@ -215,10 +205,10 @@ def decode_leaf(record: dict, sections: dict) -> np.ndarray:
         else:
             idx = np.zeros(shape, np.int64)
             idx[keep] = sym
-        rows = _to_problems(idx, gran, group)
+        rows = codebook.to_problems(idx, gran, group)
         if rows.size and rows.max() >= k:
             raise errors.CorruptData(f"{record['path']}: a palette index past its table")
-        out = _from_problems(np.take_along_axis(entries, rows, axis=1), shape, gran)
+        out = codebook.from_problems(np.take_along_axis(entries, rows, axis=1), shape, gran)
         if keep is not None:
             out = np.where(keep, out, np.zeros((), out.dtype))
         return out
@@ -267,15 +257,16 @@ def encode_leaf(path: str, x, hint: dict | None = None) -> tuple[dict, dict]:
 
 def _bounds(sections) -> dict:
     """Per section, (the empirical-entropy bound, the Huffman code length) in bits of its symbol streams, tables
-    excluded: the limit the coded size is compared with, and what Deep Compression's coder would take."""
+    excluded: the limit the coded size is compared with, and what Deep Compression's coder would take. The
+    histograms come from the streams' stored tables, so nothing is decoded again."""
     out = {}
     for name, data in sections.items():
         if name in ("values", "scale", "entries"):
-            streams = [np.bincount(entropy.decode(s)) for s in floats.split(data)]
+            streams = [entropy.counts(s) for s in floats.split(data)]
         elif name == "mask":
-            streams = [np.bincount(entropy.decode(data[1:]))]
+            streams = [entropy.counts(data[1:])]
         else:
-            streams = [np.bincount(entropy.decode(data))]
+            streams = [entropy.counts(data)]
         bound = sum(entropy.entropy_bits(c) for c in streams)  # of the streams as coded (a mask: its groups)
         out[name] = (bound, sum(entropy.huffman_bits(c) for c in streams))
     return out

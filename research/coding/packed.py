@@ -11,15 +11,12 @@ so a packed model evaluates on its own corpus split like the run it came from.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from research import errors, log
 from research.coding import container, pack
-
-SUFFIX = ".zlm"
 
 
 def is_packed(path) -> bool:
@@ -49,16 +46,29 @@ def pack_model(source: str, out, *, step: int | None = None, overwrite: bool = F
     from research import sources
 
     m = sources.load(source, step)
-    meta = dict(
-        model=m.cfg.to_dict(),
-        tokenizer=m.tokenizer,
-        source=str(source),
-        source_kind=m.kind,
-        source_step=m.step,
-        run_config=m.run_config.to_dict() if m.run_config is not None else None,
+    rep = pack.pack(
+        m.params,
+        out,
+        meta=meta(m.cfg, m.tokenizer, source, m.kind, m.step, m.run_config),
+        hints=_state_hints(source),
+        overwrite=overwrite,
+        progress=progress,
     )
-    rep = pack.pack(m.params, out, meta=meta, hints=_state_hints(source), overwrite=overwrite, progress=progress)
     return dict(rep, source=str(source))
+
+
+def meta(cfg, tokenizer, source, kind: str, step, run_config, **extra) -> dict:
+    """The header metadata of a packed model: what `load` needs to rebuild and evaluate it, and where it came
+    from (the run config gives eval its corpus split)."""
+    return dict(
+        model=cfg.to_dict(),
+        tokenizer=tokenizer,
+        source=str(source),
+        source_kind=kind,
+        source_step=step,
+        run_config=run_config.to_dict() if run_config is not None else None,
+        **extra,
+    )
 
 
 def load(path):
@@ -129,7 +139,7 @@ def inspect(path, *, verify: bool = True) -> dict:
                 bound_bits_per_weight=bound / max(n, 1),
             )
         )
-    return dict(pack.report(r), meta=r.meta, leaves=rows, verified=verify)
+    return dict(pack.report(r), version=r.header["version"], meta=r.meta, leaves=rows, verified=verify)
 
 
 def table(rep: dict, leaves: bool = False) -> str:
@@ -172,7 +182,3 @@ def table(rep: dict, leaves: bool = False) -> str:
         f"{rep['ratio_vs_bf16']:.2f}x vs bfloat16"
     )
     return "\n".join(lines)
-
-
-def write_json(rep: dict, path) -> None:
-    log.write_json_atomic(Path(path), json.loads(json.dumps(rep, default=str)))

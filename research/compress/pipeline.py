@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from research import config as config_lib
 from research import errors, log, models, sources, tree
 from research.coding import pack as coding_pack
+from research.coding import packed as coding_packed
 from research.compress import calib as calib_lib
 from research.compress import core, finetune, registry
 from research.compress import report as compress_report
@@ -244,9 +245,12 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     after = evaluate(effective, "eval compressed", out_graphdef)
     times["eval_compressed"] = time.time() - t
     packed_at_init = None
-    if cfg.get("pack", True):
+    if cfg.get("pack", True) and (cfg.finetune.steps or cfg.get("shrink")):  # else the saved model is this one
+        import tempfile
+
         t = time.time()
-        packed_at_init = _packed_size(effective, cstate)
+        with tempfile.TemporaryDirectory() as d:
+            packed_at_init = _pack(effective, cstate, Path(d) / "m.zlm")
         times["pack_compressed"] = time.time() - t
 
     with atomic as tmp:
@@ -316,22 +320,11 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
         _save(tmp, m, out_cfg, effective, masks, None if shrunk else cstate, tok.spec, corpus, run_cfg, cfg)
         if cfg.get("pack", True):
             t = time.time()
-            meta = dict(
-                model=out_cfg.to_dict(),
-                tokenizer=tok.spec,
-                source=str(cfg.model),
-                source_kind="compressed",
-                source_step=m.step,
-                run_config=run_cfg.to_dict() if run_cfg is not None else None,
-                methods=[dict(x) for x in cfg.compress],
+            meta = coding_packed.meta(
+                out_cfg, tok.spec, cfg.model, "compressed", m.step, run_cfg, methods=[dict(x) for x in cfg.compress]
             )
-            hints = {} if shrunk else coding_pack.hints(_strip_none(jax.tree.map(np.asarray, cstate)))
-            summary["packed"] = _brief(
-                coding_pack.pack(
-                    jax.tree.map(np.asarray, effective), tmp / "model.zlm", meta=meta, hints=hints, progress=progress
-                )
-            )
-            summary["packed_compressed"] = packed_at_init
+            summary["packed"] = _pack(effective, None if shrunk else cstate, tmp / "model.zlm", meta, progress)
+            summary["packed_compressed"] = packed_at_init or summary["packed"]
             times["pack"] = time.time() - t
             summary["seconds"] = {**times, "total": time.time() - t0}
         log.write_json_atomic(tmp / "summary.json", summary)
@@ -378,20 +371,12 @@ def _staged(cfg, m, parts, calib, train_tokens, seq_len, evaluate, progress, qua
     return core.chain(*ts), tuple(states), raw, stages
 
 
-def _brief(rep: dict) -> dict:
+def _pack(params, cstate, path, meta: dict | None = None, progress=False) -> dict:
+    """Packs params into `path`, guided by the transform state's hints; returns the report's headline numbers."""
+    hints = {} if cstate is None else coding_pack.hints(_strip_none(jax.tree.map(np.asarray, cstate)))
+    rep = coding_pack.pack(jax.tree.map(np.asarray, params), path, meta=meta or {}, hints=hints, progress=progress)
     keys = ("file_bytes", "bits_per_weight", "bound_bits_per_weight", "ratio_vs_fp32", "ratio_vs_bf16", "kinds")
     return {k: rep[k] for k in keys}
-
-
-def _packed_size(params, cstate) -> dict:
-    """The packing report of params (with the hints of the transform state), written to a scratch file."""
-    import tempfile
-
-    hints = coding_pack.hints(_strip_none(jax.tree.map(np.asarray, cstate)))
-    with tempfile.TemporaryDirectory() as d:
-        return _brief(
-            coding_pack.pack(jax.tree.map(np.asarray, params), Path(d) / "m.zlm", meta={}, hints=hints, progress=False)
-        )
 
 
 def _check_finite(params, stage: str) -> None:

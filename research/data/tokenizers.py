@@ -56,6 +56,7 @@ class ByteTokenizer:
         return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
     added_prefix = np.zeros(0, np.int32)
+    start_token = 10  # "\n": what a byte model's sequences start from when they need a first input
 
     @property
     def token_bytes(self) -> np.ndarray:
@@ -118,6 +119,14 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode(np.asarray(ids).tolist(), clean_up_tokenization_spaces=False)
+
+    @functools.cached_property
+    def start_token(self) -> int:
+        """The id a sequence starts from when it needs a first input: BOS, else EOS, else 0."""
+        for tid in (self._tok.bos_token_id, self._tok.eos_token_id):
+            if tid is not None:
+                return int(tid)
+        return 0
 
     @functools.cached_property
     def added_prefix(self) -> np.ndarray:

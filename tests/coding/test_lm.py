@@ -98,3 +98,6 @@ def test_tokenizer_models_code_tokens_and_escape_what_does_not_round_trip():
     blob, rep = lm.encode(data, m, chunk_len=32, batch_size=2)
     assert lm.decode(blob, m)[0] == data
     assert rep["tokens"] < len(data) and rep["escape_bytes"] == 2  # only the invalid bytes are escaped
+    same_weights_other_tokenizer = sources.Model(m.cfg, m.graphdef, m.params, "byte", "run", "tiny-byte")
+    with pytest.raises(errors.UserError, match="another tokenizer"):
+        lm.decode(blob, same_weights_other_tokenizer)

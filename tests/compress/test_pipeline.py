@@ -144,6 +144,9 @@ def test_prune_then_quantize_saves_codes_in_the_state(run, tmp_path, capsys):
     spec = f'[{{"method": "magnitude", "sparsity": 0.5}}, {gptq}]'
     assert cli.main(_compress(run, out, f"--config.compress={spec}")) == 0
     capsys.readouterr()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["packed_compressed"] == s["packed"]  # no fine-tuning: the saved model is the compressed one
+    assert s["packed"]["kinds"]["grid"]["leaves"] == 6  # every quantized kernel stored as integer codes
     with ocp.StandardCheckpointer() as ck:
         state = ck.restore(out / "state")
     codes = state["1"]["codes"]["layers"]["0"]["mlp"]["up"]["kernel"]
