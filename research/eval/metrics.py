@@ -27,7 +27,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from research import errors, models
-from research.train import step as step_lib
+
+# Queries per attention chunk in evaluation (see `evaluate`).
+ATTN_CHUNK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +101,14 @@ def _gptq_windows(tokens: np.ndarray, w: int, max_windows: int | None):
     return seq, targets, mask
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_step(graphdef, params, inputs, targets, mask):
-    logits = models.merge(graphdef, params)(inputs)  # (B, W, V)
-    nll = step_lib.token_nll(logits, targets)
-    correct = (jnp.argmax(logits, -1) == targets) & mask
-    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(correct)
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _eval_step(graphdef, params, inputs, targets, mask, logits_chunk, attn_chunk):
+    model = models.merge(graphdef, params)
+    hidden = model.hidden(inputs, attn_chunk=attn_chunk)  # (B, W, D)
+    if logits_chunk is None:
+        logits_chunk = models.loss.auto_chunk(*inputs.shape, model.cfg.vocab_size)
+    nll, correct = models.loss.chunked_nll(model.head, hidden, targets, logits_chunk)  # (B, W) each
+    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(correct & mask)
 
 
 def evaluate(
@@ -118,6 +122,8 @@ def evaluate(
     max_windows: int | None = None,
     progress: bool | None = None,
     desc: str = "eval",
+    logits_chunk: int | None = None,
+    attn_chunk: int | None = ATTN_CHUNK,
 ) -> dict:
     """Scores `tokens` with the model (graphdef, params) under `protocol`.
 
@@ -130,13 +136,21 @@ def evaluate(
       max_windows: evaluate only the first this many windows.
       progress: show a progress bar (None: only on a terminal).
       desc: progress bar label.
+      logits_chunk: positions whose (batch, chunk, vocab) logits are computed at once (`models.loss.chunked_nll`);
+        None picks `models.loss.auto_chunk` (about 64 MiB of logits); the window (or more) is the unchunked path.
+      attn_chunk: queries whose attention scores are computed at once (`transformer.chunked_causal_attention`);
+        None or the window (or more) is the unchunked attention.
 
     Returns:
       {"loss" (nats/token), "perplexity", "bits_per_byte", "accuracy", "tokens", "bytes", "protocol"}.
     """
     if batch_size <= 0:
         raise errors.UserError(f"eval batch size must be positive, got {batch_size}")
+    for name, value in (("logits chunk", logits_chunk), ("attention chunk", attn_chunk)):
+        if value is not None and value <= 0:
+            raise errors.UserError(f"eval {name} must be positive, got {value}")
     inputs, targets, mask = windows(tokens, protocol, max_windows)
+
     pad = -len(inputs) % batch_size
     if pad:
         inputs, targets = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (inputs, targets))
@@ -145,7 +159,7 @@ def evaluate(
     disable = None if progress is None else not progress
     for i in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=disable, leave=False):
         sl = slice(i, i + batch_size)
-        b_nll, b_correct = _eval_step(graphdef, params, inputs[sl], targets[sl], mask[sl])
+        b_nll, b_correct = _eval_step(graphdef, params, inputs[sl], targets[sl], mask[sl], logits_chunk, attn_chunk)
         nll += float(b_nll)
         correct += int(b_correct)
     count = int(mask.sum())

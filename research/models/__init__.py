@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from research.models import config, transformer  # noqa: F401  (re-exported modules)
+from research.models import config, loss, transformer  # noqa: F401  (re-exported modules)
 
 
 def create(cfg: config.ModelConfig, seed: int = 0) -> transformer.Transformer:

@@ -109,6 +109,33 @@ def causal_attention(q, k, v, dropout: float = 0.0, rng=None, window: int | None
     return _masked_attention(q, k, v, _visible(pos[None], pos, window), dropout, rng)
 
 
+def chunked_causal_attention(q, k, v, chunk: int, window: int | None = None):
+    """Causal attention computed `chunk` queries at a time, without dropout (evaluation).
+
+    Each chunk of queries attends only to the keys it can see (a static slice), so at most (B, H, chunk, T) scores
+    exist at once instead of (B, H, T, T), and the masked upper triangle beyond each chunk is never computed.
+    Equals `causal_attention` to float rounding.
+
+    Args:
+      q: (B, T, H, hd) queries; k, v: (B, T, KV, hd), as in `causal_attention`.
+      chunk: queries per chunk (>= 1); chunk >= T is one chunk.
+      window: sliding window, as in `causal_attention`.
+
+    Returns:
+      (B, T, H, hd).
+    """
+    t = q.shape[1]
+    if chunk >= t:
+        return causal_attention(q, k, v, window=window)
+    outs = []
+    for start in range(0, t, chunk):
+        stop = min(start + chunk, t)
+        lo = 0 if window is None else max(0, start - window + 1)
+        mask = _visible(jnp.arange(start, stop)[None], jnp.arange(lo, stop), window)  # (1, C, S)
+        outs.append(jax.nn.dot_product_attention(q[:, start:stop], k[:, lo:stop], v[:, lo:stop], mask=mask[:, None]))
+    return jnp.concatenate(outs, axis=1)
+
+
 def cached_attention(q, k_cache, v_cache, positions, window: int | None = None):
     """Attention of new queries over a key/value cache whose slot s holds position s.
 
@@ -235,11 +262,12 @@ class Attention(nnx.Module):
         self.v = _linear(cfg.d_model, cfg.kv_heads * hd, cfg, rngs, 0.02, qkv_bias, "attn/v")
         self.o = _linear(cfg.n_head * hd, cfg.d_model, cfg, rngs, out_std, cfg.has_bias("o"), "attn/o")
 
-    def __call__(self, x, positions, rng=None, kv=None, length=None):
+    def __call__(self, x, positions, rng=None, kv=None, length=None, attn_chunk=None):
         """Attention output, plus the updated (k_cache, v_cache) when `kv` is given (else None).
 
         With a cache, the new keys and values are written at slots length .. length + T - 1, which must equal
-        `positions`.
+        `positions`. Without a cache and without dropout, `attn_chunk` computes the attention that many queries at
+        a time (`chunked_causal_attention`).
         """
         cfg = self.cfg
         b, t, _ = x.shape
@@ -250,7 +278,9 @@ class Attention(nnx.Module):
             inv_freq = rope_frequencies(cfg) if cfg.rope_scaling else None
             q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_dim, inv_freq)
             k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_dim, inv_freq)
-        if kv is None:
+        if kv is None and attn_chunk is not None and (rng is None or cfg.dropout == 0.0):
+            y = chunked_causal_attention(q, k, v, attn_chunk, cfg.sliding_window)  # (B, T, H, hd)
+        elif kv is None:
             y = causal_attention(q, k, v, cfg.dropout, rng, cfg.sliding_window)  # (B, T, H, hd)
         else:
             k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, length, 0, 0))  # (B, S, KV, hd)
@@ -288,9 +318,9 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.has_bias("norm"))
         self.mlp = MLP(cfg, rngs, out_std)
 
-    def __call__(self, x, positions, rng=None, kv=None, length=None):
+    def __call__(self, x, positions, rng=None, kv=None, length=None, attn_chunk=None):
         r_attn, r1, r2 = (None, None, None) if rng is None else jax.random.split(rng, 3)
-        a, kv = self.attn(self.attn_norm(x), positions, r_attn, kv, length)
+        a, kv = self.attn(self.attn_norm(x), positions, r_attn, kv, length, attn_chunk)
         a = _dropout(a, self.dropout, r1)
         h = x if self.parallel else x + a
         m = _dropout(self.mlp(self.mlp_norm(h)), self.dropout, r2)
@@ -298,7 +328,8 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only language model; `model(tokens)` returns next-token logits."""
+    """Decoder-only language model; `model(tokens)` returns next-token logits, `model.hidden(tokens)` the final
+    hidden states and `model.head(h)` their logits."""
 
     def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -321,7 +352,34 @@ class Transformer(nnx.Module):
             x = x + self.pos_embed(positions)
         return x
 
-    def __call__(self, tokens, positions=None, *, dropout_rng=None, cache: KVCache | None = None):
+    def head(self, x):
+        """Next-token logits of final hidden states: (..., D) -> (..., V) float32 (tied or untied head)."""
+        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def hidden(self, tokens, positions=None, *, dropout_rng=None, attn_chunk: int | None = None):
+        """Final hidden states (after the final norm), without the output head.
+
+        `model.head(model.hidden(tokens))` equals `model(tokens)`; `research.models.loss.chunked_nll` scores the
+        hidden states without materialising all (B, T, V) logits at once.
+
+        Args:
+          tokens: (B, T) int token ids.
+          positions: (B, T) int positions; defaults to 0..T-1 for every row.
+          dropout_rng: a PRNG key to enable dropout (training); None runs deterministically.
+          attn_chunk: compute the attention this many queries at a time (`chunked_causal_attention`; at most
+            (B, H, attn_chunk, T) scores per layer instead of (B, H, T, T)); None: all at once. Ignored under
+            dropout.
+
+        Returns:
+          (B, T, D) hidden states in the compute dtype.
+        """
+        x, _ = self._trunk(tokens, positions, dropout_rng, None, attn_chunk)
+        return x
+
+    def __call__(
+        self, tokens, positions=None, *, dropout_rng=None, cache: KVCache | None = None, attn_chunk: int | None = None
+    ):
         """Next-token logits.
 
         Args:
@@ -331,10 +389,17 @@ class Transformer(nnx.Module):
           dropout_rng: a PRNG key to enable dropout (training); None runs deterministically.
           cache: a `KVCache` (see `research.models.decode`): the tokens continue the cached sequence, and the
             call returns (logits, updated cache).
+          attn_chunk: see `hidden` (no effect with a cache).
 
         Returns:
           (B, T, V) float32 logits, or (logits, cache) when a cache is given.
         """
+        x, cache = self._trunk(tokens, positions, dropout_rng, cache, attn_chunk)
+        logits = self.head(x)
+        return logits if cache is None else (logits, cache)
+
+    def _trunk(self, tokens, positions, dropout_rng, cache, attn_chunk):
+        """(final-normed hidden states (B, T, D), updated cache or None)."""
         cfg = self.cfg
         b, t = tokens.shape
         if cache is not None:
@@ -350,12 +415,11 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for i, (layer, rng) in enumerate(zip(self.layers, rngs[1:])):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, positions, rng, kv, None if cache is None else cache.length)
+            x, kv = layer(x, positions, rng, kv, None if cache is None else cache.length, attn_chunk)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         x = self.final_norm(x)
-        logits = (self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)).astype(jnp.float32)
         if cache is None:
-            return logits
-        return logits, KVCache(tuple(new_k), tuple(new_v), cache.length + t)
+            return x, None
+        return x, KVCache(tuple(new_k), tuple(new_v), cache.length + t)

@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import optax
 
 from research import models
+from research.models import loss as loss_lib
 
-
-def token_nll(logits, targets):
-    """Per-token negative log-likelihood in nats: logits (..., V), targets (...) -> (...), float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+# The loss lives in `models.loss` so that eval and calibration share it; re-exported here for training code.
+token_nll = loss_lib.token_nll
 
 
 def loss_fn(params, graphdef, batch, dropout_rng=None, apply_fn: Callable | None = None):

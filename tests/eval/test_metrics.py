@@ -110,3 +110,47 @@ def test_wikitext2_test_with_the_gpt2_tokenizer_has_the_published_token_count():
     assert len(tokens) == 287_644
     inputs, _, mask = metrics.windows(tokens, metrics.Protocol.gptq(1024))
     assert inputs.shape == (280, 1024) and mask.sum() == 280 * 1023
+
+
+def _reference(graphdef, params, tokens, protocol):
+    """(loss, accuracy) from the full (N, W, V) logits of every window at once: the unchunked formula."""
+    inputs, targets, mask = metrics.windows(tokens, protocol)
+    logits = models.merge(graphdef, params)(jax.numpy.asarray(inputs))  # (N, W, V)
+    logp = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    correct = np.asarray(logits).argmax(-1) == targets
+    return nll[mask].mean(), correct[mask].mean()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        mc.gpt2_style(vocab_size=64, n_layer=2, n_head=2, d_model=16, max_seq_len=16),
+        mc.llama_style(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=16, max_seq_len=16),
+    ],
+    ids=["gpt2", "llama"],
+)
+@pytest.mark.parametrize(("logits_chunk", "attn_chunk"), [(None, None), (16, 16), (4, 4), (5, 3), (1, None)])
+def test_chunked_evaluation_equals_the_full_logits(cfg, logits_chunk, attn_chunk):
+    # Window 16: chunks 4 divide it, 5 and 3 do not; (16, 16) is the unchunked path.
+    graphdef, params = models.init(cfg, 2)
+    params = jax.tree.map(lambda x: x * 4, params)  # a peaked model, so that some argmaxes hit their targets
+    tokens = np.random.default_rng(0).integers(0, 64, 70)
+    inputs, _, _ = metrics.windows(tokens, metrics.Protocol(16, 16))
+    logits = models.merge(graphdef, params)(jax.numpy.asarray(inputs))
+    tokens = np.asarray(logits).argmax(-1).ravel()[:70]  # text the model partly predicts: accuracy above zero
+    protocol = metrics.Protocol(16, 16)
+    r = metrics.evaluate(
+        graphdef, params, tokens, np.ones(64), protocol, batch_size=3, logits_chunk=logits_chunk, attn_chunk=attn_chunk
+    )
+    loss, accuracy = _reference(graphdef, params, tokens, protocol)
+    assert r["loss"] == pytest.approx(loss, rel=1e-5)
+    assert r["accuracy"] == pytest.approx(accuracy, rel=1e-5) and r["accuracy"] > 0
+
+
+def test_chunk_sizes_must_be_positive():
+    cfg = mc.gpt2_style(vocab_size=8, n_layer=1, n_head=1, d_model=8, max_seq_len=8)
+    graphdef, params = models.init(cfg)
+    for kw in ({"logits_chunk": 0}, {"attn_chunk": -1}):
+        with pytest.raises(errors.UserError, match="chunk must be positive"):
+            metrics.evaluate(graphdef, params, np.arange(8), np.ones(8), metrics.Protocol(8, 8), **kw)

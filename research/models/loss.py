@@ -1,0 +1,76 @@
+"""Next-token loss: per-token NLL from logits, or from final hidden states a chunk of positions at a time.
+
+It lives under `models/` (which imports nothing from `train/`, `compress/` or `eval/`) so that evaluation
+(`eval.metrics`), training (`train.step`, which re-exports `token_nll`) and calibration can all use it.
+
+`chunked_nll` never holds the full (B, T, V) logits: it maps the output head over chunks of `chunk` positions
+(`jax.lax.map`), so at most (B, chunk, V) float32 logits exist at once. For SmolLM2-135M (V = 49,152) at window
+2048 and batch 4, the full logits are 1.6 GB; chunks of 64 positions are 50 MB. Each chunk's NLL is the same
+log-sum-exp as `token_nll`, so the result equals the unchunked one to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Logit elements (rows x vocab) per chunk that `auto_chunk` aims for: 2**24 float32 values are 64 MiB.
+LOGITS_BUDGET = 2**24
+
+
+def token_nll(logits, targets):
+    """Per-token negative log-likelihood in nats: logits (..., V), targets (...) -> (...), float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def auto_chunk(batch: int, length: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
+    """Positions per chunk so that one chunk's (batch, chunk, vocab) logits hold about `budget` elements.
+
+    Args:
+      batch, length, vocab: the shape of the logits that would be computed at once.
+      budget: logit elements per chunk.
+
+    Returns:
+      A chunk length in 1 .. length (length itself when everything fits).
+    """
+    return max(1, min(length, budget // max(1, batch * vocab)))
+
+
+def chunked_nll(head: Callable, hidden, targets, chunk: int):
+    """Per-token NLL and argmax correctness from final hidden states, `chunk` positions at a time.
+
+    Args:
+      head: maps hidden states (B, C, D) to float32 logits (B, C, V) (a model's `head`).
+      hidden: (B, T, D) final hidden states (a model's `hidden`).
+      targets: (B, T) int target token ids.
+      chunk: positions per chunk (>= 1); T need not be a multiple (the last chunk is padded and trimmed).
+
+    Returns:
+      (nll, correct): (B, T) float32 nats and (B, T) bool (the target is the logits' argmax).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    b, t, d = hidden.shape
+    if chunk >= t:  # one chunk: the plain path
+        logits = head(hidden).astype(jnp.float32)  # (B, T, V)
+        return token_nll(logits, targets), jnp.argmax(logits, -1) == targets
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # (N, B, C, D)
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)  # (N, B, C)
+
+    def one(args):
+        h, tgt = args
+        logits = head(h).astype(jnp.float32)  # (B, C, V)
+        return token_nll(logits, tgt), jnp.argmax(logits, -1) == tgt
+
+    nll, correct = jax.lax.map(one, (hs, ts))  # (N, B, C) each
+    nll = nll.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    correct = correct.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    return nll, correct
