@@ -5,6 +5,8 @@ m = sources.load("path/to/opt-125m")       # config.json + safetensors
 m = sources.load("EleutherAI/pythia-70m")  # downloaded when a network is available
 m = sources.load("runs/pruned")            # a compressed model written by `ziplm compress`
 m = sources.load("pruned.zlm")             # a packed model written by `ziplm pack`
+m = sources.load("model.gguf")             # a GGUF file (llama.cpp's format; models.gguf)
+m = sources.load("smollm2-135m")           # a model of the zoo, once `ziplm pull smollm2-135m` fetched it
 logits = models.merge(m.graphdef, m.params)(tokens)
 """
 
@@ -24,7 +26,7 @@ class Model:
     Attributes:
       cfg: the model config; graphdef, params: as `models.split` returns them.
       tokenizer: a tokenizer spec, or None when the source has none.
-      kind: "run", "hf", "compressed" or "packed".
+      kind: "run", "hf", "gguf", "compressed" or "packed".
       source: what was asked for; step: the checkpoint step of a run (None for HF).
       run_config: the run's ConfigDict (None for HF), with its corpus, eval settings and seed.
       model_type: the Hugging Face family (for HF sources), used again on export.
@@ -49,13 +51,21 @@ def load(source: str, step: int | None = None, dtype: str | None = None) -> Mode
     """Loads the model `source` names (see the module docstring).
 
     Args:
-      source: a run directory, a Hugging Face checkpoint directory, or a hub id.
+      source: a run directory, a compressed directory, a packed file, a GGUF file, a pulled zoo name, a Hugging
+        Face checkpoint directory, or a hub id.
       step: checkpoint step of a run (default: the latest); not allowed for HF sources.
-      dtype: compute dtype for HF checkpoints (default float32); runs keep their configured dtype.
+      dtype: compute dtype for HF and GGUF checkpoints (default float32); runs keep their configured dtype.
     """
     from research.coding import packed
     from research.compress import pipeline
+    from research.models import gguf, zoo
 
+    source = zoo.resolve(source)
+    if gguf.is_gguf(source):
+        if step is not None:
+            raise errors.UserError(f"--step applies to run directories; {source} is a GGUF file")
+        pre = gguf.load(source, dtype or "float32")
+        return Model(pre.cfg, pre.graphdef, pre.params, pre.tokenizer, "gguf", source, model_type=pre.model_type)
     if packed.is_packed(source):
         if step is not None:
             raise errors.UserError(f"--step applies to run directories; {source} is a packed model")

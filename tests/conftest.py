@@ -14,4 +14,5 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="session")
 def _token_cache(tmp_path_factory):
+    os.environ.setdefault("ZIPLM_REAL_CACHE", os.environ.get("ZIPLM_CACHE", os.path.expanduser("~/.cache/ziplm")))
     os.environ["ZIPLM_CACHE"] = str(tmp_path_factory.mktemp("ziplm-cache"))

@@ -1,5 +1,6 @@
 """Shared test helpers: paths to ../shared/data and a config that trains in seconds."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ SHARED = REPO.parent / "shared" / "data"
 GPT2_TOKENIZER = SHARED / "gpt2-tokenizer"
 SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
 WIKITEXT_RAW = SHARED / "wikitext-2" / "raw" / "wiki.test.raw"
+
+# The user's model cache (conftest points ZIPLM_CACHE at a temporary directory for everything else).
+REAL_MODELS = (
+    Path(os.environ.get("ZIPLM_REAL_CACHE", os.environ.get("ZIPLM_CACHE", "~/.cache/ziplm"))).expanduser() / "models"
+)
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
 

@@ -1,6 +1,7 @@
 """Tokenizers: byte-level (vocab 256, lossless for any bytes) and Hugging Face tokenizers from a local directory.
 
-A tokenizer spec is a string: "byte", or "hf:<dir or hub id>", or a bare directory path. Hub ids resolve through
+A tokenizer spec is a string: "byte", or "hf:<dir or hub id>", or "gguf:<file.gguf>" (the tokenizer a GGUF
+file's metadata holds, converted once by `transformers` and cached), or a bare directory path. Hub ids resolve through
 `transformers` (and so `huggingface_hub`) when a network is available; a local directory works offline.
 
 Every tokenizer exposes `encode(text) -> np.ndarray`, `decode(ids) -> str`, `vocab_size`, `fingerprint` (a hash
@@ -168,8 +169,51 @@ class HFTokenizer:
         return out
 
 
+def gguf_directory(path) -> Path:
+    """A tokenizer directory for the tokenizer a GGUF file's metadata holds, converted once and cached.
+
+    The conversion is `transformers`' GGUF tokenizer support (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`);
+    the result is saved under `$ZIPLM_CACHE/tokenizers/gguf-<key>/`, the key a hash of the file's path, size and
+    modification time, and written to a temporary directory renamed into place.
+    """
+    import shutil
+    import tempfile
+
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise errors.UserError(f"GGUF file {path} does not exist (its tokenizer is read from it)")
+    st = path.stat()
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("ZIPLM_CACHE", "~/.cache/ziplm")).expanduser() / "tokenizers"
+    target = root / f"gguf-{key}"
+    if has_files(target):
+        return target
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # a GGUF file without (or with a damaged) tokenizer: transformers raises many types
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise errors.UserError(f"cannot build the tokenizer of {path}: {type(e).__name__}: {first}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not has_files(target):  # another process may have won the race; anything else is an error
+            raise
+    return target
+
+
 def load(spec: str) -> ByteTokenizer | HFTokenizer:
-    """Returns the tokenizer a spec names ("byte", "hf:<dir or id>", or a directory)."""
+    """Returns the tokenizer a spec names ("byte", "hf:<dir or id>", "gguf:<file.gguf>", or a directory)."""
     if spec == "byte":
         return ByteTokenizer()
+    if spec.startswith("gguf:"):
+        tok = HFTokenizer(str(gguf_directory(spec.removeprefix("gguf:"))))
+        tok.spec = spec
+        return tok
     return HFTokenizer(spec.removeprefix("hf:"))

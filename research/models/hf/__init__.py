@@ -119,11 +119,31 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
     """
     directory = resolve(source)
     hf_cfg = read_hf_config(directory)
+    tok = f"hf:{directory}" if tokenizers.has_files(directory) else None
+    if tok is None and getattr(hf_cfg, "ziplm_tokenizer", None) == "byte":
+        tok = "byte"
+    return from_tensors(hf_cfg, files.Checkpoint(directory), directory, tok, dtype)
+
+
+def from_tensors(hf_cfg, ckpt, where, tokenizer: str | None, dtype: str = "float32") -> Pretrained:
+    """Converts Hugging Face-named tensors into our parameter tree, checking every name and shape first.
+
+    Args:
+      hf_cfg: a transformers config object (its model_type one of `families.SUPPORTED`).
+      ckpt: the tensors: `.names()` (a set), `.shapes` ({name: shape}) and `.get(name)` (a NumPy array in the
+        Hugging Face layout); `files.Checkpoint` for safetensors, `gguf.Tensors` for GGUF files.
+      where: the checkpoint's location, for messages and `Pretrained.directory`.
+      tokenizer: the tokenizer spec to record.
+      dtype: compute dtype; weights stay float32.
+
+    Returns:
+      A `Pretrained`.
+    """
+    directory = Path(where)
     try:
         cfg = families.model_config(hf_cfg, dtype)
     except families.Unsupported as e:
         raise errors.UserError(f"{directory}: {e}") from None
-    ckpt = files.Checkpoint(directory)
     kind = hf_cfg.model_type
     names = _canonical_names(ckpt.names(), kind)
     rules = families.rules(cfg, kind)
@@ -136,7 +156,7 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
         got = ckpt.shapes[stored]
         if tuple(got) != tuple(want):
             raise errors.UserError(
-                f"tensor {stored} has shape {tuple(got)} but config.json implies {tuple(want)} ({directory})"
+                f"tensor {stored} has shape {tuple(got)} but the config implies {tuple(want)} ({directory})"
             )
     flat = {}
     for rule in rules:
@@ -144,10 +164,7 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
         for path, part in zip(rule.ours, families.to_ours(rule, array, [shapes[p] for p in rule.ours])):
             flat[path] = jnp.asarray(part)  # one tensor at a time: peak memory stays near the model's size
     params = tree.map_with_path(lambda p, _: flat[p], abstract)
-    tok = f"hf:{directory}" if tokenizers.has_files(directory) else None
-    if tok is None and getattr(hf_cfg, "ziplm_tokenizer", None) == "byte":
-        tok = "byte"
-    return Pretrained(cfg, graphdef, params, kind, directory, tok)
+    return Pretrained(cfg, graphdef, params, kind, directory, tokenizer)
 
 
 def _canonical_names(stored: set[str], kind: str) -> dict[str, str]:

@@ -1,0 +1,119 @@
+"""Small GGUF files for the tests, written with the `gguf` package's writer as llama.cpp's converter lays them out.
+
+`write_llama(path, cfg, params, types=..., tokenizer=...)` writes a ziplm Llama-style model: HF-layout (out, in)
+matrices, Q and K rows permuted per head (llama.cpp's RoPE layout), each matrix in the tensor type `types` names
+(quantized by the package, or random bytes with finite fp16 fields for the types it only dequantizes), and
+optionally a GPT-2 BPE tokenizer in the metadata. It returns {HF tensor name: what the file holds, dequantized by
+the package and un-permuted}, the values a correct loader must produce.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+
+from research import tree
+from research.models import gguf as zgguf
+
+# Byte offsets of the fp16 scale fields in one block of the types the package can only dequantize.
+_FP16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,)}
+
+
+def _encode(w: np.ndarray, kind: str, rng) -> np.ndarray:
+    qt = gguf.GGMLQuantizationType[kind]
+    if kind == "F32":
+        return w.astype(np.float32)
+    if kind == "F16":
+        return w.astype(np.float16)
+    if kind in _FP16_FIELDS:
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        raw = rng.integers(0, 256, (w.shape[0], w.shape[1] // block, size), dtype=np.uint8)
+        for off in _FP16_FIELDS[kind]:
+            raw[..., off : off + 2] = np.full(raw.shape[:-1], 0.01, np.float16)[..., None].view(np.uint8)
+        return raw.reshape(w.shape[0], -1)
+    return gguf.quants.quantize(w, qt)
+
+
+def write_llama(path, cfg, params, *, types=None, tokenizer=None, seed=0) -> dict:
+    """Writes a Llama-style ziplm model as a GGUF file.
+
+    Args:
+      path: the file to write.
+      cfg: the ModelConfig (llama style, tied or untied head).
+      params: its parameter tree.
+      types: {HF tensor name: GGUF type name} (default "F32" for all).
+      tokenizer: a directory with GPT-2's vocab.json and merges.txt, written as tokenizer.ggml.* metadata.
+      seed: for the random blocks of the dequantize-only types.
+
+    Returns:
+      {HF tensor name: float32 array in HF layout}: the values the file holds.
+    """
+    rng = np.random.default_rng(seed)
+    types = types or {}
+    flat = {p: np.asarray(a, np.float32) for p, a in tree.flatten(params).items()}
+    hf = {"model.embed_tokens.weight": flat["embed/embedding"], "model.norm.weight": flat["final_norm/scale"]}
+    if not cfg.tie_embeddings:
+        hf["lm_head.weight"] = flat["lm_head/kernel"].T
+    for i in range(cfg.n_layer):
+        o, h = f"layers/{i}", f"model.layers.{i}"
+        hf[f"{h}.input_layernorm.weight"] = flat[f"{o}/attn_norm/scale"]
+        hf[f"{h}.post_attention_layernorm.weight"] = flat[f"{o}/mlp_norm/scale"]
+        for n in "qkvo":
+            hf[f"{h}.self_attn.{n}_proj.weight"] = flat[f"{o}/attn/{n}/kernel"].T
+        for n in ("gate", "up", "down"):
+            hf[f"{h}.mlp.{n}_proj.weight"] = flat[f"{o}/mlp/{n}/kernel"].T
+    gguf_name = {v: k for k, v in _names(cfg).items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("ziplm test model")
+    w.add_block_count(cfg.n_layer)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.ff_dim)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_dimension_count(cfg.dim_head)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if tokenizer is not None:
+        vocab = json.loads((tokenizer / "vocab.json").read_text())
+        tokens = sorted(vocab, key=vocab.get)
+        merges = [m for m in (tokenizer / "merges.txt").read_text().split("\n")[1:] if m]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(vocab["<|endoftext|>"])
+        w.add_eos_token_id(vocab["<|endoftext|>"])
+        w.add_add_bos_token(False)
+    expected = {}
+    for name, array in hf.items():
+        heads = {"q_proj": cfg.n_head, "k_proj": cfg.kv_heads}.get(name.split(".")[-2])
+        stored = zgguf.permute(array, heads) if heads else array
+        kind = types.get(name, "F32")
+        data = _encode(stored, kind, rng) if stored.ndim == 2 else stored.astype(np.float32)
+        qt = gguf.GGMLQuantizationType[kind if stored.ndim == 2 else "F32"]
+        native = qt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)  # typed by the array itself
+        w.add_tensor(gguf_name[name], data, raw_dtype=None if native else qt)
+        held = np.asarray(gguf.quants.dequantize(data, qt), np.float32).reshape(stored.shape)
+        expected[name] = zgguf.unpermute(held, heads) if heads else held
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
+
+
+def _names(cfg) -> dict[str, str]:
+    """{GGUF name: HF name} of a Llama model's tensors."""
+    out = {}
+    for i in range(cfg.n_layer):
+        for part in zgguf._BLOCK:
+            name = f"blk.{i}.{part}.weight"
+            out[name] = zgguf.hf_name(name)
+    for name in ("token_embd.weight", "output_norm.weight", "output.weight"):
+        out[name] = zgguf.hf_name(name)
+    return out
