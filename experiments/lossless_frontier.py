@@ -38,13 +38,14 @@ FT = 200
 def candidates() -> dict:
     """{name: (compress list, fine-tuning steps at the end)}."""
     g32 = dict(granularity="group", group_size=32)
+    sym = dict(symmetric=True, group_fit="sweep")  # the grid the committed results used (gptq's earlier default)
     out = {"dense + ft": ([dict(method="magnitude", sparsity=0.0)], FT)}
     for s in (0.3, 0.5, 0.7):
         out[f"magnitude {s:.0%} + ft"] = ([dict(method="magnitude", sparsity=s)], FT)
         out[f"sparsegpt {s:.0%} + ft"] = ([dict(method="sparsegpt", sparsity=s)], FT)
     for b in (8, 6, 5, 4, 3):
-        out[f"gptq {b}-bit channel"] = ([dict(method="gptq", bits=b, granularity="channel")], 0)
-        out[f"gptq {b}-bit g32"] = ([dict(method="gptq", bits=b, **g32)], 0)
+        out[f"gptq {b}-bit channel"] = ([dict(method="gptq", bits=b, granularity="channel", **sym)], 0)
+        out[f"gptq {b}-bit g32"] = ([dict(method="gptq", bits=b, **g32, **sym)], 0)
     for b in (6, 5, 4, 3):
         out[f"codebook {b}-bit tensor"] = ([dict(method="codebook", bits=b, entry_dtype="float16")], 0)
     for b in (4, 3):
@@ -56,7 +57,7 @@ def candidates() -> dict:
     for s in (0.3, 0.5):
         for b in (4, 3):
             out[f"sparsegpt {s:.0%} + ft + gptq {b}-bit g32"] = (
-                [dict(method="sparsegpt", sparsity=s), dict(finetune=FT), dict(method="gptq", bits=b, **g32)],
+                [dict(method="sparsegpt", sparsity=s), dict(finetune=FT), dict(method="gptq", bits=b, **g32, **sym)],
                 0,
             )
         out[f"magnitude {s:.0%} + ft + codebook 4-bit tensor"] = (

@@ -163,6 +163,8 @@ def main(argv=None) -> int:
         elif method in ("rtn", "gptq"):
             for g in args.grid_granularities.split(","):
                 kw = dict(granularity=g, group_size=GROUP_SIZE, symmetric=True)
+                if method == "gptq":
+                    kw["group_fit"] = "sweep"  # the convention the committed results used (see gptq's docstring)
                 plan.append((method, method, g, kw, False, None))
         elif method == "qat":
             plan.append((method, method, "channel", dict(granularity="channel", symmetric=True), True, None))
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
             kw = dict(granularity="channel", symmetric=True, learn_scale=True, scale_lr=LSQ_LR)
             plan.append((method, "qat", "channel", kw, True, None))
         elif method == "gptq+a8":
-            plan.append((method, "gptq", "channel", dict(granularity="channel", symmetric=True), False, 8))
+            kw = dict(granularity="channel", symmetric=True, group_fit="sweep")
+            plan.append((method, "gptq", "channel", kw, False, 8))
         else:
             raise SystemExit(f"unknown method {method!r} (codebook, rtn, gptq, qat, lsq, gptq+a8)")
     act_graph = models.abstract(m.cfg.replace(act_bits=8))[0]

@@ -38,7 +38,7 @@ from research.data import corpora, dataset  # noqa: E402
 from research.train import loop  # noqa: E402
 from tests.helpers import SHAKESPEARE, WIKITEXT_RAW  # noqa: E402
 
-GPTQ = dict(method="gptq", granularity="group", group_size=32)
+GPTQ = dict(method="gptq", granularity="group", group_size=32, symmetric=True, group_fit="sweep")
 # name -> (config file, compress list replacing the file's, or None)
 CONFIGS = {
     "sparsegpt50+ft+gptq4g32": ("prune_finetune_quantize.py", None),

@@ -25,7 +25,7 @@ def get_config():
     c.compress = [
         dict(method="sparsegpt", sparsity=0.5),
         dict(finetune=200),
-        dict(method="gptq", bits=4, granularity="group", group_size=32),
+        dict(method="gptq", bits=4, granularity="group", group_size=32, symmetric=True, group_fit="sweep"),
     ]
     c.calibration.update(n=128, length=64, batch_size=32)
     c.finetune.update(lr=3e-4, min_lr=3e-5, warmup_steps=10, log_every=20)

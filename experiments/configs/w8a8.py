@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def get_config(weight_bits: str = "8"):
     bits = int(weight_bits)
-    gptq = dict(method="gptq", bits=bits, granularity="channel")
+    gptq = dict(method="gptq", bits=bits, granularity="channel", symmetric=True, group_fit="sweep")
     if bits < 8:
         gptq.update(granularity="group", group_size=32)
     c = pipeline.base_config()

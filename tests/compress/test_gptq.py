@@ -20,17 +20,22 @@ W = (RNG.normal(size=(DIN, DOUT)) * 0.1).astype(np.float32)
 H = (X.T @ X).astype(np.float32)
 
 
-def _reference(w, h, grid, percdamp=0.01):
-    """The GPTQ recursion one column at a time in float64 (no lazy blocks), channel or dynamic group scales."""
+def _reference(w, h, grid, percdamp=0.01, fit_block=None):
+    """The GPTQ recursion one column at a time in float64 (no lazy blocks), channel or dynamic group scales;
+    with `fit_block`, group scales come from the weights as they stood at the start of each such block."""
     w = w.T.astype(np.float64).copy()  # (out, in)
     h = h.astype(np.float64) + percdamp * np.mean(np.diag(h)) * np.eye(len(h))
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     channel = qgrid.Grid(grid.bits, grid.symmetric, "channel")
     s, z = (np.asarray(a, np.float64) for a in qgrid.fit(w.T, channel))
     codes = np.zeros_like(w)
+    start = w
     for i in range(w.shape[1]):
+        if fit_block and i % fit_block == 0:
+            start = w.copy()
+        src = start if fit_block else w
         if grid.granularity == "group" and i % grid.group_size == 0:
-            s, z = (np.asarray(a, np.float64) for a in qgrid.fit(w[:, i : i + grid.group_size].T, channel))
+            s, z = (np.asarray(a, np.float64) for a in qgrid.fit(src[:, i : i + grid.group_size].T, channel))
         codes[:, i] = np.clip(np.round(w[:, i] / s + z), 0, grid.maxq)
         q = (codes[:, i] - z) * s
         w[:, i:] -= ((w[:, i] - q) / u[i, i])[:, None] * u[i, i:][None, :]
@@ -41,11 +46,14 @@ def _error(q):
     return float(np.linalg.norm(X @ W - X @ np.asarray(q, np.float64)))
 
 
-@pytest.mark.parametrize("granularity, group_size", [("channel", 128), ("group", 16)])
-def test_blocked_sweep_equals_the_unblocked_reference(granularity, group_size):
-    grid = qgrid.Grid(4, True, granularity, group_size)
-    codes, scale, zero = gptq.quantize_layer(W, H, grid, blocksize=32)
-    ref = _reference(W, H, grid)
+@pytest.mark.parametrize(
+    "granularity, group_size, group_fit", [("channel", 128, "block"), ("group", 16, "sweep"), ("group", 16, "block")]
+)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_blocked_sweep_equals_the_unblocked_reference(granularity, group_size, group_fit, symmetric):
+    grid = qgrid.Grid(4, symmetric, granularity, group_size)
+    codes, scale, zero = gptq.quantize_layer(W, H, grid, blocksize=32, group_fit=group_fit)
+    ref = _reference(W, H, grid, fit_block=32 if group_fit == "block" else None)
     assert np.mean(np.asarray(codes) == ref) > 0.99  # float32 blocked vs float64: rare ties may round apart
     got = _error(qgrid.dequantize(codes, scale, zero, grid))
     want = _error(qgrid.dequantize(jnp.asarray(ref, jnp.uint8), scale, zero, grid))

@@ -8,17 +8,26 @@ Layers are processed block by block with inputs propagated through the already-q
 in the reference code (IST-DASLab/gptq). The state has RTN's format (`rtn`): uint8 codes, float32 scales, uint8
 zero points, so `apply` dequantizes and packing stores the codes.
 
-Choices, each as in the reference unless said: scales of "tensor" and "channel" grids are fitted once on the whole
-weight before the sweep; "group" scales are fitted when the sweep reaches the group, on the already-updated weights
-(the block size is rounded to a multiple of the group size so a group lies in one block); with act-order and
-groups, the group scales are fitted up front on the original weights (the reference's `static_groups`), so groups
-stay consecutive inputs. Weights that are exactly zero on entry (pruned by an earlier transform in a chain) are
-held at code zero and their error is propagated like any other, so pruning masks survive (SparseGPT-style joint
-compensation).
+Conventions, and which published code each follows:
+- The grid (`grid.Grid`): asymmetric with an integer zero point by default, as the reference scripts
+  (IST-DASLab/gptq) quantize; `symmetric=True` with `sym_scale="full"` is ziplm's symmetric grid (max|w| /
+  (2^(b-1) - 1), one code unused), `sym_scale="reference"` the reference code's and llm-compressor's (max|w| /
+  (2^(b-1) - 0.5)); `zero="float"` with `param_dtype="float16"` is GGUF Q4_1's parametrisation.
+- "tensor" and "channel" scales are fitted once on the whole weight before the sweep (as the reference).
+- "group" scales, `group_fit`: "block" (default, the reference code) fits a group when the sweep reaches it, on
+  the weights as they stand at the start of the current lazy block (updated by earlier blocks, not yet by the
+  earlier columns of this block); "sweep" (ziplm's earlier default) fits it on the weights updated by every column
+  before it; "static" fits every group up front on the original weights (llm-compressor; the reference's
+  `static_groups`). With act-order the groups are always static, so they stay consecutive inputs. The block size
+  is rounded to a multiple of the group size, so a group lies in one block.
+- Weights that are exactly zero on entry (pruned by an earlier transform in a chain) are held at the zero code
+  and their error is propagated like any other, so pruning masks survive (SparseGPT-style joint compensation);
+  a float-minimum grid has no zero code, so there they are quantized like any other weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,14 +40,11 @@ from research.compress.quant import grid as qgrid
 from research.compress.quant import rtn as rtn_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+GROUP_FITS = ("block", "sweep", "static")
 
 
-def _codes(w, s, z, maxq):
-    return jnp.clip(jnp.round(w / s + z), 0, maxq)
-
-
-@functools.partial(jax.jit, static_argnames=("bs", "g", "grid"))
-def _sweep(w, u, s_all, z_all, valid, bs: int, g: int, grid: qgrid.Grid):
+@functools.partial(jax.jit, static_argnames=("bs", "g", "grid", "fit_at_block"))
+def _sweep(w, u, s_all, z_all, valid, bs: int, g: int, grid: qgrid.Grid, fit_at_block: bool):
     """The blocked GPTQ sweep.
 
     Args:
@@ -48,13 +54,13 @@ def _sweep(w, u, s_all, z_all, valid, bs: int, g: int, grid: qgrid.Grid):
       valid: (out, in) bool, False where the weight must stay exactly zero.
       bs: block size; g: dynamic group size (0: scales fixed), a divisor of bs.
       grid: the grid (for group fits).
+      fit_at_block: fit a group on the weights as of the start of its block (the reference), not as updated.
 
     Returns:
       (out, in) float codes, and the (out, in) scales and zero points used.
     """
     dout, din = w.shape
-    maxq = grid.maxq
-    channel = qgrid.Grid(grid.bits, grid.symmetric, "channel")
+    channel = dataclasses.replace(grid, granularity="channel")
 
     def block(b, carry):
         w, codes, s_all, z_all = carry
@@ -65,12 +71,15 @@ def _sweep(w, u, s_all, z_all, valid, bs: int, g: int, grid: qgrid.Grid):
         z1 = jax.lax.dynamic_slice(z_all, (0, i1), (dout, bs))
         v1 = jax.lax.dynamic_slice(valid, (0, i1), (dout, bs))
 
+        w_start = w1  # the block as it stands before its own columns update it
+
         def column(i, c):
             w1, s1, z1, q1, err1 = c
             if g:
 
                 def refit(sz):
-                    part = jax.lax.dynamic_slice(w1, (0, i), (dout, g))  # (out, g), already updated
+                    src = w_start if fit_at_block else w1
+                    part = jax.lax.dynamic_slice(src, (0, i), (dout, g))  # (out, g)
                     s, z = qgrid.fit(part.T, channel)  # (out,) each
                     return tuple(
                         jax.lax.dynamic_update_slice(a, jnp.repeat(v[:, None], g, 1), (0, i))
@@ -79,8 +88,10 @@ def _sweep(w, u, s_all, z_all, valid, bs: int, g: int, grid: qgrid.Grid):
 
                 s1, z1 = jax.lax.cond(i % g == 0, refit, lambda sz: sz, (s1, z1))
             col = w1[:, i]
-            code = jnp.where(v1[:, i], _codes(col, s1[:, i], z1[:, i], maxq), z1[:, i])  # pruned: the zero code
-            q = (code - z1[:, i]) * s1[:, i]
+            code = qgrid.to_codes(col, s1[:, i], z1[:, i], grid)
+            if grid.zero == "integer":
+                code = jnp.where(v1[:, i], code, z1[:, i])  # pruned: the zero code
+            q = qgrid.from_codes(code, s1[:, i], z1[:, i], grid)
             e = (col - q) / u1[i, i]
             w1 = w1 - e[:, None] * u1[i][None, :]  # upper triangular: earlier columns untouched; column i -> q
             return w1, s1, z1, q1.at[:, i].set(code), err1.at[:, i].set(e)
@@ -106,6 +117,7 @@ def quantize_layer(
     blocksize: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
+    group_fit: str = "block",
     name: str = "layer",
 ):
     """GPTQ of one linear layer.
@@ -117,6 +129,7 @@ def quantize_layer(
       blocksize: columns per lazy-update block.
       percdamp: damping, a fraction of the mean diagonal of H.
       act_order: quantize inputs in order of decreasing diag(H).
+      group_fit: when group scales are fitted: "block", "sweep" or "static" (see the module docstring).
       name: the layer, for messages.
 
     Returns:
@@ -135,7 +148,7 @@ def quantize_layer(
     dead = jnp.diag(h) == 0
     valid = (kernel != 0) & ~dead[:, None]  # (in, out)
     kernel = jnp.where(dead[:, None], 0.0, kernel)
-    dynamic = grid.granularity == "group" and not act_order
+    dynamic = grid.granularity == "group" and not act_order and group_fit != "static"
     g = grid.group_size if dynamic else 0
     bs = max(g, blocksize // g * g) if g else min(blocksize, din)
     # Scales fixed before the sweep: whole-weight fits, or act-order's static groups; per weight, (in, out).
@@ -149,7 +162,7 @@ def quantize_layer(
     w, s_all, z_all, v = (jnp.pad(a[perm].T, ((0, 0), (0, pad))) for a in (kernel, s_full, z_full, valid))
     s_all = s_all.at[:, din:].set(1.0)
     u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(din + pad) >= din).astype(jnp.float32))
-    codes, s_all, z_all = _sweep(w, u, s_all, z_all, v, bs, g, grid)
+    codes, s_all, z_all = _sweep(w, u, s_all, z_all, v, bs, g, grid, group_fit == "block")
     inv = jnp.argsort(perm)
     codes, s_all, z_all = (a[:, :din].T[inv] for a in (codes, s_all, z_all))  # (in, out), original order
     if not bool(jnp.all(jnp.isfinite(s_all))):
@@ -158,34 +171,42 @@ def quantize_layer(
         scale, zero = s_all[:: grid.group_size], z_all[:: grid.group_size]  # (in // g, out)
     else:
         scale, zero = s0, z0
-    return codes.astype(jnp.uint8), scale, zero.astype(jnp.uint8)
+    return codes.astype(jnp.uint8), scale, zero.astype(jnp.float32 if grid.zero == "float" else jnp.uint8)
 
 
 def gptq(
     bits: int = 4,
     *,
     where: str = core.BLOCK_KERNELS,
-    symmetric: bool = True,
+    symmetric: bool = False,
     granularity: str = "channel",
     group_size: int = 128,
     blocksize: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
+    group_fit: str = "block",
+    zero: str = "integer",
+    sym_scale: str = "full",
+    param_dtype: str = "float32",
 ) -> core.Transform:
     """GPTQ weight quantization, computed from calibration data in init.
 
     Args:
-      bits, symmetric, granularity, group_size: the grid (see `grid.Grid`).
+      bits, symmetric, granularity, group_size, zero, sym_scale, param_dtype: the grid (see `grid.Grid`);
+        asymmetric with an integer zero point by default, as the reference scripts.
       where: path regex of the kernels to quantize (linear kernels inside the blocks).
       blocksize: columns per lazy-update block.
       percdamp: damping of the Hessian's diagonal, as a fraction of its mean.
       act_order: quantize inputs in order of decreasing diag(H).
+      group_fit: when group scales are fitted: "block" (the reference), "sweep" or "static".
 
     Returns:
       A Transform with RTN's state format ({"codes", "scale", "zero"}); apply dequantizes.
     """
-    grid = qgrid.Grid(bits, symmetric, granularity, group_size)
+    grid = qgrid.Grid(bits, symmetric, granularity, group_size, zero, sym_scale, param_dtype)
     core.check_pattern(where)
+    if group_fit not in GROUP_FITS:
+        raise errors.UserError(f"gptq group_fit must be one of {GROUP_FITS}, got {group_fit!r}")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise errors.UserError(f"gptq blocksize must be a positive integer, got {blocksize!r}")
     if not isinstance(percdamp, int | float) or isinstance(percdamp, bool) or not 0 <= percdamp < 1:
@@ -205,13 +226,20 @@ def gptq(
             for name, k in kernels.items():
                 path = f"layers/{i}/{name}/kernel"
                 c, s, z = quantize_layer(
-                    k, stats[name], grid, blocksize=blocksize, percdamp=percdamp, act_order=act_order, name=path
+                    k,
+                    stats[name],
+                    grid,
+                    blocksize=blocksize,
+                    percdamp=percdamp,
+                    act_order=act_order,
+                    group_fit=group_fit,
+                    name=path,
                 )
                 leaves[path] = (c, s, z)
                 out[name] = qgrid.dequantize(c, s, z, grid).astype(k.dtype)
             return out
 
         calib.walk(calib_data, params, paths, visit, stat="hessian", desc="gptq")
-        return rtn_lib.codes_state(params, leaves)
+        return rtn_lib.codes_state(params, leaves, grid)
 
     return core.Transform(init, rtn_lib.dequantizer(grid))

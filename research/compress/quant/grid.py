@@ -2,16 +2,24 @@
 
 Conventions (one for every grid, so packing sees one format):
 
-- Codes are uint8 in [0, 2**bits - 1]; a code dequantizes to (code - zero) * scale.
-- `zero` is an integer code (the code of 0.0), so 0.0 is exactly representable and a pruned weight stays exactly
+- Codes are uint8 in [0, 2**bits - 1]; a code dequantizes to (code - zero) * scale (`zero="integer"`, the
+  default) or to code * scale + zero (`zero="float"`, a float minimum: GGUF Q4_1's parametrisation).
+- Integer zero point: `zero` is the code of 0.0, so 0.0 is exactly representable and a pruned weight stays exactly
   0.0 through quantize/dequantize. It is returned as an integer-valued float32; rtn stores it as uint8.
-- Symmetric: zero = 2**(bits-1) and scale = max|w| / (2**(bits-1) - 1), so the signed values code - zero lie in
-  [-2**(bits-1), 2**(bits-1) - 1] and +-max|w| are exact (the extra negative code is representable but unused by
-  the fit).
+- Symmetric: zero = 2**(bits-1) and, with `sym_scale="full"` (ziplm's), scale = max|w| / (2**(bits-1) - 1), so
+  the signed values code - zero lie in [-2**(bits-1), 2**(bits-1) - 1] and +-max|w| are exact (the extra negative
+  code is representable but unused by the fit); with `sym_scale="reference"` (the GPTQ reference code's and
+  llm-compressor's), scale = max|w| / (2**(bits-1) - 0.5) = 2 max|w| / (2**bits - 1), which uses every code
+  (+max|w| rounds to the top code, 0.5 scale short).
 - Asymmetric: the range [min(w, 0), max(w, 0)] is spread over all 2**bits codes, scale = range / (2**bits - 1),
-  zero = round(-min / scale). Rounding the zero point shifts the range by at most scale / 2, so the round-trip
-  error of any w inside [min, max] is at most scale / 2.
-- A group whose weights are all zero gets scale 1 (any scale represents it exactly).
+  zero = round(-min / scale) (as the reference code). Rounding the zero point shifts the range by at most scale /
+  2, so the round-trip error of any w inside [min, max] is at most scale / 2.
+- Float minimum (`zero="float"`, always asymmetric): scale = (max - min) / (2**bits - 1) and zero = min over the
+  group's own range (0 need not be inside it), so both ends are exact; 0.0 is generally not representable, so
+  pruned weights do not survive this grid (use the integer zero point after pruning). With
+  `param_dtype="float16"` scale and minimum are rounded to float16, as GGUF stores them: requantizing a
+  dequantized Q4_1 tensor with `Grid(4, False, "group", 32, zero="float", param_dtype="float16")` is exact.
+- A group whose weights are all equal gets scale 1 (any scale represents it exactly).
 
 Kernels are (in, *out). Scale and zero shapes by granularity (they broadcast through `expand`):
   "tensor":  ()              one scale for the leaf
@@ -29,6 +37,9 @@ import numpy as np
 from research import errors
 
 GRANULARITIES = ("tensor", "channel", "group")
+ZEROS = ("integer", "float")
+SYM_SCALES = ("full", "reference")
+PARAM_DTYPES = ("float32", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +51,28 @@ class Grid:
       symmetric: symmetric (zero fixed at 2**(bits-1)) or asymmetric (zero point fitted) grid.
       granularity: "tensor", "channel" (per output column) or "group" (groups along the input dimension).
       group_size: inputs per group for granularity "group"; must divide the input dimension.
+      zero: "integer" (a zero-point code) or "float" (a float minimum, GGUF Q4_1-style).
+      sym_scale: symmetric scale convention, "full" (max|w| / (2**(b-1) - 1)) or "reference" (/ (2**(b-1) - 0.5)).
+      param_dtype: "float32" or "float16" (scales and float minimums rounded to float16, as GGUF stores them).
     """
 
     bits: int = 4
     symmetric: bool = True
     granularity: str = "channel"
     group_size: int = 128
+    zero: str = "integer"
+    sym_scale: str = "full"
+    param_dtype: str = "float32"
 
     def __post_init__(self):
+        if self.zero not in ZEROS:
+            raise errors.UserError(f"zero must be one of {ZEROS}, got {self.zero!r}")
+        if self.zero == "float" and self.symmetric:
+            raise errors.UserError("a float-minimum grid (zero='float') is asymmetric: set symmetric=False")
+        if self.sym_scale not in SYM_SCALES:
+            raise errors.UserError(f"sym_scale must be one of {SYM_SCALES}, got {self.sym_scale!r}")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise errors.UserError(f"param_dtype must be one of {PARAM_DTYPES}, got {self.param_dtype!r}")
         b = self.bits
         if isinstance(b, bool) or not isinstance(b, int | np.integer) or not 2 <= b <= 8:
             raise errors.UserError(f"bits must be in 2..8 (an integer), got {b!r}")
@@ -61,6 +86,20 @@ class Grid:
     def maxq(self) -> int:
         """The largest code, 2**bits - 1."""
         return 2**self.bits - 1
+
+    def describe(self) -> str:
+        """The grid's convention in words, for reports (every reported row names the convention it used)."""
+        if self.zero == "float":
+            kind = "asymmetric, float minimum"
+        elif self.symmetric:
+            kind = (
+                f"symmetric ({'max/(2^(b-1)-0.5), reference' if self.sym_scale == 'reference' else 'max/(2^(b-1)-1)'})"
+            )
+        else:
+            kind = "asymmetric, integer zero point"
+        where = {"tensor": "per tensor", "channel": "per channel", "group": f"groups of {self.group_size}"}
+        dtype = ", fp16 parameters" if self.param_dtype == "float16" else ""
+        return f"{self.bits}-bit {kind}, {where[self.granularity]}{dtype}"
 
 
 def check_shape(shape, grid: Grid, path: str = "weight") -> None:
@@ -116,30 +155,51 @@ def fit(w, grid: Grid):
       (scale, zero): float32 arrays of the scale shape (see module docstring); zero is integer-valued.
     """
     w = jnp.asarray(w, jnp.float32)
+    if grid.zero == "float":
+        lo, hi = reduce(w, grid, jnp.min), reduce(w, grid, jnp.max)
+        lo = _param(lo, grid)
+        scale = _param((hi - lo) / grid.maxq, grid)
+        return jnp.where(scale > 0, scale, 1.0), lo
     if grid.symmetric:
         half = 2 ** (grid.bits - 1)
         absmax = reduce(jnp.abs(w), grid, jnp.max)
-        scale = absmax / (half - 1)
+        scale = _param(absmax / (half - (0.5 if grid.sym_scale == "reference" else 1)), grid)
         scale = jnp.where(scale > 0, scale, 1.0)
         return scale, jnp.full_like(scale, half)
     lo = jnp.minimum(reduce(w, grid, jnp.min), 0.0)
     hi = jnp.maximum(reduce(w, grid, jnp.max), 0.0)
-    scale = (hi - lo) / grid.maxq
+    scale = _param((hi - lo) / grid.maxq, grid)
     scale = jnp.where(scale > 0, scale, 1.0)
     zero = jnp.clip(jnp.round(-lo / scale), 0, grid.maxq)
     return scale, zero
 
 
+def _param(x, grid: Grid):
+    return x.astype(jnp.float16).astype(jnp.float32) if grid.param_dtype == "float16" else x
+
+
+def to_codes(w, s, z, grid: Grid):
+    """Elementwise round-to-nearest float codes of w given broadcastable scale s and zero z (unclipped dtype)."""
+    v = (w - z) / s if grid.zero == "float" else w / s + z
+    return jnp.clip(jnp.round(v), 0, grid.maxq)
+
+
+def from_codes(c, s, z, grid: Grid):
+    """Elementwise dequantization of float or integer codes c given broadcastable scale s and zero z (float32)."""
+    c = c.astype(jnp.float32)
+    return c * s + z if grid.zero == "float" else (c - z) * s
+
+
 def quantize(w, scale, zero, grid: Grid):
-    """Round-to-nearest codes: clip(round(w / scale + zero), 0, 2**bits - 1) as uint8, the shape of w."""
+    """Round-to-nearest codes (see the module docstring) as uint8, the shape of w."""
     w = jnp.asarray(w, jnp.float32)
     s = expand(jnp.asarray(scale, jnp.float32), w.shape, grid)
     z = expand(jnp.asarray(zero, jnp.float32), w.shape, grid)
-    return jnp.clip(jnp.round(w / s + z), 0, grid.maxq).astype(jnp.uint8)
+    return to_codes(w, s, z, grid).astype(jnp.uint8)
 
 
 def dequantize(codes, scale, zero, grid: Grid):
-    """(codes - zero) * scale as float32, the shape of codes."""
+    """The values of `codes` as float32 ((code - zero) * scale, or code * scale + zero for a float minimum)."""
     s = expand(jnp.asarray(scale, jnp.float32), codes.shape, grid)
     z = expand(jnp.asarray(zero, jnp.float32), codes.shape, grid)
-    return (codes.astype(jnp.float32) - z) * s
+    return from_codes(codes, s, z, grid)

@@ -1,7 +1,8 @@
 """Round-to-nearest (RTN) weight-only post-training quantization: fit a min/max grid, round every weight.
 
 State (each a tree mirroring params, None at untouched leaves):
-  {"codes": uint8 (shape of the weight), "scale": float32 (scale shape), "zero": uint8 (scale shape)}
+  {"codes": uint8 (shape of the weight), "scale": float32 (scale shape), "zero": uint8 (scale shape; float32 for a
+  float-minimum grid, `zero="float"`)}
 The codes are the compressed weights (packing stores them); `apply` returns dequantize(codes) and does not read the
 touched params, so their gradient through it is zero: RTN is for one-shot PTQ, fine-tune with `qat` instead.
 
@@ -33,37 +34,45 @@ def rtn(
     bits: int = 4,
     *,
     where: str = core.BLOCK_KERNELS,
-    symmetric: bool = True,
+    symmetric: bool = False,
     granularity: str = "channel",
     group_size: int = 128,
+    zero: str = "integer",
+    sym_scale: str = "full",
+    param_dtype: str = "float32",
 ) -> core.Transform:
     """Round-to-nearest quantization as a static transform.
 
     Args:
       bits: code width, 2..8.
       where: path regex of the leaves to quantize.
-      symmetric: symmetric or asymmetric grid (see `grid`).
+      symmetric: symmetric or asymmetric grid (see `grid`); asymmetric by default, as the GPTQ reference scripts.
       granularity: "tensor", "channel" or "group".
       group_size: inputs per group for granularity "group".
+      zero, sym_scale, param_dtype: the grid's conventions (see `grid.Grid`): a float minimum ("float", GGUF
+        Q4_1-style), the reference symmetric scale, float16 scales.
 
     Returns:
-      A `core.Transform` whose state holds uint8 codes, float32 scales and uint8 zero points.
+      A `core.Transform` whose state holds uint8 codes, float32 scales and uint8 zero points (float32 minimums).
     """
-    grid = qgrid.Grid(bits, symmetric, granularity, group_size)
+    grid = qgrid.Grid(bits, symmetric, granularity, group_size, zero, sym_scale, param_dtype)
     core.check_pattern(where)
 
     def init(params, key, calib):
         fitted = fit_leaves(params, where, grid)
-        return codes_state(params, {p: (qgrid.quantize(w, s, z, grid), s, z) for p, (w, s, z) in fitted.items()})
+        leaves = {p: (qgrid.quantize(w, s, z, grid), s, z) for p, (w, s, z) in fitted.items()}
+        return codes_state(params, leaves, grid)
 
     return core.Transform(init, dequantizer(grid))
 
 
-def codes_state(params, leaves: dict) -> dict:
+def codes_state(params, leaves: dict, grid: qgrid.Grid) -> dict:
     """The state of a code-based quantizer from {path: (uint8 codes, scale, zero)}: {"codes", "scale", "zero"},
-    each a tree mirroring params (None at untouched leaves), zero points stored as uint8."""
+    each a tree mirroring params (None at untouched leaves), zero points stored as uint8 (float32 minimums for a
+    float-minimum grid)."""
+    zero_dtype = jnp.float32 if grid.zero == "float" else jnp.uint8
     return {
-        name: core.touched_tree(params, {p: v[i] if i < 2 else v[i].astype(jnp.uint8) for p, v in leaves.items()})
+        name: core.touched_tree(params, {p: v[i] if i < 2 else v[i].astype(zero_dtype) for p, v in leaves.items()})
         for i, name in enumerate(("codes", "scale", "zero"))
     }
 

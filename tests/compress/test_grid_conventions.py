@@ -1,0 +1,93 @@
+"""Grid conventions: the float-minimum grid (GGUF Q4_1's parametrisation) requantizes Q4_1 weights exactly, the
+reference symmetric scale, GPTQ's group-fit timings, and every convention named in reports."""
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import errors
+from research.compress.quant import gptq, rtn
+from research.compress.quant import grid as qgrid
+
+RNG = np.random.default_rng(0)
+
+
+def _q4_1(out=48, din=128):
+    """An (in, out) kernel whose every 32-block of inputs lies on a Q4_1 grid (written by the gguf package)."""
+    w = (RNG.normal(size=(out, din)) * 0.05).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    return np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1), np.float32).T  # (in, out)
+
+
+Q4_1 = qgrid.Grid(4, False, "group", 32, zero="float", param_dtype="float16")
+
+
+def test_float_minimum_grid_requantizes_q4_1_exactly():
+    w = _q4_1()
+    s, z = qgrid.fit(w, Q4_1)
+    back = np.asarray(qgrid.dequantize(qgrid.quantize(w, s, z, Q4_1), s, z, Q4_1))
+    assert np.array_equal(back, w)  # bit for bit
+    assert np.array_equal(np.asarray(s), np.asarray(s).astype(np.float16).astype(np.float32))
+    integer = qgrid.Grid(4, False, "group", 32)  # ziplm's integer zero point cannot place the float minimum
+    s2, z2 = qgrid.fit(w, integer)
+    err = np.asarray(qgrid.dequantize(qgrid.quantize(w, s2, z2, integer), s2, z2, integer)) - w
+    assert np.sum(err**2) / np.sum(w**2) > 1e-4
+
+
+def test_gptq_on_an_exact_grid_changes_nothing():
+    w = _q4_1()
+    x = RNG.normal(size=(2048, w.shape[0])).astype(np.float32)
+    codes, s, z = gptq.quantize_layer(w, x.T @ x, Q4_1, blocksize=64)
+    assert z.dtype == jnp.float32
+    assert np.array_equal(np.asarray(qgrid.dequantize(codes, s, z, Q4_1)), w)
+
+
+def test_float_minimum_state_and_transform():
+    params = {"layers": {"0": {"mlp": {"up": {"kernel": jnp.asarray(_q4_1())}}}}}
+    t = rtn.rtn(4, granularity="group", group_size=32, zero="float", param_dtype="float16")
+    state = t.init(params, jax.random.PRNGKey(0), None)
+    leaf = state["zero"]["layers"]["0"]["mlp"]["up"]["kernel"]
+    assert leaf.dtype == jnp.float32 and leaf.shape == (4, 48)
+    out = t.apply(params, state)["layers"]["0"]["mlp"]["up"]["kernel"]
+    assert np.array_equal(np.asarray(out), np.asarray(params["layers"]["0"]["mlp"]["up"]["kernel"]))
+
+
+def test_reference_symmetric_scale_uses_every_code():
+    w = jnp.asarray(RNG.normal(size=(64, 8)).astype(np.float32))
+    ref = qgrid.Grid(4, True, "channel", sym_scale="reference")
+    full = qgrid.Grid(4, True, "channel")
+    s_ref, _ = qgrid.fit(w, ref)
+    s_full, _ = qgrid.fit(w, full)
+    absmax = np.abs(np.asarray(w)).max(0)
+    np.testing.assert_allclose(np.asarray(s_ref), absmax / 7.5, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s_full), absmax / 7, rtol=1e-6)
+    codes = np.asarray(qgrid.quantize(w, s_ref, 8.0, ref))
+    assert codes.min() == 0 or codes.max() == 15  # the extreme weight reaches an end code
+
+
+def test_static_group_fit_equals_rtn_scales():
+    w = (RNG.normal(size=(64, 16)) * 0.1).astype(np.float32)
+    x = RNG.normal(size=(1024, 64)).astype(np.float32)
+    grid = qgrid.Grid(4, False, "group", 16)
+    _, s, z = gptq.quantize_layer(w, x.T @ x, grid, blocksize=32, group_fit="static")
+    s_rtn, z_rtn = qgrid.fit(w, grid)
+    assert np.array_equal(np.asarray(s), np.asarray(s_rtn)) and np.array_equal(np.asarray(z), np.asarray(z_rtn))
+
+
+def test_bad_conventions_are_errors():
+    with pytest.raises(errors.UserError, match="asymmetric"):
+        qgrid.Grid(4, True, zero="float")
+    with pytest.raises(errors.UserError, match="sym_scale"):
+        qgrid.Grid(4, True, sym_scale="half")
+    with pytest.raises(errors.UserError, match="param_dtype"):
+        qgrid.Grid(4, param_dtype="int8")
+    with pytest.raises(errors.UserError, match="group_fit"):
+        gptq.gptq(4, group_fit="late")
+
+
+def test_describe_names_the_convention():
+    assert "float minimum" in Q4_1.describe() and "groups of 32" in Q4_1.describe() and "fp16" in Q4_1.describe()
+    assert "reference" in qgrid.Grid(4, True, sym_scale="reference").describe()
+    assert "integer zero point" in qgrid.Grid(4, False).describe()
