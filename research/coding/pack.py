@@ -1,6 +1,6 @@
 """Packing a model into the fewest bytes and back, exactly: per parameter leaf, the smallest exact representation.
 
-Every leaf is stored as one of four kinds, each a few sections (see `container` for the file around them):
+Every leaf is stored as one of five kinds, each a few sections (see `container` for the file around them):
 
   float    the values, bit-exact (`floats`: exponent and sign/mantissa streams, entropy-coded)
   masked   the positions of the non-zero entries (`masks`) and those entries, bit-exact; an entry counts as zero
@@ -11,12 +11,17 @@ Every leaf is stored as one of four kinds, each a few sections (see `container` 
            kept entries, whichever is smaller (N:M masks favour the second)
   palette  indices into a per-problem table of distinct values (a codebook per tensor, channel or group, as
            `compress.share.codebook` lays them out), the table bit-exact; again joint or mask + kept indices
+  affine   blocks of B weights along one axis, each exactly fl(fl(d * (q - z)) + m) with 8-bit codes q and a
+           per-block scale d and offset m (fp16 when exact, else fp32), found with no hint (`found`): the weights of
+           dequantized GGUF (Q4_0, Q4_1, Q8_0), GPTQ or AWQ checkpoints; blocks that fit no grid are stored raw
 
 `encode_leaf` builds every kind that applies and keeps the smallest whose decoding gives back the leaf's exact bits
 (so a representation can never change a weight: at worst a leaf falls back to `float`). Which grid or palette
 applies comes from the transform state a `ziplm compress` directory saved (`hints`): a leaf with "scale" and
 "zero" in some chain member's state is tried as a grid with them, one with a "codebook" as a palette of its layout.
-Without hints, a leaf with at most 256 distinct values becomes a per-tensor palette.
+Without hints, a leaf with at most 256 distinct values becomes a per-tensor palette, a kernel whose sampled
+channels or blocks have few distinct values a palette per channel or block (`found.palette_problems`), and every
+float32 leaf is searched for affine blocks (`found.encode`, which gives up after a sample on leaves with no grid).
 
     report = pack.pack(params, "model.zlm", meta=dict(model=cfg.to_dict(), tokenizer="byte"), hints=hints)
     meta, params = pack.unpack("model.zlm")        # bit-identical to the packed params
@@ -28,10 +33,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from research import errors, tree
-from research.coding import container, entropy, floats, masks
+from research.coding import container, entropy, floats, found, masks
 from research.compress.share import codebook  # the problem layout of codebooks (tensor / channel / group)
 
-KINDS = ("float", "masked", "grid", "palette")
+KINDS = ("float", "masked", "grid", "palette", "affine")
 PALETTE_MAX = 256
 
 
@@ -212,6 +217,8 @@ def decode_leaf(record: dict, sections: dict) -> np.ndarray:
         if keep is not None:
             out = np.where(keep, out, np.zeros((), out.dtype))
         return out
+    if kind == "affine":
+        return found.decode(record, sections, shape)
     raise errors.CorruptData(f"{record['path']}: unknown leaf kind {kind!r}")
 
 
@@ -233,24 +240,22 @@ def encode_leaf(path: str, x, hint: dict | None = None) -> tuple[dict, dict]:
     n_problems = hint.get("problems")
     if n_problems is None and x1.size and len(np.unique(_bits(x1.ravel()[:65536]))) <= PALETTE_MAX:
         n_problems = 1
+    if n_problems is None:
+        n_problems = found.palette_problems(x1)
     if n_problems:
         candidates.append(("palette", _enc_palette(x1, n_problems)))
-    best = None
-    for kind, built in candidates:
-        if built is None:
-            continue
-        extra, sections = built
+    candidates.append(("affine", found.encode(x1)))
+    built = [(sum(map(len, b[1].values())), i, kind, b) for i, (kind, b) in enumerate(candidates) if b is not None]
+    for _, _, kind, (extra, sections) in sorted(built, key=lambda c: c[:2]):  # smallest first, ties: listed first
         record = dict(base, kind=kind, **extra)
-        size = sum(map(len, sections.values()))
-        if best is not None and size >= best[2]:
-            continue
         try:
             back = decode_leaf(record, sections)
         except errors.CorruptData:
             continue
         if back.shape == x1.shape and np.array_equal(_bits(back), _bits(x1)):
-            best = (record, sections, size)
-    record, sections, _ = best
+            break
+    else:
+        raise RuntimeError(f"{path}: no representation decodes to the leaf's bits")  # float always does
     record["bounds"] = _bounds(sections)
     return record, sections
 
@@ -261,8 +266,10 @@ def _bounds(sections) -> dict:
     histograms come from the streams' stored tables, so nothing is decoded again."""
     out = {}
     for name, data in sections.items():
-        if name in ("values", "scale", "entries"):
+        if name in ("values", "scale", "entries", "offset", "raw"):
             streams = [entropy.counts(s) for s in floats.split(data)]
+        elif name == "where":  # varints, not a symbol stream
+            continue
         elif name == "mask":
             streams = [entropy.counts(data[1:])]
         else:

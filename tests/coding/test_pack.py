@@ -210,3 +210,117 @@ def test_write_is_atomic_and_refuses_to_overwrite(packed_file):
     with pytest.raises(errors.UserError, match="exists"):
         pack.pack(effective, path, meta={})
     assert path.read_bytes() == before and not list(path.parent.glob(".m.zlm.*"))
+
+
+# --- structure found without hints: dequantized GGUF / GPTQ blocks, palettes ---------------------------------------
+
+
+def _gguf(kind, out, n_in, seed=0):
+    """A (out, n_in) tensor quantized and dequantized by the `gguf` package, as llama.cpp lays it out."""
+    gguf = pytest.importorskip("gguf")
+    qt = getattr(gguf.GGMLQuantizationType, kind)
+    w = np.random.default_rng(seed).normal(0, 0.05, (out, n_in)).astype(np.float32)
+    return gguf.quants.dequantize(gguf.quants.quantize(w, qt), qt).astype(np.float32)
+
+
+def _packed_leaf(x, tmp_path):
+    out = tmp_path / "g.zlm"
+    pack.pack({"l": {"kernel": x}}, out, meta={}, overwrite=True)
+    _, back = pack.unpack(out)
+    _same_bits({"l": {"kernel": x}}, back)
+    leaf = container.Reader(out).leaves[0]
+    return leaf, 8 * sum(s["length"] for s in leaf["sections"].values()) / x.size
+
+
+@pytest.mark.parametrize("kind,limit", [("Q4_0", 6), ("Q4_1", 6), ("Q8_0", 10)])
+def test_dequantized_gguf_blocks_pack_as_their_codes(kind, limit, tmp_path):
+    x = np.ascontiguousarray(_gguf(kind, 256, 576).T)  # our (in, out) kernel: blocks of 32 along the input
+    leaf, bits = _packed_leaf(x, tmp_path)
+    assert leaf["kind"] == "affine" and leaf["block"] == 32 and leaf["axis"] == "in" and leaf["exceptions"] == 0
+    assert leaf["scale_dtype"] == "float16" and bits < limit  # GGUF itself: 4.5, 5.0 and 8.5 bits per weight
+    emb = _gguf(kind, 512, 64, seed=1)  # an embedding (vocab, d) is blocked along its last axis in both layouts
+    leaf, bits = _packed_leaf(emb, tmp_path)
+    assert leaf["kind"] == "affine" and leaf["axis"] == "last" and bits < limit
+
+
+def test_random_floats_are_not_mistaken_for_a_grid(tmp_path):
+    x = np.random.default_rng(0).normal(0, 0.05, (576, 96)).astype(np.float32)
+    assert pack.found.encode(x) is None
+    leaf, _ = _packed_leaf(x, tmp_path)
+    assert leaf["kind"] == "float"
+
+
+def test_one_weight_off_by_an_ulp_still_round_trips(tmp_path):
+    x = np.ascontiguousarray(_gguf("Q4_1", 128, 576).T)
+    x[37, 5] = np.nextafter(x[37, 5], np.float32(1))
+    leaf, bits = _packed_leaf(x, tmp_path)  # the bit-exact comparison is inside
+    assert leaf["kind"] == "affine" and leaf["exceptions"] == 1 and bits < 6  # one block of 32 stored raw
+    x[:, :] = np.nextafter(x, np.float32(1))[:, :]  # every block off the grid: floats again
+    x[::7] = np.random.default_rng(1).normal(0, 0.05, x[::7].shape)
+    leaf, _ = _packed_leaf(x, tmp_path)
+    assert leaf["kind"] == "float"
+
+
+def test_blocks_whose_codes_miss_both_ends(tmp_path):
+    """Q4_1-like blocks (fp16 d and m, value = d*q + m in float32) whose codes use only 3..12 of 0..15."""
+    rng = np.random.default_rng(0)
+    n_blocks, b = 2048, 32
+    d = rng.uniform(0.005, 0.2, (n_blocks, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-3, 1, (n_blocks, 1)).astype(np.float16).astype(np.float32)
+    q = rng.integers(3, 13, (n_blocks, b)).astype(np.float32)
+    x = (d * q + m).astype(np.float32).reshape(-1, 64)  # blocks along the last axis
+    leaf, bits = _packed_leaf(x, tmp_path)
+    assert leaf["kind"] == "affine" and leaf["block"] == 32 and leaf["exceptions"] <= n_blocks // 100 and bits < 6
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["in", "last"]), st.sampled_from([16, 32, 64]))
+@settings(max_examples=25, deadline=None)
+def test_found_grids_round_trip_bit_exactly(seed, axis, b):
+    """Random block grids (fp16 or fp32 scales and offsets, 1 to 8 bits, affine or symmetric, a few damaged
+    weights) decode to their exact bits, and are found when they are the GGUF / GPTQ kinds (fp16 parameters)."""
+    rng = np.random.default_rng(seed)
+    n_blocks, f16 = 64, rng.random() < 0.5
+    d = rng.uniform(1e-3, 1.0, (n_blocks, 1)).astype(np.float16 if f16 else np.float32).astype(np.float32)
+    symmetric = rng.random() < 0.5
+    if symmetric:
+        rows = rng.integers(-8, 8, (n_blocks, b)).astype(np.float32) * (
+            d * rng.choice(np.float32([-1, 1]), (n_blocks, 1))
+        )
+    else:
+        m = rng.uniform(-2, 2, (n_blocks, 1)).astype(np.float16 if f16 else np.float32).astype(np.float32)
+        rows = rng.integers(0, 1 << int(rng.integers(1, 9)), (n_blocks, b)).astype(np.float32) * d + m
+    bad = rng.integers(0, rows.size, int(rng.integers(0, 3)))
+    rows.ravel()[bad] = np.nextafter(rows.ravel()[bad], np.float32(np.inf))
+    x = rows.reshape(-1, 4 * b) if axis == "last" else rows.reshape(-1, 4, b).transpose(0, 2, 1).reshape(-1, 4)
+    record, sections = pack.encode_leaf("x", x)
+    back = pack.decode_leaf(record, sections)
+    assert np.array_equal(back.view(np.uint32), x.view(np.uint32))
+    if (symmetric or f16) and not len(bad):
+        assert record["kind"] in ("affine", "palette")
+
+
+def test_per_channel_palette_without_a_hint(tmp_path):
+    rng = np.random.default_rng(0)
+    book = rng.normal(0, 0.05, (64, 6)).astype(np.float32)  # 6 arbitrary values per output channel
+    x = np.take_along_axis(book, rng.integers(0, 6, (64, 512)), 1).T.copy()  # (in 512, out 64)
+    leaf, bits = _packed_leaf(x, tmp_path)
+    assert leaf["kind"] == "palette" and leaf["layout"] == "channel" and bits < 4
+
+
+def test_finding_grids_is_fast():
+    import time
+
+    x = np.ascontiguousarray(_gguf("Q4_1", 1536, 576).T)  # (576, 1536), an MLP kernel of SmolLM2
+    t = time.perf_counter()
+    record, _ = pack.encode_leaf("x", x)
+    assert record["kind"] == "affine" and time.perf_counter() - t < 3.0
+
+
+def test_a_damaged_affine_record_is_refused():
+    x = np.ascontiguousarray(_gguf("Q8_0", 64, 64).T)
+    record, sections = pack.encode_leaf("x", x)
+    assert record["kind"] == "affine"
+    with pytest.raises(errors.CorruptData, match="wrong number of values|codes for"):
+        pack.decode_leaf(dict(record, exceptions=1), sections)
+    with pytest.raises(errors.CorruptData, match="does not tile"):
+        pack.decode_leaf(dict(record, block=48), sections)
