@@ -49,7 +49,7 @@ from research.compress import calib as calib_lib
 from research.compress import core, finetune, registry
 from research.compress import report as compress_report
 from research.compress.quant import act as act_quant
-from research.data import dataset, tokenizers
+from research.data import corpora, dataset, tokenizers
 from research.eval import metrics
 
 FORMAT = "ziplm-compressed"
@@ -64,8 +64,9 @@ def base_config() -> mlc.ConfigDict:
     c.step = None  # checkpoint step of a run (None: the latest)
     # corpus / tokenizer None: the source run's (HF sources need a corpus).
     c.data = dict(corpus=None, tokenizer=None, val_fraction=0.1, batch_size=16, seq_len=None)
-    # Calibration windows from the training split (n=0: none); length is capped by the model's context.
-    c.calibration = dict(n=128, length=2048, seed=0, batch_size=8)
+    # Calibration windows (n=0: none) at seeded random offsets of `corpus` (a text of its own, tokenized whole) or,
+    # when None, of the training split of data.corpus; length is capped by the model's context.
+    c.calibration = dict(n=128, length=2048, seed=0, batch_size=8, corpus=None)
     # Methods applied in order; a {"finetune": steps} entry fine-tunes the chain so far (with the settings of
     # `finetune`) before the methods after it are initialised: prune -> fine-tune -> quantize is one list.
     c.compress = [dict(method="magnitude", sparsity=0.5)]
@@ -84,7 +85,13 @@ def base_config() -> mlc.ConfigDict:
         grad_clip=1.0,
         log_every=10,
     )
-    c.eval = dict(window=None, stride=None, batch_size=32, max_windows=None)
+    # Evaluation: the validation split of data.corpus, or `corpus` (a text of its own, evaluated whole: e.g.
+    # "wikitext:<wiki.test.raw>"); protocol "windows" (window/stride) or "gptq" (disjoint windows, the published
+    # tables' protocol, with the tokenizer's default prefix first); window None: data.seq_len. `agreement` also
+    # reports KL(dense || compressed) per token and top-1 agreement with the dense model.
+    c.eval = dict(
+        window=None, stride=None, batch_size=32, max_windows=None, corpus=None, protocol="windows", agreement=False
+    )
     c.wandb = dict(mode="offline", project="ziplm", entity=None, name=None)
     return c
 
@@ -186,36 +193,55 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     if tok_spec is None:
         raise errors.UserError(f"{cfg.model} names no tokenizer: set --config.data.tokenizer (byte or hf:DIR)")
     tok = tokenizers.load(tok_spec)
-    corpus = cfg.data.corpus or (run_cfg.data.corpus if run_cfg else None)
+    corpus = cfg.data.corpus or (run_cfg.data.corpus if run_cfg else None) or cfg.calibration.get("corpus")
     if corpus is None:
         raise errors.UserError(f"{cfg.model} is not a run of ours: set --config.data.corpus (e.g. a text file)")
     val_fraction = run_cfg.data.val_fraction if (run_cfg and not cfg.data.corpus) else cfg.data.val_fraction
     splits = dataset.prepare(corpus, tok, val_fraction)
-    seq_len = cfg.data.seq_len or (run_cfg.data.seq_len if run_cfg else m.cfg.max_seq_len)
+    # A pretrained model's context can be far longer than its evaluation protocol needs (SmolLM2: 8,192).
+    seq_len = cfg.data.seq_len or (run_cfg.data.seq_len if run_cfg else min(m.cfg.max_seq_len, 2048))
     window = cfg.eval.window or seq_len
+    eval_tokens = splits.val
+    if cfg.eval.get("corpus"):
+        eval_tokens = np.asarray(dataset.tokenize_cached(corpora.load(cfg.eval.corpus).text, tok), np.int32)
+    style = cfg.eval.get("protocol", "windows")
+    if style not in ("windows", "gptq"):
+        raise errors.UserError(f"eval.protocol must be 'windows' or 'gptq', got {style!r}")
+    if style == "gptq":  # as `tokenizer(text)` in the reference code: the tokenizer's default prefix first
+        eval_tokens = np.concatenate([tok.added_prefix, eval_tokens]).astype(np.int32)
+    calib_tokens = splits.train
+    if cfg.calibration.get("corpus"):
+        calib_tokens = np.asarray(dataset.tokenize_cached(corpora.load(cfg.calibration.corpus).text, tok), np.int32)
     for name, value in (("data.seq_len", seq_len), ("eval.window", window)):
         if value > m.cfg.max_seq_len:
             raise errors.UserError(f"{name} ({value}) exceeds the model's context ({m.cfg.max_seq_len})")
     if any(dict(s).get("method") == "structured" and "head_dim" not in s for s in cfg.compress):
         specs = [{**s, "head_dim": m.cfg.dim_head} if s.get("method") == "structured" else s for s in cfg.compress]
         transform = build(specs)  # heads are units of the model's head width
-    protocol = metrics.Protocol(window, cfg.eval.stride or window)
+    if style == "gptq":
+        if cfg.eval.stride not in (None, window):
+            raise errors.UserError("eval.stride does not apply to the gptq protocol (its windows are disjoint)")
+        protocol = metrics.Protocol.gptq(window)
+    else:
+        protocol = metrics.Protocol(window, cfg.eval.stride or window)
     bits = act_bits(cfg.compress)
     out_cfg = m.cfg if bits is None else m.cfg.replace(act_bits=bits)
     out_graphdef = m.graphdef if bits is None else models.abstract(out_cfg)[0]
     times["load"] = time.time() - t0
 
     def evaluate(params, desc, graphdef=m.graphdef):
+        dense = params is m.params and graphdef is m.graphdef
         return metrics.evaluate(
             graphdef,
             params,
-            splits.val,
+            eval_tokens,
             tok.token_bytes,
             protocol,
             batch_size=cfg.eval.batch_size,
             max_windows=cfg.eval.max_windows,
             progress=progress,
             desc=desc,
+            reference=(m.graphdef, m.params) if cfg.eval.get("agreement") and not dense else None,
         )
 
     t = time.time()
@@ -225,7 +251,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     calib = None
     if any(registry.needs_calibration(dict(s)) for s in cfg.compress):
         inputs = calib_lib.sample(
-            splits.train, cfg.calibration.n, cfg.calibration.length, cfg.calibration.seed, m.cfg.max_seq_len
+            calib_tokens, cfg.calibration.n, cfg.calibration.length, cfg.calibration.seed, m.cfg.max_seq_len
         )
         calib = calib_lib.Calibration(m.graphdef, inputs, cfg.calibration.batch_size)
     t = time.time()
@@ -307,7 +333,12 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "dense_bytes_bf16": sizes["dense_bytes_bf16"],
             "effective_bytes": sizes["effective_bytes"],
             "leaves": sizes["leaves"],
-            "calibration": {"n": cfg.calibration.n, "length": None if calib is None else calib.inputs.shape[1]},
+            "calibration": {
+                "n": cfg.calibration.n,
+                "length": None if calib is None else calib.inputs.shape[1],
+                "corpus": cfg.calibration.get("corpus") or f"{corpus} (training split)",
+            },
+            "eval_corpus": cfg.eval.get("corpus") or f"{corpus} (validation split)",
             "stages": stages,
             "dense": before,
             "compressed": after,

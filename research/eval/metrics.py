@@ -111,6 +111,17 @@ def _eval_step(graphdef, params, inputs, targets, mask, logits_chunk, attn_chunk
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(correct & mask)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _agree_step(graphdef, params, inputs, mask, ref_params, ref_graphdef, logits_chunk, attn_chunk):
+    model, ref = models.merge(graphdef, params), models.merge(ref_graphdef, ref_params)
+    hidden = model.hidden(inputs, attn_chunk=attn_chunk)  # (B, W, D)
+    ref_hidden = ref.hidden(inputs, attn_chunk=attn_chunk)
+    if logits_chunk is None:
+        logits_chunk = max(1, models.loss.auto_chunk(*inputs.shape, model.cfg.vocab_size) // 2)
+    kl, agree = models.loss.chunked_agreement(model.head, hidden, ref.head, ref_hidden, logits_chunk)
+    return jnp.sum(jnp.where(mask, kl, 0.0)), jnp.sum(agree & mask)
+
+
 def evaluate(
     graphdef,
     params,
@@ -124,6 +135,7 @@ def evaluate(
     desc: str = "eval",
     logits_chunk: int | None = None,
     attn_chunk: int | None = ATTN_CHUNK,
+    reference=None,
 ) -> dict:
     """Scores `tokens` with the model (graphdef, params) under `protocol`.
 
@@ -140,9 +152,14 @@ def evaluate(
         None picks `models.loss.auto_chunk` (about 64 MiB of logits); the window (or more) is the unchunked path.
       attn_chunk: queries whose attention scores are computed at once (`transformer.chunked_causal_attention`);
         None or the window (or more) is the unchunked attention.
+      reference: (graphdef, params) of a reference model (the dense one, same vocabulary): also measure how
+        closely this model's next-token distributions follow it on the scored tokens, what "lossless" means for a
+        model's outputs: KL(reference || model) per token (0 when the distributions are equal) and top-1
+        agreement (the fraction of scored positions where both models rank the same token first).
 
     Returns:
-      {"loss" (nats/token), "perplexity", "bits_per_byte", "accuracy", "tokens", "bytes", "protocol"}.
+      {"loss" (nats/token), "perplexity", "bits_per_byte", "accuracy", "tokens", "bytes", "protocol"}, and with a
+      reference also "kl" (nats per token), "kl_bits" (bits per token) and "top1_agreement".
     """
     if batch_size <= 0:
         raise errors.UserError(f"eval batch size must be positive, got {batch_size}")
@@ -155,13 +172,19 @@ def evaluate(
     if pad:
         inputs, targets = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (inputs, targets))
         mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
-    nll, correct = 0.0, 0
+    nll, correct, kl, agree = 0.0, 0, 0.0, 0
     disable = None if progress is None else not progress
     for i in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=disable, leave=False):
         sl = slice(i, i + batch_size)
         b_nll, b_correct = _eval_step(graphdef, params, inputs[sl], targets[sl], mask[sl], logits_chunk, attn_chunk)
         nll += float(b_nll)
         correct += int(b_correct)
+        if reference is not None:
+            ref_graphdef, ref_params = reference
+            args = (graphdef, params, inputs[sl], mask[sl], ref_params, ref_graphdef, logits_chunk, attn_chunk)
+            b_kl, b_agree = _agree_step(*args)
+            kl += float(b_kl)
+            agree += int(b_agree)
     count = int(mask.sum())
     nbytes = int(np.asarray(token_bytes)[targets[mask]].sum())
     loss = nll / count
@@ -173,4 +196,9 @@ def evaluate(
         "tokens": count,
         "bytes": nbytes,
         "protocol": protocol.describe(),
+        **(
+            {"kl": kl / count, "kl_bits": kl / count / math.log(2), "top1_agreement": agree / count}
+            if reference
+            else {}
+        ),
     }

@@ -39,6 +39,37 @@ def auto_chunk(batch: int, length: int, vocab: int, budget: int = LOGITS_BUDGET)
     return max(1, min(length, budget // max(1, batch * vocab)))
 
 
+def chunked_agreement(head: Callable, hidden, ref_head: Callable, ref_hidden, chunk: int):
+    """Per-token KL(reference || model) in nats and top-1 agreement, `chunk` positions at a time.
+
+    Args:
+      head, hidden: the model's head and (B, T, D) final hidden states.
+      ref_head, ref_hidden: the reference model's (the dense one), same B and T.
+      chunk: positions per chunk (>= 1).
+
+    Returns:
+      (kl, agree): (B, T) float32 nats sum_v p_ref log(p_ref / p) and (B, T) bool (same argmax).
+    """
+    b, t, _ = hidden.shape
+    chunk = min(chunk, t)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+
+    def split(h):
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))) if pad else h
+        return h.reshape(b, n, chunk, h.shape[-1]).swapaxes(0, 1)  # (N, B, C, D)
+
+    def one(args):
+        h, r = args
+        logp = jax.nn.log_softmax(head(h).astype(jnp.float32), -1)  # (B, C, V)
+        logq = jax.nn.log_softmax(ref_head(r).astype(jnp.float32), -1)
+        kl = jnp.sum(jnp.exp(logq) * (logq - logp), -1)
+        return jnp.maximum(kl, 0.0), jnp.argmax(logp, -1) == jnp.argmax(logq, -1)
+
+    kl, agree = jax.lax.map(one, (split(hidden), split(ref_hidden)))  # (N, B, C) each
+    return (a.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for a in (kl, agree))
+
+
 def chunked_nll(head: Callable, hidden, targets, chunk: int):
     """Per-token NLL and argmax correctness from final hidden states, `chunk` positions at a time.
 

@@ -197,3 +197,32 @@ def test_w4a4_lsq_quantizes_activations_through_fine_tuning_and_saving(run, tmp_
     assert cli.main(["eval", "--model", str(out), "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["loss"] == pytest.approx(s["compressed"]["loss"], rel=1e-6)
     assert len(s["stages"]) == 1 and s["stages"][0]["val"]["loss"] == pytest.approx(s["compressed"]["loss"])
+
+
+def test_pretrained_gguf_with_own_calibration_and_gptq_protocol(tmp_path):
+    """A real-model config: a GGUF source, a calibration text of its own, evaluation on a second text under the
+    GPTQ protocol, with KL / top-1 agreement against the dense model."""
+    from research import sources
+    from research.models import config as model_config
+    from research.models import gguf
+    from tests import gguf_files
+
+    cfg = model_config.llama_style(vocab_size=256, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=64)
+    _, params = models.init(cfg, 0)
+    gguf_files.write_llama(tmp_path / "m.gguf", cfg, params)
+    rng = np.random.default_rng(0)
+    (tmp_path / "calib.txt").write_text("".join(rng.choice(list("abc de"), 3000)))
+    (tmp_path / "eval.txt").write_text("".join(rng.choice(list("xyz uv"), 1000)))
+    c = pipeline.base_config()
+    c.model = str(tmp_path / "m.gguf")
+    c.data.tokenizer = "byte"
+    c.compress = [dict(method="gptq", bits=3, granularity="group", group_size=16)]
+    c.calibration.update(n=4, length=32, corpus=str(tmp_path / "calib.txt"))
+    c.eval.update(corpus=str(tmp_path / "eval.txt"), protocol="gptq", window=50, agreement=True)
+    c.wandb.mode = "disabled"
+    s = pipeline.run(c, tmp_path / "out", progress=False)
+    assert s["calibration"]["corpus"] == str(tmp_path / "calib.txt") and s["eval_corpus"] == str(tmp_path / "eval.txt")
+    assert s["compressed"]["tokens"] == (1000 // 50) * 49  # 20 disjoint windows, first token of each unscored
+    assert "GPTQ/SparseGPT protocol" in s["compressed"]["protocol"]
+    assert s["compressed"]["kl"] > 0 and 0 < s["compressed"]["top1_agreement"] <= 1 and "kl" not in s["dense"]
+    assert sources.load(str(tmp_path / "out")).cfg == gguf.load(tmp_path / "m.gguf").cfg

@@ -154,3 +154,26 @@ def test_chunk_sizes_must_be_positive():
     for kw in ({"logits_chunk": 0}, {"attn_chunk": -1}):
         with pytest.raises(errors.UserError, match="chunk must be positive"):
             metrics.evaluate(graphdef, params, np.arange(8), np.ones(8), metrics.Protocol(8, 8), **kw)
+
+
+def test_reference_kl_and_top1_against_full_logits():
+    import jax.numpy as jnp
+
+    cfg = mc.llama_style(vocab_size=97, n_layer=1, n_head=2, d_model=16, max_seq_len=32, tie_embeddings=True)
+    graphdef, ref = models.init(cfg, 0)
+    noisy = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape), ref)
+    tokens = np.random.default_rng(0).integers(0, 97, 200)
+    protocol = metrics.Protocol(32, 32)
+    bytes_ = np.ones(97, np.int64)
+    got = metrics.evaluate(
+        graphdef, noisy, tokens, bytes_, protocol, batch_size=3, logits_chunk=5, reference=(graphdef, ref)
+    )
+    same = metrics.evaluate(graphdef, ref, tokens, bytes_, protocol, batch_size=4, reference=(graphdef, ref))
+    inputs, _, mask = metrics.windows(tokens, protocol)
+    lp = jax.nn.log_softmax(models.merge(graphdef, noisy)(jnp.asarray(inputs)), -1)
+    lq = jax.nn.log_softmax(models.merge(graphdef, ref)(jnp.asarray(inputs)), -1)
+    kl = np.asarray(jnp.sum(jnp.exp(lq) * (lq - lp), -1))[mask]
+    top = np.asarray(jnp.argmax(lp, -1) == jnp.argmax(lq, -1))[mask]
+    assert got["tokens"] == mask.sum() and got["kl"] == pytest.approx(kl.mean(), rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(top.mean()) and 0 < got["top1_agreement"] < 1
+    assert same["kl"] < 1e-6 and same["top1_agreement"] == 1.0
