@@ -91,3 +91,18 @@ def test_describe_names_the_convention():
     assert "float minimum" in Q4_1.describe() and "groups of 32" in Q4_1.describe() and "fp16" in Q4_1.describe()
     assert "reference" in qgrid.Grid(4, True, sym_scale="reference").describe()
     assert "integer zero point" in qgrid.Grid(4, False).describe()
+
+
+@pytest.mark.parametrize("zero", ["integer", "float"])
+def test_a_shorter_last_group_is_fitted_on_its_own_inputs(zero):
+    w = jnp.asarray(RNG.normal(size=(40, 6)).astype(np.float32))
+    w = w.at[32:].multiply(10.0)  # the last, shorter group (8 inputs) has a much wider range
+    grid = qgrid.Grid(4, False, "group", 16, zero=zero)
+    s, z = qgrid.fit(w, grid)
+    assert s.shape == (3, 6)
+    s_last, z_last = qgrid.fit(w[32:], qgrid.Grid(4, False, "channel", zero=zero))
+    np.testing.assert_array_equal(np.asarray(s[2]), np.asarray(s_last))
+    np.testing.assert_array_equal(np.asarray(z[2]), np.asarray(z_last))
+    back = qgrid.dequantize(qgrid.quantize(w, s, z, grid), s, z, grid)
+    assert back.shape == w.shape
+    assert np.all(np.abs(np.asarray(back - w)) <= np.asarray(qgrid.expand(s, w.shape, grid)) / 2 + 1e-6)

@@ -175,9 +175,9 @@ def test_bad_arguments_are_user_errors():
     with pytest.raises(errors.UserError, match="not a valid regex"):
         rtn.rtn(4, where="layers/(")
     _, params = tiny()
-    with pytest.raises(errors.UserError, match=r"group size 48 does not divide the input dimension 32"):
+    with pytest.raises(errors.UserError, match=r"group size 48 exceeds the input dimension 32"):
         rtn.rtn(4, granularity="group", group_size=48).init(params, jax.random.key(0), None)
-    with pytest.raises(errors.UserError, match="group size 48 does not divide the input dimension 32"):
+    with pytest.raises(errors.UserError, match="group size 48 exceeds the input dimension 32"):
         qat.qat(4, granularity="group", group_size=48).init(params, jax.random.key(0), None)
 
 

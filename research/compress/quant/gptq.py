@@ -160,6 +160,8 @@ def quantize_layer(
     u = hessian_lib.inverse_factor(h, float(percdamp), name, "gptq")
     pad = -din % bs
     w, s_all, z_all, v = (jnp.pad(a[perm].T, ((0, 0), (0, pad))) for a in (kernel, s_full, z_full, valid))
+    # A shorter last group is fitted on its own columns: the padding repeats the last one (its error goes nowhere).
+    w = jnp.pad(kernel[perm].T, ((0, 0), (0, pad)), mode="edge")
     s_all = s_all.at[:, din:].set(1.0)
     u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(din + pad) >= din).astype(jnp.float32))
     codes, s_all, z_all = _sweep(w, u, s_all, z_all, v, bs, g, grid, group_fit == "block")

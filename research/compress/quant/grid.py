@@ -24,7 +24,9 @@ Conventions (one for every grid, so packing sees one format):
 Kernels are (in, *out). Scale and zero shapes by granularity (they broadcast through `expand`):
   "tensor":  ()              one scale for the leaf
   "channel": (*out,)         one per output column (reduced over the input dimension)
-  "group":   (in // g, *out) one per g consecutive inputs of each output column
+  "group":   (ceil(in / g), *out) one per g consecutive inputs of each output column; when g does not divide
+             the input dimension the last group is shorter (as in the GPTQ reference code: SmolLM2's 576 inputs
+             in groups of 128 are four of 128 and one of 64)
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class Grid:
 
 
 def check_shape(shape, grid: Grid, path: str = "weight") -> None:
-    """Raises UserError when `grid` cannot quantize a leaf of `shape` (group size not dividing the input dim)."""
+    """Raises UserError when `grid` cannot quantize a leaf of `shape` (not a kernel, or groups wider than it)."""
     if grid.granularity == "tensor":
         return
     if len(shape) < 2:
@@ -111,10 +113,10 @@ def check_shape(shape, grid: Grid, path: str = "weight") -> None:
             f"{path} has shape {tuple(shape)}: granularity {grid.granularity!r} needs an (in, out) kernel; "
             "use granularity='tensor' or narrow the path pattern"
         )
-    if grid.granularity == "group" and shape[0] % grid.group_size:
+    if grid.granularity == "group" and grid.group_size > shape[0]:
         raise errors.UserError(
-            f"group size {grid.group_size} does not divide the input dimension {shape[0]} of {path}; "
-            "choose another group_size or narrow the path pattern"
+            f"group size {grid.group_size} exceeds the input dimension {shape[0]} of {path}; "
+            "choose a smaller group_size or narrow the path pattern"
         )
 
 
@@ -132,7 +134,11 @@ def reduce(x, grid: Grid, op):
         return op(x, axis=0)  # (*out,)
     check_shape(x.shape, grid)
     g = grid.group_size
-    return op(x.reshape(x.shape[0] // g, g, *x.shape[1:]), axis=1)  # (in // g, *out)
+    pad = -x.shape[0] % g
+    if pad:  # a shorter last group: pad with values that leave the reduction unchanged
+        widths = ((0, pad),) + ((0, 0),) * (x.ndim - 1)
+        x = jnp.pad(x, widths) if op is jnp.sum else jnp.pad(x, widths, mode="edge")
+    return op(x.reshape(x.shape[0] // g, g, *x.shape[1:]), axis=1)  # (ceil(in / g), *out)
 
 
 def expand(s, shape, grid: Grid):
@@ -141,7 +147,7 @@ def expand(s, shape, grid: Grid):
         return s
     if grid.granularity == "channel":
         return s[None]  # (1, *out)
-    return jnp.repeat(s, grid.group_size, axis=0)  # (in, *out)
+    return jnp.repeat(s, grid.group_size, axis=0)[: shape[0]]  # (in, *out)
 
 
 def fit(w, grid: Grid):
