@@ -88,9 +88,17 @@ def base_config() -> mlc.ConfigDict:
     # Evaluation: the validation split of data.corpus, or `corpus` (a text of its own, evaluated whole: e.g.
     # "wikitext:<wiki.test.raw>"); protocol "windows" (window/stride) or "gptq" (disjoint windows, the published
     # tables' protocol, with the tokenizer's default prefix first); window None: data.seq_len. `agreement` also
-    # reports KL(dense || compressed) per token and top-1 agreement with the dense model.
+    # reports KL(dense || compressed) per token and top-1 agreement with the dense model; `dense` False skips the
+    # dense model's own evaluation (summary "dense": None; for sweeps that evaluate it once).
     c.eval = dict(
-        window=None, stride=None, batch_size=32, max_windows=None, corpus=None, protocol="windows", agreement=False
+        window=None,
+        stride=None,
+        batch_size=32,
+        max_windows=None,
+        corpus=None,
+        protocol="windows",
+        agreement=False,
+        dense=True,
     )
     c.wandb = dict(mode="offline", project="ziplm", entity=None, name=None)
     return c
@@ -245,7 +253,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
         )
 
     t = time.time()
-    before = evaluate(m.params, "eval dense")
+    before = evaluate(m.params, "eval dense") if cfg.eval.get("dense", True) else None
     times["eval_dense"] = time.time() - t
 
     calib = None

