@@ -14,8 +14,8 @@ nothing to any float32 (x + -0.0 is x bit for bit, -0.0 included), and z the sma
 Search, per leaf, vectorised over all blocks (no Python loop over blocks):
   1. Every (axis, B) with B in `BLOCKS` (0: the whole axis) that divides the axis, in both forms ("affine": m_b is
      the block's minimum, q >= 0; "scale": m_b = -0.0, signed codes, d_b's sign chosen so that -0.0 entries come
-     back) is tried on `SAMPLE` seeded random blocks; it passes when at least 90% of them are reproduced exactly.
-     Leaves with no grid (trained floats) are given up here, after a few hundred values.
+     back) is tried on `SAMPLE` seeded random blocks (fewer, at least 8, when blocks are long); it passes when at
+     least 90% of them are reproduced exactly. Leaves with no grid (trained floats) are given up here.
   2. The passing layouts are ranked by their estimated size (per-block parameters over B, plus the entropy of the
      sample's codes) and the best is fitted on every block: the step count s (the code span, e.g. 15, 127 or 8)
      the sample agrees on gives d = span / s; blocks it fails get s from their smallest gap between sorted
@@ -26,11 +26,13 @@ Search, per leaf, vectorised over all blocks (no Python loop over blocks):
   4. Blocks that still fail (at most 1/32 of them, else the layout is rejected) are stored as exceptions: their
      indices and their raw float32 values.
 
-Sections of an "affine" leaf: "codes" (the symbols q of the gridded blocks, one ANS stream), "scale" and "offset"
-(d_b and m_b, bit-exact floats: fp16 when every one is exactly an fp16, else fp32), and with exceptions "where"
-(their block indices as LEB128 varints of the gaps) and "raw" (their values). The record holds axis, block, zero,
-scale_dtype, offset_dtype and exceptions. The packer decodes the result and compares it bit for bit before choosing
-it, as it does every representation, so a layout found here can only lose to `float`, never change a weight.
+Sections of an "affine" leaf: "codes" (the symbols q, 0 in exception blocks: one ANS stream or, when smaller, one
+per index along the blocked axis, as the columns of an embedding have distributions of their own; u32 count, u32
+lengths, streams), "scale" and "offset" (d_b and m_b, bit-exact floats: fp16 when every one is exactly an fp16,
+else fp32), and with exceptions "where" (their block indices as LEB128 varints of the gaps) and "raw" (their
+values). The record holds axis, block, zero, scale_dtype, offset_dtype and exceptions. The packer decodes the
+result and compares it bit for bit before choosing it, as it does every representation, so a layout found here can
+only lose to `float`, never change a weight.
 
 `palette_problems` is the cheap check for hint-less palettes per channel or per block of B input entries (a
 non-uniform quantizer's look-up table): it samples a few problems and names the layout whose distinct values pay.
@@ -38,16 +40,19 @@ non-uniform quantizer's look-up table): it samples a few problems and names the 
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from research import errors
 from research.coding import entropy, floats
 
 BLOCKS = (32, 64, 128, 16, 0)  # 0: the whole axis
-SAMPLE = 64  # blocks tried per layout before fitting a whole leaf
+SAMPLE = 64  # blocks tried per layout before fitting a whole leaf (fewer, at least 8, when blocks are long)
 PASS = 0.9  # the fraction of sampled blocks that must be reproduced exactly
 MAX_EXCEPTIONS = 1 / 32  # of the blocks, stored raw; more and the layout is rejected
 MIN_SIZE = 512  # smaller leaves are left to the other kinds
+CONTEXT_MIN = 4096  # codes per line below which one stream per line is not tried
 PALETTE_BITS = 16.0  # estimated bits per weight under which a per-channel / per-block palette is tried
 _NEG_ZERO = np.uint32(0x80000000)
 
@@ -231,7 +236,7 @@ def _candidates(x: np.ndarray):
     for axis, b in _layouts(x):
         x2 = _as2d(x, axis)
         n_blocks = x.size // b
-        idx = np.sort(rng.choice(n_blocks, min(SAMPLE, n_blocks), replace=False))
+        idx = np.sort(rng.choice(n_blocks, min(n_blocks, max(8, min(SAMPLE, 4096 // b))), replace=False))
         rows = _sample_rows(x2, axis, b, idx)
         for form in ("scale", "affine"):
             ok, d, m, q = fit(rows, form, max_fail=1 - PASS)
@@ -247,13 +252,65 @@ def _candidates(x: np.ndarray):
     return sorted(out, key=lambda c: c[0])
 
 
+def _lines(q2: np.ndarray, axis: str) -> np.ndarray:
+    """The codes (2-D, the leaf's layout) as rows of one index along the blocked axis: an input of a kernel, a
+    column of an embedding."""
+    return q2 if axis == "in" else np.ascontiguousarray(q2.T)
+
+
+def _coded_bytes(counts: np.ndarray) -> np.ndarray:
+    """The estimated bytes of streams with these histograms (rows, 256): the entropy bound plus the varint table
+    over each stream's used range and its 21-byte header."""
+    c = counts.astype(np.float64)
+    n = c.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bits = -np.nansum(np.where(c > 0, c * np.log2(c / n), 0.0), axis=1)
+    used = c > 0
+    lo, hi = used.argmax(1), 255 - used[:, ::-1].argmax(1)
+    span = (np.arange(256) >= lo[:, None]) & (np.arange(256) <= hi[:, None])
+    table = (span * (1 + (c >= 1 << 7) + (c >= 1 << 14) + (c >= 1 << 21))).sum(1)
+    return bits / 8 + table + 21
+
+
+def _code_section(lines: np.ndarray) -> bytes:
+    """The codes (uint8 lines) as one stream, or as one stream per line (each with its own histogram: an
+    embedding's columns differ) when that is estimated smaller; u32 count, u32 lengths, the streams."""
+    n_lines, per = lines.shape
+    streams = [lines.ravel()]
+    if per >= CONTEXT_MIN and n_lines > 1:
+        counts = np.zeros((n_lines, 256), np.int64)
+        for i, line in enumerate(lines):
+            counts[i] = np.bincount(line, minlength=256)
+        if _coded_bytes(counts).sum() < _coded_bytes(counts.sum(0, keepdims=True))[0]:
+            streams = list(lines)
+    coded = [entropy.encode(line, 256) for line in streams]
+    lengths = np.array([len(c) for c in coded], "<u4")
+    return struct.pack("<I", len(coded)) + lengths.tobytes() + b"".join(coded)
+
+
+def split_codes(data: bytes) -> list[bytes]:
+    """The streams of a "codes" section, with their lengths checked."""
+    if len(data) < 4:
+        raise errors.CorruptData("an affine codes section is shorter than its header")
+    (k,) = struct.unpack_from("<I", data, 0)
+    if 4 + 4 * k > len(data):
+        raise errors.CorruptData("an affine codes section ends inside its stream lengths")
+    lengths = np.frombuffer(data, "<u4", k, 4).astype(np.int64)
+    ends = 4 + 4 * k + np.cumsum(lengths)
+    if k and ends[-1] != len(data):
+        raise errors.CorruptData("an affine codes section's streams do not add up to its length")
+    starts = ends - lengths
+    return [data[a:e] for a, e in zip(starts, ends)]
+
+
 def encode(x: np.ndarray, tries: int = 2):
     """(record fields, {section: bytes}) of a float32 leaf (ndim >= 2) as affine blocks (see the module
     docstring), or None when no layout reproduces it."""
     if x.dtype != np.float32 or x.ndim < 2 or x.size < MIN_SIZE:
         return None
     for _, axis, b, form, steps in _candidates(x)[:tries]:
-        rows = _blocks(_as2d(x, axis), axis, b)
+        x2 = _as2d(x, axis)
+        rows = _blocks(x2, axis, b)
         ok, d, m, q = fit(rows, form, steps, max_fail=MAX_EXCEPTIONS)
         if not ok.any() or (~ok).mean() > MAX_EXCEPTIONS:
             continue
@@ -261,9 +318,10 @@ def encode(x: np.ndarray, tries: int = 2):
         zero = -int(codes.min()) if codes.min() < 0 else 0
         if int(codes.max()) + zero > 255:
             continue
+        sym = np.where(ok[:, None], q + zero, 0).astype(np.uint8)  # exception blocks: code 0, unused
         dt = {k: "float16" if _exact_fp16(v[ok]) else "float32" for k, v in (("scale", d), ("offset", m))}
         sections = {
-            "codes": entropy.encode((codes.astype(np.int64) + zero).ravel(), 256),
+            "codes": _code_section(_lines(_unblocks(sym, x2.shape, axis, b), axis)),
             "scale": floats.encode(d[ok].astype(dt["scale"])),
             "offset": floats.encode(m[ok].astype(dt["offset"])),
         }
@@ -289,22 +347,30 @@ def decode(record: dict, sections: dict, shape) -> np.ndarray:
     n_ok = n_blocks - n_exc
     if not 0 <= n_exc <= n_blocks:
         raise errors.CorruptData(f"{record['path']}: {n_exc} exception blocks of {n_blocks}")
+    missing = {"codes", "scale", "offset", *(("where", "raw") if n_exc else ())} - set(sections)
+    if missing:
+        raise errors.CorruptData(f"{record['path']}: affine sections {sorted(missing)} missing")
     d = floats.decode(sections["scale"], record["scale_dtype"], (n_ok,)).astype(np.float32)
     m = floats.decode(sections["offset"], record["offset_dtype"], (n_ok,)).astype(np.float32)
-    sym = entropy.decode(sections["codes"])
-    if sym.size != n_ok * b:
-        raise errors.CorruptData(f"{record['path']}: {sym.size} codes for {n_ok * b} gridded values")
+    lines = [entropy.decode(c) for c in split_codes(sections["codes"])]
+    n_lines = shape2[0] if axis == "in" else shape2[1]
+    if not (len(lines) == 1 and lines[0].size == size) and not (
+        len(lines) == n_lines and all(c.size == size // n_lines for c in lines)
+    ):
+        raise errors.CorruptData(f"{record['path']}: {sum(c.size for c in lines)} codes in {len(lines)} streams")
+    q2 = np.stack(lines).reshape(shape2 if axis == "in" else shape2[::-1])
+    sym = _blocks(q2 if axis == "in" else q2.T, axis, b).astype(np.float32) - np.float32(zero)
     rows = np.empty((n_blocks, b), np.float32)
     if n_exc:
         where = np.cumsum(entropy.from_varints(sections["where"], n_exc).astype(np.int64))
         if (n_exc > 1 and np.any(np.diff(where) <= 0)) or where[-1] >= n_blocks:
             raise errors.CorruptData(f"{record['path']}: exception block indices out of order or range")
-        rows[where] = floats.decode(sections["raw"], "float32", (n_exc, b))
         keep = np.ones(n_blocks, bool)
         keep[where] = False
-        rows[keep] = _rebuild(sym.reshape(n_ok, b).astype(np.float32) - np.float32(zero), d, m)
+        rows[keep] = _rebuild(sym[keep], d, m)
+        rows[where] = floats.decode(sections["raw"], "float32", (n_exc, b))
     else:
-        rows[:] = _rebuild(sym.reshape(n_ok, b).astype(np.float32) - np.float32(zero), d, m)
+        rows[:] = _rebuild(sym, d, m)
     return _unblocks(rows, shape2, axis, b).reshape(shape)
 
 
@@ -318,15 +384,16 @@ def palette_problems(x: np.ndarray, sample: int = 32) -> int | None:
     `PALETTE_BITS`."""
     if x.ndim < 2 or x.size < MIN_SIZE or x.dtype.kind != "f":
         return None
-    cols = x.reshape(-1, x.shape[-1]).T  # (out, in), as `codebook.to_problems` lays problems out
-    n_in = cols.shape[1]
+    x2 = x.reshape(-1, x.shape[-1])  # (in, out) as `codebook.to_problems` sees it: a column or g entries of one
+    n_in = x2.shape[0]
     rng = np.random.default_rng(0)
     best = None
     for g in (n_in, *(b for b in BLOCKS if b and b < n_in and n_in % b == 0)):
-        probs = cols.reshape(-1, g)
-        rows = np.sort(probs[rng.choice(len(probs), min(sample, len(probs)), replace=False)].view(f"u{x.itemsize}"))
+        n_problems = x.size // g
+        idx = rng.choice(n_problems, min(sample, n_problems), replace=False)
+        rows = np.sort(_sample_rows(x2, "in", g, idx).view(f"u{x.itemsize}"), axis=1)
         k = int((1 + (rows[:, 1:] != rows[:, :-1]).sum(1)).max())
         est = np.log2(max(k, 2)) + 32 * k / g
         if k <= 256 and est < PALETTE_BITS and (best is None or est < best[0]):
-            best = (est, len(probs))
+            best = (est, n_problems)
     return None if best is None else best[1]

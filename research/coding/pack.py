@@ -268,6 +268,8 @@ def _bounds(sections) -> dict:
     for name, data in sections.items():
         if name in ("values", "scale", "entries", "offset", "raw"):
             streams = [entropy.counts(s) for s in floats.split(data)]
+        elif name == "codes":  # affine: one stream, or one per line
+            streams = [entropy.counts(s) for s in found.split_codes(data)]
         elif name == "where":  # varints, not a symbol stream
             continue
         elif name == "mask":

@@ -243,6 +243,18 @@ def test_dequantized_gguf_blocks_pack_as_their_codes(kind, limit, tmp_path):
     assert leaf["kind"] == "affine" and leaf["axis"] == "last" and bits < limit
 
 
+def test_embedding_columns_get_streams_of_their_own(tmp_path):
+    """Q8_0 codes of an embedding whose columns differ in spread: one code stream per column is smaller."""
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    w = (rng.normal(0, 1, (8192, 64)) * np.tile([0.2, 0.01], 32)).astype(np.float32)  # wide and narrow columns
+    qt = gguf.GGMLQuantizationType.Q8_0
+    x = gguf.quants.dequantize(gguf.quants.quantize(w, qt), qt).astype(np.float32)
+    leaf, _ = _packed_leaf(x, tmp_path)
+    r = container.Reader(tmp_path / "g.zlm")
+    assert leaf["kind"] == "affine" and len(pack.found.split_codes(r.section(leaf, "codes"))) == 64
+
+
 def test_random_floats_are_not_mistaken_for_a_grid(tmp_path):
     x = np.random.default_rng(0).normal(0, 0.05, (576, 96)).astype(np.float32)
     assert pack.found.encode(x) is None
@@ -320,7 +332,11 @@ def test_a_damaged_affine_record_is_refused():
     x = np.ascontiguousarray(_gguf("Q8_0", 64, 64).T)
     record, sections = pack.encode_leaf("x", x)
     assert record["kind"] == "affine"
-    with pytest.raises(errors.CorruptData, match="wrong number of values|codes for"):
+    with pytest.raises(errors.CorruptData, match="missing"):
         pack.decode_leaf(dict(record, exceptions=1), sections)
+    with pytest.raises(errors.CorruptData, match="20 codes in 1 streams"):
+        pack.decode_leaf(record, dict(sections, codes=pack.found._code_section(np.zeros((2, 10), np.uint8))))
+    with pytest.raises(errors.CorruptData, match="streams do not add up"):
+        pack.decode_leaf(record, dict(sections, codes=sections["codes"][:-1]))
     with pytest.raises(errors.CorruptData, match="does not tile"):
         pack.decode_leaf(dict(record, block=48), sections)
