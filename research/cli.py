@@ -12,7 +12,7 @@
     ziplm pack  --model SRC --out FILE.zlm [--overwrite] [--json OUT]
     ziplm unpack FILE.zlm --out DIR [--overwrite]
     ziplm inspect FILE.zlm [--leaves] [--json OUT]
-    ziplm encode --model SRC IN OUT [--chunk-len L] [--batch-size B] [--overwrite] [--json OUT]
+    ziplm encode --model SRC IN OUT [--context C] [--chunk-len L] [--batch-size B] [--overwrite] [--json OUT]
     ziplm decode --model SRC IN OUT [--overwrite]
 
 SRC is a run directory (ours), a compressed model directory (from `compress`), a packed model file (from `pack`),
@@ -223,6 +223,16 @@ def _read_bytes(path) -> bytes:
     return p.read_bytes()
 
 
+def _rate(n_bytes: int, seconds: float) -> str:
+    """A throughput with the digits that matter: "12.3 kB/s", "0.457 kB/s", "35 B/s"."""
+    per_s = n_bytes / max(seconds, 1e-9)
+    if per_s >= 1e4:
+        return f"{per_s / 1e3:,.0f} kB/s"
+    if per_s >= 100:
+        return f"{per_s / 1e3:.3g} kB/s"
+    return f"{per_s:.3g} B/s"
+
+
 def _encode(args, overrides) -> int:
     from research import log, sources
     from research.coding import lm
@@ -230,14 +240,21 @@ def _encode(args, overrides) -> int:
     _no_extra(overrides, "encode")
     data = _read_bytes(args.input)
     m = sources.load(args.model, args.step)
-    blob, rep = lm.encode(data, m, chunk_len=args.chunk_len, batch_size=args.batch_size)
+    blob, rep = lm.encode(data, m, context=args.context, chunk_len=args.chunk_len, batch_size=args.batch_size)
     log.write_bytes_atomic(args.output, blob, overwrite=args.overwrite)
+    how = (
+        "stored raw (coding would not make it smaller)"
+        if rep["stored"]
+        else f"{rep['bits_per_byte']:.4f} bits per byte"
+    )
     print(
-        f"{args.input}: {rep['input_bytes']:,} bytes -> {rep['coded_bytes']:,} bytes, {rep['bits_per_byte']:.4f} "
-        f"bits per byte (ideal {rep['ideal_bits_per_byte']:.4f}: -log2 P(x) = {rep['ideal_bits'] / 8:,.1f} bytes, "
-        f"overhead {rep['overhead_bytes']:.1f} bytes); {rep['tokens']:,} tokens in chunks of {rep['chunk_len']} x "
-        f"{rep['batch_size']} streams, {rep['escape_bytes']} escape bytes; {rep['kb_per_s']:.1f} kB/s "
-        f"(model {rep['model_seconds']:.1f} s, coder {rep['coder_seconds']:.2f} s)"
+        f"{args.input}: {rep['input_bytes']:,} bytes -> {rep['coded_bytes']:,} bytes, {how} (ideal "
+        f"{rep['ideal_bits_per_byte']:.4f}: -log2 P(x) = {rep['ideal_bits'] / 8:,.1f} bytes, overhead "
+        f"{rep['overhead_bytes']:.1f} bytes); {rep['tokens']:,} tokens in {rep['batch_size']} streams, windows of "
+        f"{rep['chunk_len']} new tokens in a context of {rep['context']} (cache {rep['cache_capacity']} slots, "
+        f"{rep['cache_bytes'] / 2**20:,.1f} MiB), {rep['escape_bytes']} escape bytes; {rep['tokens_per_s']:.1f} "
+        f"tokens/s, {_rate(len(data), rep['seconds'])} (model {rep['model_seconds']:.1f} s, coder "
+        f"{rep['coder_seconds']:.2f} s)"
     )
     if args.json:
         log.write_json_atomic(Path(args.json), rep)
@@ -250,11 +267,15 @@ def _decode(args, overrides) -> int:
 
     _no_extra(overrides, "decode")
     blob = _read_bytes(args.input)
-    lm.read_header(blob)  # a damaged file fails before the model is loaded
-    m = sources.load(args.model, args.step)
+    header, _ = lm.read_header(blob)  # a damaged file fails before the model is loaded
+    m = None if header["stored"] else sources.load(args.model, args.step)  # a stored file needs no model
     data, rep = lm.decode(blob, m)
     log.write_bytes_atomic(args.output, data, overwrite=args.overwrite)
-    print(f"{args.input} -> {args.output}: {len(data):,} bytes, checksum verified; {rep['kb_per_s']:.1f} kB/s")
+    how = "stored raw" if rep["stored"] else f"{rep['tokens']:,} tokens, {rep['tokens_per_s']:.1f} tokens/s"
+    print(
+        f"{args.input} -> {args.output}: {len(data):,} bytes, checksum verified; {how}, "
+        f"{_rate(len(data), rep['seconds'])}"
+    )
     return 0
 
 
@@ -392,7 +413,12 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
     en.add_argument("input", help="the file to compress (any bytes)")
     en.add_argument("output", help="the coded file to write")
-    en.add_argument("--chunk-len", type=int, help="new tokens per window (default: half the model's context)")
+    en.add_argument(
+        "--context",
+        type=int,
+        help="model positions the coder uses (default: the model's context, at most 1024; stored in the file)",
+    )
+    en.add_argument("--chunk-len", type=int, help="new tokens per window (default: half the context)")
     en.add_argument("--batch-size", type=int, default=16, help="streams coded in parallel (default 16)")
     en.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     en.add_argument("--json", help="also write the report to this JSON file")

@@ -1,6 +1,6 @@
 """Language modeling is compression: range coding of any bytes with a model's next-token probabilities.
 
-    blob, rep = lm.encode(data, m)          # m: a `sources.Model` (run, compressed directory, packed file, HF)
+    blob, rep = lm.encode(data, m)          # m: a `sources.Model` (run, compressed directory, packed file, HF, GGUF)
     data2, _ = lm.decode(blob, m)           # == data, or a CorruptData / UserError
 
 Tokens. A byte-level model codes the bytes themselves. A tokenizer model codes token ids: the input is cut into
@@ -9,51 +9,74 @@ its exact bytes, and every other byte is an escape byte, stored raw (8 bits) in 
 round-trips, whatever the tokenizer does with it.
 
 Streams and windows. The token stream is cut into `batch_size` contiguous segments, coded as parallel streams
-through the KV-cache step (`models.decode.step`). Each stream advances window by window: a window codes the next
-`chunk_len` tokens (default: half the model's context) one position per step, after a prefill of the
-`context - chunk_len + 1` tokens before them (the first window starts from a fixed start token: the tokenizer's
-BOS, else its EOS, else byte 10, "\n"), so every token after the first window sees at least that much context.
-All streams take the same steps on the same shapes in the encoder and the decoder (a stream that has run out is
-masked, not shortened), so both get bit-identical logits.
+through the KV cache. The coder uses `context` positions of the model (default: the model's context, capped at
+`DEFAULT_CONTEXT`); each stream advances window by window: a window codes the next `chunk_len` tokens (default:
+half the context) one position per step, after a prefill of the `context - chunk_len + 1` tokens before them (the
+first window starts from a fixed start token: the tokenizer's BOS, else its EOS, else byte 10, "\n"), so every
+token after the first window sees at least that much context. One cache serves every window, sized to the most
+positions a window fills (at most `context`; less for short inputs), reset between windows and donated through
+every step, so its buffers are updated in place. All streams take the same steps on the same shapes in the encoder
+and the decoder (a stream that has run out is masked, not shortened).
 
-Coding. Logits become probabilities in float64 NumPy (a softmax both sides compute identically), which
-`constriction`'s range coder quantizes deterministically (`Categorical(perfect=False)`: every symbol keeps a
-non-zero probability). The coded size is the model's log-loss on the data, -sum log2 p(x_t), plus the range
-coder's few bytes and the quantization loss; the report gives both, and the overhead. The overhead can be
-negative: the coder's quantized model floors every probability near 2**-24, so a symbol the float model gives
-less than that (out-of-domain bytes) costs at most ~24 bits, fewer than its -log2 p.
+Coding. One jitted function (`_coded_step`) runs the model one position and quantizes its next-token
+distribution on the device: softmax in float32, then integer frequencies f = floor(p * 2**30) + 1 (every token
+keeps a non-zero frequency; totals stay below 2**31). Encoder and decoder call it on the same shapes, so they get
+bit-identical tables; the float probabilities never leave the device. For the encoder it also returns the coded
+token's (cumulative low, frequency, total) and log-probability; the decoder reads the (B, V) integer table and
+searches it. A 64-bit range coder (`coding.rangecoder`) codes the symbols of all streams, position by position, in
+one byte stream. The coded size is the model's log-loss on the data, -sum log2 p(x_t), plus the quantization loss
+(the 2**-30 floor and float32 rounding: about V * 2**-30 of the mass), a few bytes of range-coder flush and the
+header; the report gives the ideal bits and the overhead. A token the model gives less than ~2**-30 costs at most
+~30 bits, fewer than its -log2 p, so the overhead can be negative on out-of-domain data.
 
-File layout (little-endian, version 1), a 40-60 byte header and the payload:
+Stored fallback. When the coded file would not be smaller than the input plus 10 bytes, the file stores the input
+raw instead (10 bytes of framing), so incompressible input grows by 10 bytes at most; a stored file needs no model.
 
-    4 bytes magic b"ZLMT", u8 version, u8 reserved
+File layout (little-endian, version 2). Coded, a 40-60 byte header and the payload:
+
+    4 bytes magic b"ZLMT", u8 version, u8 flags (0)
     8 bytes the model's fingerprint (the first 8 bytes of `fingerprint`), 4 bytes the tokenizer's
     8 bytes the first 8 bytes of the input's SHA-256, u32 CRC-32 of the payload
-    LEB128 varints: input length, tokens, chunk length, batch size, start token, range-coder words, escape bytes,
-            number of runs, then per run (bytes << 1 | is_escape) and, for text runs, its tokens
+    LEB128 varints: input length, tokens, context, chunk length, batch size, start token, range-coder bytes,
+            escape bytes, number of runs, then per run (bytes << 1 | is_escape) and, for text runs, its tokens
     u32 CRC-32 of everything above
-    payload: the range coder's uint32 words, then the escape bytes
+    payload: the range coder's bytes, then the escape bytes
+
+Stored: 4 bytes magic, u8 version, u8 flags (1), the input, u32 CRC-32 of everything before it.
 
 Decoding checks the magic, version, header CRC, payload CRC and model fingerprint before it decodes, and the
-input's hash after: a different model or a damaged file is an error, never wrong output.
+input's hash after: a different model or a damaged file is an error, never wrong output. The tables come from
+float arithmetic, so decode on the same kind of machine and backend as the encoder (the hash catches a mismatch).
+Version 1 files (the float64 host tables of earlier ziplm) are refused with the version named.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import re
 import struct
 import time
+import typing
 import zlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from research import errors, tree
-from research.coding import entropy
+from research import errors, models, tree
+from research.coding import entropy, rangecoder
 
 MAGIC = b"ZLMT"
-VERSION = 1
-_FIXED = struct.Struct("<4sBB8s4s8sI")  # magic, version, reserved, model, tokenizer, input hash, payload CRC
+VERSION = 2
+STORED = 1  # the flags bit of a stored file
+STORED_OVERHEAD = 10  # magic, version, flags, CRC
+DEFAULT_CONTEXT = 1024  # the context used by default, for models whose context is longer
+PRECISION = 30  # frequencies are floor(p * 2**PRECISION) + 1
+_FIXED = struct.Struct("<4sBB8s4s8sI")  # magic, version, flags, model, tokenizer, input hash, payload CRC
+_FIELDS = ("length", "tokens", "context", "chunk_len", "batch_size", "start_token", "coder_bytes", "escapes")
 
 
 def fingerprint(cfg, params) -> str:
@@ -108,100 +131,181 @@ def _join(runs, tokens: np.ndarray, escapes: bytes, tok) -> bytes:
     return bytes(out)
 
 
-def _probs(logits) -> np.ndarray:
-    """(B, V) float64 probabilities from (B, V) logits, computed identically by the encoder and the decoder."""
-    x = np.asarray(logits, np.float64)
-    x = np.exp(x - x.max(axis=-1, keepdims=True))
-    return x / x.sum(axis=-1, keepdims=True)
+def quantize(logits: jax.Array) -> jax.Array:
+    """(B, V) int32 frequencies of (B, V) float logits: floor(softmax * 2**PRECISION) + 1, computed in float32.
+
+    Every entry is >= 1 and each row sums to less than 2**31 (the float32 softmax sums to 1 within ~V * 2**-24).
+    A non-finite probability (NaN or infinite logits) counts as 0, so any logits give a valid table.
+    """
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    p = jnp.clip(jnp.where(jnp.isfinite(p), p, 0.0), 0.0, 1.0)
+    return jnp.floor(p * jnp.float32(2**PRECISION)).astype(jnp.int32) + 1
 
 
-def _segments(n: int, batch_size: int) -> tuple[int, np.ndarray]:
-    """(span S, (B,) lengths): stream i codes tokens [i * S, i * S + lengths[i])."""
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _coded_step(graphdef, params, cache, x, sym):
+    """One position of every stream: the model's step on x (B, 1), its quantized next-token table (B, V) int32,
+    the table's (low, frequency, total) of `sym` (B, 3) int32 and log p(sym) (B,) float32, and the new cache."""
+    logits, cache = models.merge(graphdef, params)(x, cache=cache)
+    logits = logits[:, -1].astype(jnp.float32)  # (B, V)
+    freqs = quantize(logits)
+    below = jnp.arange(freqs.shape[-1])[None, :] < sym[:, None]
+    lo = jnp.sum(jnp.where(below, freqs, 0), axis=-1)
+    mine = jnp.take_along_axis(freqs, sym[:, None], axis=-1)[:, 0]
+    sel = jnp.stack([lo, mine, jnp.sum(freqs, axis=-1)], axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), sym[:, None], axis=-1)[:, 0]
+    return freqs, sel, logp, cache
+
+
+class Plan(typing.NamedTuple):
+    """How `n` tokens are cut into streams and windows (see the module docstring).
+
+    span: tokens per stream (the last streams may hold fewer: `lengths`, (B,)); windows: (lo, hi, ctx_lo) per
+    window, coding stream positions lo .. hi - 1 after a prefill of positions ctx_lo .. lo - 1 (the start token
+    when lo == 0); capacity: the cache slots the largest window fills.
+    """
+
+    span: int
+    lengths: np.ndarray
+    windows: list
+    capacity: int
+
+
+def plan(n: int, batch_size: int, context: int, chunk_len: int) -> Plan:
+    """The streams and windows of `n` tokens (see `Plan`); the encoder and decoder derive the same one."""
     span = -(-n // batch_size) if n else 0
-    return span, np.clip(n - span * np.arange(batch_size), 0, span)
+    lengths = np.clip(n - span * np.arange(batch_size), 0, span)
+    keep = context - chunk_len + 1  # context carried into every window after the first
+    windows, capacity = [], 0
+    for lo in range(0, span, chunk_len):
+        hi, ctx_lo = min(lo + chunk_len, span), max(0, lo - keep)
+        windows.append((lo, hi, ctx_lo))
+        capacity = max(capacity, (lo - ctx_lo if lo else 1) + hi - lo - 1)
+    return Plan(span, lengths, windows, capacity)
 
 
-def _run(m, n: int, batch_size: int, chunk_len: int, start: int, predict) -> tuple[np.ndarray, float]:
-    """Drives the model over the streams, window by window (see the module docstring).
+def cache_bytes(cfg, batch_size: int, capacity: int) -> int:
+    """Bytes of a KV cache of `capacity` slots for `batch_size` streams (keys and values of every layer)."""
+    return 2 * cfg.n_layer * batch_size * capacity * cfg.kv_heads * cfg.dim_head * jnp.dtype(cfg.dtype).itemsize
 
-    `predict(probs (B, V), live (B,) bool, pos)` returns the (B,) tokens at stream position `pos` (the encoder
-    knows them; the decoder decodes them); entries where `live` is False are ignored. Returns the (B, S) tokens
-    and the seconds spent in the model.
+
+def _run(m, p: Plan, batch_size: int, start: int, code, known=None) -> tuple[np.ndarray, float]:
+    """Drives the model over the streams, window by window.
+
+    `code(freqs, sel, logp, live, pos)` gets the step's device outputs (see `_coded_step`) and returns the (B,)
+    tokens at stream position `pos` (the encoder knows them; the decoder decodes them); entries where `live` is
+    False are ignored. `known` (B, span) are the encoder's tokens, passed to the step as `sym`. Returns the
+    (B, span) tokens and the seconds spent in the model.
     """
     from research.models import decode
 
-    window = m.cfg.max_seq_len
-    keep = window - chunk_len + 1  # context carried into every window after the first
-    span, lengths = _segments(n, batch_size)
-    tokens = np.zeros((batch_size, span), np.int32)
+    tokens = np.zeros((batch_size, p.span), np.int32)
+    if not p.windows:
+        return tokens, 0.0
+    zeros = np.zeros(batch_size, np.int32)
+    cache = decode.init_cache(m.cfg, batch_size, p.capacity)
     seconds = 0.0
-
-    def step(cache, x):
-        nonlocal seconds
+    for lo, hi, ctx_lo in p.windows:
+        prefix = np.full((batch_size, 1), start, np.int32) if lo == 0 else tokens[:, ctx_lo:lo]
         t0 = time.perf_counter()
-        logits, cache = decode.step(m.graphdef, m.params, cache, x)
-        out = np.asarray(logits[:, -1, :])
+        cache = decode.reset(cache)
+        if prefix.shape[1] > 1:
+            cache = decode.prefill(m.graphdef, m.params, cache, prefix[:, :-1])
         seconds += time.perf_counter() - t0
-        return out, cache
-
-    for lo in range(0, span, chunk_len):
-        prefix = np.full((batch_size, 1), start, np.int32) if lo == 0 else tokens[:, max(0, lo - keep) : lo]
-        logits, cache = step(decode.init_cache(m.cfg, batch_size, window), prefix)
-        for pos in range(lo, min(lo + chunk_len, span)):
-            live = lengths > pos
-            tokens[:, pos] = np.where(live, predict(_probs(logits), live, pos), 0)
-            if pos + 1 < min(lo + chunk_len, span):
-                logits, cache = step(cache, tokens[:, pos : pos + 1])
+        x = prefix[:, -1:]
+        for pos in range(lo, hi):
+            t0 = time.perf_counter()
+            sym = zeros if known is None else known[:, pos]
+            freqs, sel, logp, cache = _coded_step(m.graphdef, m.params, cache, jnp.asarray(x), jnp.asarray(sym))
+            sel.block_until_ready()
+            seconds += time.perf_counter() - t0
+            live = p.lengths > pos
+            tokens[:, pos] = np.where(live, code(freqs, sel, logp, live, pos), 0)
+            x = tokens[:, pos : pos + 1]
     return tokens, seconds
 
 
-def _check(m, chunk_len: int, batch_size: int) -> None:
-    for name, v in (("chunk_len", chunk_len), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise errors.UserError(f"{name} must be a positive integer, got {v!r}")
-    if chunk_len > m.cfg.max_seq_len:
-        raise errors.UserError(
-            f"chunk_len {chunk_len} exceeds the model's context ({m.cfg.max_seq_len}); use --chunk-len "
-            f"{m.cfg.max_seq_len} or less"
-        )
+def _positive(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise errors.UserError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _settings(m, context, chunk_len, batch_size) -> tuple[int, int]:
+    """(context, chunk_len) after defaults and checks (UserError on a bad value)."""
     if m.tokenizer is None:
         raise errors.UserError(f"{m.source} names no tokenizer: the coder needs one (byte or hf:DIR)")
+    limit = m.cfg.max_seq_len
+    if context is None:
+        context = min(limit, DEFAULT_CONTEXT)
+    _positive("context", context)
+    if context > limit:
+        raise errors.UserError(
+            f"context {context} exceeds the model's context ({limit}); use --context {limit} or less"
+        )
+    if chunk_len is None:
+        chunk_len = max(1, context // 2)
+    _positive("chunk_len", chunk_len)
+    _positive("batch_size", batch_size)
+    if chunk_len > context:
+        what = "the model's context" if context == limit else "the context"
+        raise errors.UserError(f"chunk_len {chunk_len} exceeds {what} ({context}); use --chunk-len {context} or less")
+    return context, chunk_len
 
 
-def encode(data: bytes, m, *, chunk_len: int | None = None, batch_size: int = 16) -> tuple[bytes, dict]:
-    """The coded file of `data` under the model `m`, and the report (sizes, ideal bits, overhead, timings)."""
-    import constriction
+def _stored(data: bytes) -> bytes:
+    head = MAGIC + bytes([VERSION, STORED]) + data
+    return head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
 
+
+def encode(
+    data: bytes,
+    m,
+    *,
+    context: int | None = None,
+    chunk_len: int | None = None,
+    batch_size: int = 16,
+    fallback: bool = True,
+) -> tuple[bytes, dict]:
+    """The coded file of `data` under the model `m`, and the report (sizes, ideal bits, overhead, timings).
+
+    Args:
+      data: any bytes.
+      m: a `sources.Model` with a tokenizer.
+      context: model positions the coder uses (default: the model's context, at most `DEFAULT_CONTEXT`).
+      chunk_len: new tokens per window (default: half the context).
+      batch_size: streams coded in parallel.
+      fallback: store the input raw when coding would not make it smaller (False: always code; for tests).
+    """
     from research.data import tokenizers
 
-    chunk_len = chunk_len or max(1, m.cfg.max_seq_len // 2)
-    _check(m, chunk_len, batch_size)
+    data = bytes(data)
+    context, chunk_len = _settings(m, context, chunk_len, batch_size)
     t_start = time.perf_counter()
     tok = tokenizers.load(m.tokenizer)
-    runs, tokens, escapes = _runs(bytes(data), tok)
+    runs, tokens, escapes = _runs(data, tok)
     start = tok.start_token
     n = len(tokens)
-    coder = constriction.stream.queue.RangeEncoder()
-    family = constriction.stream.model.Categorical(perfect=False)
-    span, lengths = _segments(n, batch_size)
-    streams = np.zeros((batch_size, span), np.int32)
+    p = plan(n, batch_size, context, chunk_len)
+    streams = np.zeros((batch_size, p.span), np.int32)
     for i in range(batch_size):
-        streams[i, : lengths[i]] = tokens[i * span : i * span + lengths[i]]
+        streams[i, : p.lengths[i]] = tokens[i * p.span : i * p.span + p.lengths[i]]
+    coder = rangecoder.Encoder()
     ideal, coder_seconds = 0.0, 0.0
 
-    def predict(probs, live, pos):
+    def code(freqs, sel, logp, live, pos):
         nonlocal ideal, coder_seconds
-        sym, p = streams[live, pos], probs[live]
         t0 = time.perf_counter()
-        coder.encode(sym, family, p)
+        sel, logp = np.asarray(sel), np.asarray(logp)
+        for i in np.flatnonzero(live):
+            coder.encode(int(sel[i, 0]), int(sel[i, 1]), int(sel[i, 2]))
+        ideal -= float(np.sum(logp[live], dtype=np.float64)) / math.log(2)
         coder_seconds += time.perf_counter() - t0
-        ideal += float(-np.log2(p[np.arange(len(sym)), sym]).sum())
         return streams[:, pos]
 
-    _, model_seconds = _run(m, n, batch_size, chunk_len, start, predict)
-    words = coder.get_compressed()
-    payload = words.tobytes() + escapes
-    fields = [len(data), n, chunk_len, batch_size, start, len(words), len(escapes), len(runs)]
+    _, model_seconds = _run(m, p, batch_size, start, code, known=streams)
+    coded = coder.finish()
+    payload = coded + escapes
+    fields = [len(data), n, context, chunk_len, batch_size, start, len(coded), len(escapes), len(runs)]
     for kind, n_bytes, n_tokens in runs:
         fields += [n_bytes << 1 | (kind == "b")] + ([n_tokens] if kind == "t" else [])
     head = _FIXED.pack(
@@ -214,6 +318,9 @@ def encode(data: bytes, m, *, chunk_len: int | None = None, batch_size: int = 16
         zlib.crc32(payload) & 0xFFFFFFFF,
     ) + entropy.varints(fields)
     blob = head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF) + payload
+    stored = fallback and len(blob) >= len(data) + STORED_OVERHEAD
+    if stored:
+        blob, payload = _stored(data), data
     seconds = time.perf_counter() - t_start
     ideal_total = ideal + 8 * len(escapes)
     rep = dict(
@@ -221,6 +328,7 @@ def encode(data: bytes, m, *, chunk_len: int | None = None, batch_size: int = 16
         coded_bytes=len(blob),
         payload_bytes=len(payload),
         header_bytes=len(blob) - len(payload),
+        stored=stored,
         tokens=int(n),
         escape_bytes=len(escapes),
         bits_per_byte=8 * len(blob) / max(len(data), 1),
@@ -232,65 +340,88 @@ def encode(data: bytes, m, *, chunk_len: int | None = None, batch_size: int = 16
         model_seconds=model_seconds,
         coder_seconds=coder_seconds,
         kb_per_s=len(data) / 1e3 / max(seconds, 1e-9),
+        tokens_per_s=n / max(seconds, 1e-9),
+        context=context,
         chunk_len=chunk_len,
         batch_size=batch_size,
+        cache_capacity=p.capacity,
+        cache_bytes=cache_bytes(m.cfg, batch_size, p.capacity) if p.windows else 0,
     )
     return blob, rep
 
 
+def _varint(mv, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(mv) or shift > 63:
+            raise errors.CorruptData("the coded file is truncated inside its header")
+        byte = mv[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
 def read_header(blob: bytes) -> tuple[dict, bytes]:
-    """(header, payload) of a coded file, after the magic, version, header CRC and payload CRC checks."""
+    """(header, payload) of a coded file, after the magic, version, header CRC and payload CRC checks.
+
+    A stored file gives {"stored": True, "length": ...} and the input itself as the payload.
+    """
     mv = memoryview(blob)
+    if len(mv) < STORED_OVERHEAD:
+        raise errors.CorruptData(f"a coded file of {len(mv)} bytes is too short for its header")
+    magic, version, flags = bytes(mv[:4]), mv[4], mv[5]
+    if magic != MAGIC:
+        raise errors.CorruptData(f"not a ziplm coded file (wrong magic {magic!r})")
+    if version != VERSION:
+        hint = " (written by an older ziplm: decode it with that version)" if version < VERSION else ""
+        raise errors.CorruptData(f"coded file format version {version}; this ziplm reads version {VERSION}{hint}")
+    if flags & ~STORED:
+        raise errors.CorruptData(f"the coded file has unknown flags {flags:#04x} (the file is damaged)")
+    if flags & STORED:
+        (want,) = struct.unpack_from("<I", mv, len(mv) - 4)
+        if zlib.crc32(mv[:-4]) & 0xFFFFFFFF != want:
+            raise errors.CorruptData("the stored file fails its checksum (the file is damaged or truncated)")
+        payload = bytes(mv[6:-4])
+        return dict(stored=True, length=len(payload), header_bytes=STORED_OVERHEAD), payload
     if len(mv) < _FIXED.size + 4:
         raise errors.CorruptData(f"a coded file of {len(mv)} bytes is too short for its header")
-    magic, version, _, model, tokenizer, digest, payload_crc = _FIXED.unpack_from(mv, 0)
-    if magic != MAGIC:
-        raise errors.CorruptData(f"not a ziplm coded file (wrong magic {bytes(magic)!r})")
-    if version != VERSION:
-        raise errors.CorruptData(f"coded file format version {version}; this ziplm reads version {VERSION}")
-    pos = _FIXED.size
-
-    def varint():
-        nonlocal pos
-        value, shift = 0, 0
-        while True:
-            if pos >= len(mv) or shift > 63:
-                raise errors.CorruptData("the coded file is truncated inside its header")
-            byte = mv[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    length, n, chunk_len, batch_size, start, n_words, n_escapes, n_runs = (varint() for _ in range(8))
+    _, _, _, model, tokenizer, digest, payload_crc = _FIXED.unpack_from(mv, 0)
+    pos, values = _FIXED.size, []
+    for _ in range(len(_FIELDS) + 1):
+        value, pos = _varint(mv, pos)
+        values.append(value)
+    header = dict(zip(_FIELDS, values[:-1]))
     runs = []
-    for _ in range(n_runs):
-        first = varint()
-        runs.append(["b", first >> 1, 0] if first & 1 else ["t", first >> 1, varint()])
+    for _ in range(values[-1]):
+        first, pos = _varint(mv, pos)
+        if first & 1:
+            runs.append(["b", first >> 1, 0])
+        else:
+            count, pos = _varint(mv, pos)
+            runs.append(["t", first >> 1, count])
     if pos + 4 > len(mv):
         raise errors.CorruptData("the coded file is truncated inside its header")
     (want,) = struct.unpack_from("<I", mv, pos)
     if zlib.crc32(mv[:pos]) & 0xFFFFFFFF != want:
         raise errors.CorruptData("the coded file's header fails its checksum (the file is damaged)")
+    sums = (sum(r[1] for r in runs), sum(r[2] for r in runs), sum(r[1] for r in runs if r[0] == "b"))
+    if sums != (header["length"], header["tokens"], header["escapes"]):
+        raise errors.CorruptData("the coded file's header fields disagree with its runs (the file is damaged)")
     payload = bytes(mv[pos + 4 :])
-    if len(payload) != 4 * n_words + n_escapes:
+    expected = header["coder_bytes"] + header["escapes"]
+    if len(payload) != expected:
         raise errors.CorruptData(
-            f"the coded file is truncated or padded: {len(payload)} payload bytes, expected {4 * n_words + n_escapes}"
+            f"the coded file is truncated or padded: {len(payload)} payload bytes, expected {expected}"
         )
     if zlib.crc32(payload) & 0xFFFFFFFF != payload_crc:
         raise errors.CorruptData("the coded file's payload fails its checksum (the file is damaged)")
-    header = dict(
+    header.update(
+        stored=False,
         model=model.hex(),
         tokenizer=tokenizer.hex(),
         sha256_prefix=digest.hex(),
-        length=length,
-        tokens=n,
-        chunk_len=chunk_len,
-        batch_size=batch_size,
-        start_token=start,
-        words=n_words,
-        escapes=n_escapes,
         runs=runs,
         header_bytes=pos + 4,
     )
@@ -298,57 +429,74 @@ def read_header(blob: bytes) -> tuple[dict, bytes]:
 
 
 def decode(blob: bytes, m) -> tuple[bytes, dict]:
-    """The bytes `encode` coded, with the model `m` (the same one: checked by fingerprint), and a report."""
-    import constriction
+    """The bytes `encode` coded, with the model `m` (the same one: checked by fingerprint), and a report.
 
+    A stored file (see the module docstring) needs no model: `m` may then be None.
+    """
     from research.data import tokenizers
 
     t_start = time.perf_counter()
     header, payload = read_header(blob)
+    if header["stored"]:
+        seconds = time.perf_counter() - t_start
+        n = len(payload)
+        return payload, dict(output_bytes=n, stored=True, tokens=0, seconds=seconds, model_seconds=0.0,
+                             coder_seconds=0.0, kb_per_s=n / 1e3 / max(seconds, 1e-9), tokens_per_s=0.0)  # fmt: skip
+    if m is None:
+        raise errors.UserError("this file was coded with a model: decode it with the model it was coded with")
     have = fingerprint(m.cfg, m.params)[:16]
     if have != header["model"]:
         raise errors.UserError(
             f"this file was coded with another model (fingerprint {header['model']}; {m.source} has {have}): "
             "decode with the model it was coded with"
         )
-    chunk_len, batch_size, n = header["chunk_len"], header["batch_size"], header["tokens"]
-    _check(m, chunk_len, batch_size)
+    context, chunk_len = _settings(m, header["context"], header["chunk_len"], header["batch_size"])
+    batch_size, n = header["batch_size"], header["tokens"]
     tok = tokenizers.load(m.tokenizer)
     if _tokenizer_id(tok).hex() != header["tokenizer"]:
         raise errors.UserError(
             f"this file was coded with another tokenizer ({header['tokenizer']}; {m.source} uses {m.tokenizer}): "
             "decode with the model and tokenizer it was coded with"
         )
-    words = np.frombuffer(payload[: 4 * header["words"]], np.uint32).copy()
-    escapes = payload[4 * header["words"] :]
-    coder = constriction.stream.queue.RangeDecoder(words)
-    family = constriction.stream.model.Categorical(perfect=False)
+    coder = rangecoder.Decoder(payload[: header["coder_bytes"]])
+    escapes = payload[header["coder_bytes"] :]
     coder_seconds = 0.0
 
-    def predict(probs, live, pos):
+    def code(freqs, sel, logp, live, pos):
         nonlocal coder_seconds
         t0 = time.perf_counter()
-        try:
-            sym = np.asarray(coder.decode(family, probs[live]), np.int32)
-        except Exception as e:
-            raise errors.CorruptData(f"the coded payload does not decode ({e})") from None
-        coder_seconds += time.perf_counter() - t0
+        freqs = np.asarray(freqs)
         out = np.zeros(len(live), np.int32)
-        out[live] = sym
+        for i in np.flatnonzero(live):
+            cum = np.cumsum(freqs[i], dtype=np.int64)  # (V,) inclusive
+            s = int(np.searchsorted(cum, coder.target(int(cum[-1])), side="right"))
+            coder.advance(int(cum[s] - freqs[i, s]), int(freqs[i, s]))
+            out[i] = s
+        coder_seconds += time.perf_counter() - t0
         return out
 
-    streams, model_seconds = _run(m, n, batch_size, chunk_len, header["start_token"], predict)
-    _, lengths = _segments(n, batch_size)
-    tokens = np.concatenate([streams[i, : lengths[i]] for i in range(batch_size)]) if n else np.zeros(0, np.int32)
-    data = _join(header["runs"], tokens, escapes, tok)
+    p = plan(n, batch_size, context, chunk_len)
+    streams, model_seconds = _run(m, p, batch_size, header["start_token"], code)
+    tokens = np.concatenate([streams[i, : p.lengths[i]] for i in range(batch_size)]) if n else np.zeros(0, np.int32)
+    try:
+        data = _join(header["runs"], tokens, escapes, tok)
+    except Exception as e:  # garbage tokens from a damaged file may not even decode
+        raise errors.CorruptData(
+            f"the decoded tokens do not form the input ({type(e).__name__}: the file is damaged)"
+        ) from None
     if len(data) != header["length"] or hashlib.sha256(data).hexdigest()[:16] != header["sha256_prefix"]:
         raise errors.CorruptData("the decoded bytes fail the input's SHA-256 (damaged file or a changed tokenizer)")
     seconds = time.perf_counter() - t_start
     rep = dict(
         output_bytes=len(data),
+        stored=False,
+        tokens=n,
         seconds=seconds,
         model_seconds=model_seconds,
         coder_seconds=coder_seconds,
         kb_per_s=len(data) / 1e3 / max(seconds, 1e-9),
+        tokens_per_s=n / max(seconds, 1e-9),
+        context=context,
+        cache_capacity=p.capacity,
     )
     return data, rep

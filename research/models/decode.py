@@ -2,12 +2,18 @@
 
 `step` feeds a block of tokens (one or many) that continues the cached sequence and returns their logits and the
 updated cache; it is one jitted function, so the same shapes and inputs give bit-identical outputs on one machine
-(the arithmetic coder relies on this). `generate` prefills the prompt with one `step`, then samples one token at a
-time inside a `lax.fori_loop`: greedy (temperature 0), temperature, and top-k.
+(the arithmetic coder relies on this). `prefill` feeds a block without computing its logits (the output head is
+never run: a long prompt costs no (B, T, V) array). Both donate the cache, so its buffers are updated in place,
+never copied; `reset` empties a cache for reuse without a new allocation. `generate` prefills the prompt with one
+`step`, then samples one token at a time inside a `lax.fori_loop`: greedy (temperature 0), temperature, and top-k.
 
     cache = decode.init_cache(cfg, batch=1, capacity=256)
     logits, cache = decode.step(graphdef, params, cache, prompt)       # (1, P, V)
+    cache = decode.prefill(graphdef, params, decode.reset(cache), prompt[:, :-1])
     out = decode.generate(graphdef, params, prompt, 50, temperature=0.8, top_k=40, seed=0)
+
+Size the cache to what will be decoded (`capacity`): every step attends over all of its slots, so its cost and
+memory grow with the capacity, not with the positions filled.
 """
 
 from __future__ import annotations
@@ -46,6 +52,40 @@ def _step(graphdef, params, cache, tokens):
     return models.merge(graphdef, params)(tokens, cache=cache)
 
 
+def reset(cache: KVCache) -> KVCache:
+    """The same buffers as an empty cache (length 0); the stale slots are masked until they are overwritten."""
+    return KVCache(cache.k, cache.v, jnp.zeros((), jnp.int32))
+
+
+def _check_room(cache: KVCache, tokens) -> None:
+    capacity = cache.k[0].shape[1]
+    if int(cache.length) + tokens.shape[1] > capacity:
+        raise errors.UserError(
+            f"decoding {tokens.shape[1]} token(s) after {int(cache.length)} would pass the cache capacity {capacity}"
+        )
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _prefill(graphdef, params, cache, tokens):
+    _, cache = models.merge(graphdef, params)(tokens, cache=cache)
+    return cache  # the logits are unused, so XLA drops the output head
+
+
+def prefill(graphdef, params, cache: KVCache, tokens) -> KVCache:
+    """The cache with `tokens` appended, as `step` leaves it, without computing their logits.
+
+    Args:
+      graphdef, params: the model.
+      cache: from `init_cache`, `reset` or an earlier call; it is consumed (its buffers are donated).
+      tokens: (B, T) int token ids at positions cache.length .. cache.length + T - 1.
+
+    Returns:
+      The new cache.
+    """
+    _check_room(cache, tokens)
+    return _prefill(graphdef, params, cache, jnp.asarray(tokens, jnp.int32))
+
+
 def step(graphdef, params, cache: KVCache, tokens) -> tuple[jax.Array, KVCache]:
     """Logits of `tokens` continuing the cached sequences, and the cache with them appended.
 
@@ -57,11 +97,7 @@ def step(graphdef, params, cache: KVCache, tokens) -> tuple[jax.Array, KVCache]:
     Returns:
       (B, T, V) float32 logits and the new cache.
     """
-    capacity = cache.k[0].shape[1]
-    if int(cache.length) + tokens.shape[1] > capacity:
-        raise errors.UserError(
-            f"decoding {tokens.shape[1]} token(s) after {int(cache.length)} would pass the cache capacity {capacity}"
-        )
+    _check_room(cache, tokens)
     return _step(graphdef, params, cache, jnp.asarray(tokens, jnp.int32))
 
 

@@ -109,3 +109,26 @@ def test_bad_decode_requests():
         decode.step(graphdef, params, cache, TOKENS[:1, :3])
     with pytest.raises(errors.UserError, match="learned positions"):
         decode.init_cache(cfg, 1, capacity=64)
+
+
+def test_prefill_leaves_the_cache_step_leaves_and_updates_it_in_place():
+    cfg = CONFIGS["llama-gqa-window"]
+    graphdef, params = models.init(cfg, 6)
+    _, by_step = decode.step(graphdef, params, decode.init_cache(cfg, 3, 20), TOKENS[:, :12])
+    cache = decode.init_cache(cfg, 3, 20)
+    pointers = [x.unsafe_buffer_pointer() for x in (*cache.k, *cache.v)]
+    cache = decode.prefill(graphdef, params, cache, TOKENS[:, :12])
+    assert int(cache.length) == 12
+    for a, b in zip((*cache.k, *cache.v), (*by_step.k, *by_step.v)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    logits, cache = decode.step(graphdef, params, cache, TOKENS[:, 12:16])
+    logits_b, _ = decode.step(graphdef, params, by_step, TOKENS[:, 12:16])
+    assert np.asarray(logits).tobytes() == np.asarray(logits_b).tobytes()
+    cache = decode.reset(cache)  # the same buffers, empty: refilled, it gives the same logits again
+    assert int(cache.length) == 0
+    cache = decode.prefill(graphdef, params, cache, TOKENS[:, :12])
+    again, cache = decode.step(graphdef, params, cache, TOKENS[:, 12:16])
+    assert np.asarray(again).tobytes() == np.asarray(logits).tobytes()
+    assert [x.unsafe_buffer_pointer() for x in (*cache.k, *cache.v)] == pointers  # donated: never copied
+    with pytest.raises(errors.UserError, match="cache capacity 20"):
+        decode.prefill(graphdef, params, cache, TOKENS[:, :5])
