@@ -382,7 +382,7 @@ def palette_problems(x: np.ndarray, sample: int = 32) -> int | None:
     on a kernel (in, ...), or None: from `sample` sampled problems, the layout with the fewest estimated bits per
     weight (log2 of the distinct values per problem, plus their table at 32 bits an entry), if under
     `PALETTE_BITS`."""
-    if x.ndim < 2 or x.size < MIN_SIZE or x.dtype.kind != "f":
+    if x.ndim < 2 or x.size < MIN_SIZE or x.dtype.itemsize not in (2, 4):
         return None
     x2 = x.reshape(-1, x.shape[-1])  # (in, out) as `codebook.to_problems` sees it: a column or g entries of one
     n_in = x2.shape[0]
