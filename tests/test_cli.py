@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from research import cli
+from research import cli, models
 from tests import helpers
 
 TINY = [
@@ -99,10 +99,17 @@ def test_eval_on_fewer_devices_than_training_used(tmp_path):
     assert "bits per byte" in r.stdout
 
 
+@helpers.needs_shared
 def test_demo_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     from research import demo
+    from research.models import config as model_config
+    from tests import gguf_files
 
     monkeypatch.setattr(demo, "CODE_BYTES", 4096)  # the coding table on 4 kB of the split keeps the test short
+    # The demo ends on a real pretrained model; here a tiny GGUF file with GPT-2's tokenizer stands in for it.
+    llm_cfg = model_config.llama_style(vocab_size=50257, n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=128)
+    gguf_files.write_llama(tmp_path / "llm.gguf", llm_cfg, models.init(llm_cfg, 0)[1], tokenizer=helpers.GPT2_TOKENIZER)
+    monkeypatch.setattr(demo, "LLM", str(tmp_path / "llm.gguf"))
     assert cli.main(["demo", "--workdir", str(tmp_path / "demo"), *TINY]) == 0
     out = capsys.readouterr().out
     assert "ziplm demo" in out and "parameters" in out and "tokens/s" in out
@@ -123,7 +130,8 @@ def test_demo_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     assert "w8a8 (gptq + act_quant)" in rows and w8a8["model"]["act_bits"] == 8
     coding = json.loads((tmp_path / "demo" / "coding_table.json").read_text())
     coders = {r["coder"]: r for r in coding["rows"]}
-    assert {"gzip -9", "xz -9e", "model: dense", "model: gptq 4-bit g32"} <= set(coders)
+    assert {"gzip -9", "xz -9e", "model: dense", "model: gptq 4-bit g32", f"model: {demo.LLM_LABEL}"} <= set(coders)
+    assert coders[f"model: {demo.LLM_LABEL}"]["model_bytes"] == (tmp_path / "llm.gguf").stat().st_size
     for r in coding["rows"]:
         assert r["total_bytes"] == r["model_bytes"] + r["data_bytes"] and r["bits_per_byte"] > 0
     assert (tmp_path / "demo" / "coding.png").stat().st_size > 1000 and "coding the held-out text" in out

@@ -16,11 +16,20 @@ from research import report, sources
 from research.coding import classic, lm
 
 
-def rows(data: bytes, models: dict, *, batch_size: int = 64, chunk_len: int | None = None, progress=print) -> list:
-    """One row per classic codec and per model ({name: packed model file}), sorted by total description length."""
+def rows(
+    data: bytes,
+    models: dict,
+    *,
+    batch_size: int = 64,
+    chunk_len: int | None = None,
+    progress=print,
+    classics: bool = True,
+) -> list:
+    """One row per classic codec (unless `classics` is False) and per model ({name: model file: packed, GGUF}),
+    sorted by total description length."""
     out = [
         dict(coder=name, model_bytes=0, data_bytes=size, bits_per_byte=8 * size / max(len(data), 1), total_bytes=size)
-        for name, size in classic.compress_all(data).items()
+        for name, size in (classic.compress_all(data).items() if classics else ())
     ]
     for name, path in models.items():
         m = sources.load(str(path))
