@@ -28,8 +28,16 @@ from tqdm.auto import tqdm
 
 from research import errors, models
 
-# Queries per attention chunk in evaluation (see `evaluate`).
-ATTN_CHUNK = 256
+# Evaluation computes the attention ATTN_CHUNK queries at a time when one layer's (B, H, W, W) float32 scores
+# would exceed ATTN_BUDGET elements (2**24: 64 MiB); see `evaluate` and benchmarks/eval_memory.py.
+ATTN_CHUNK = 128
+ATTN_BUDGET = 2**24
+
+
+def auto_attn_chunk(batch: int, heads: int, window: int) -> int:
+    """Queries per attention chunk for evaluation: ATTN_CHUNK when the full scores exceed ATTN_BUDGET, else the
+    window (one chunk: the plain attention)."""
+    return ATTN_CHUNK if batch * heads * window * window > ATTN_BUDGET else window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +112,8 @@ def _gptq_windows(tokens: np.ndarray, w: int, max_windows: int | None):
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _eval_step(graphdef, params, inputs, targets, mask, logits_chunk, attn_chunk):
     model = models.merge(graphdef, params)
+    if attn_chunk is None:
+        attn_chunk = auto_attn_chunk(inputs.shape[0], model.cfg.n_head, inputs.shape[1])
     hidden = model.hidden(inputs, attn_chunk=attn_chunk)  # (B, W, D)
     if logits_chunk is None:
         logits_chunk = models.loss.auto_chunk(*inputs.shape, model.cfg.vocab_size)
@@ -114,6 +124,8 @@ def _eval_step(graphdef, params, inputs, targets, mask, logits_chunk, attn_chunk
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
 def _agree_step(graphdef, params, inputs, mask, ref_params, ref_graphdef, logits_chunk, attn_chunk):
     model, ref = models.merge(graphdef, params), models.merge(ref_graphdef, ref_params)
+    if attn_chunk is None:
+        attn_chunk = auto_attn_chunk(inputs.shape[0], max(model.cfg.n_head, ref.cfg.n_head), inputs.shape[1])
     hidden = model.hidden(inputs, attn_chunk=attn_chunk)  # (B, W, D)
     ref_hidden = ref.hidden(inputs, attn_chunk=attn_chunk)
     if logits_chunk is None:
@@ -134,7 +146,7 @@ def evaluate(
     progress: bool | None = None,
     desc: str = "eval",
     logits_chunk: int | None = None,
-    attn_chunk: int | None = ATTN_CHUNK,
+    attn_chunk: int | None = None,
     reference=None,
 ) -> dict:
     """Scores `tokens` with the model (graphdef, params) under `protocol`.
@@ -151,7 +163,8 @@ def evaluate(
       logits_chunk: positions whose (batch, chunk, vocab) logits are computed at once (`models.loss.chunked_nll`);
         None picks `models.loss.auto_chunk` (about 64 MiB of logits); the window (or more) is the unchunked path.
       attn_chunk: queries whose attention scores are computed at once (`transformer.chunked_causal_attention`);
-        None or the window (or more) is the unchunked attention.
+        None picks `auto_attn_chunk` (ATTN_CHUNK queries when one layer's full scores would pass 64 MiB, so small
+        models keep the plain attention); the window (or more) is the unchunked attention.
       reference: (graphdef, params) of a reference model (the dense one, same vocabulary): also measure how
         closely this model's next-token distributions follow it on the scored tokens, what "lossless" means for a
         model's outputs: KL(reference || model) per token (0 when the distributions are equal) and top-1

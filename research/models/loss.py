@@ -5,8 +5,9 @@ It lives under `models/` (which imports nothing from `train/`, `compress/` or `e
 
 `chunked_nll` never holds the full (B, T, V) logits: it maps the output head over chunks of `chunk` positions
 (`jax.lax.map`), so at most (B, chunk, V) float32 logits exist at once. For SmolLM2-135M (V = 49,152) at window
-2048 and batch 4, the full logits are 1.6 GB; chunks of 64 positions are 50 MB. Each chunk's NLL is the same
-log-sum-exp as `token_nll`, so the result equals the unchunked one to float32 rounding.
+2048 and batch 4, the full logits are 1.6 GB; `auto_chunk`'s 85 positions are 64 MiB. Each chunk's NLL is the same
+log-sum-exp as `token_nll`, so the result equals the unchunked one to float32 rounding. Chunking is over positions
+only (each chunk sees the whole vocabulary), which bounds the logits at (B, chunk, V) for any vocabulary size.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def chunked_nll(head: Callable, hidden, targets, chunk: int):
       head: maps hidden states (B, C, D) to float32 logits (B, C, V) (a model's `head`).
       hidden: (B, T, D) final hidden states (a model's `hidden`).
       targets: (B, T) int target token ids.
-      chunk: positions per chunk (>= 1); T need not be a multiple (the last chunk is padded and trimmed).
+      chunk: most positions per chunk (>= 1); T need not be a multiple (the chunks are evened out, the last padded
+        and trimmed).
 
     Returns:
       (nll, correct): (B, T) float32 nats and (B, T) bool (the target is the logits' argmax).
@@ -89,6 +91,7 @@ def chunked_nll(head: Callable, hidden, targets, chunk: int):
         logits = head(hidden).astype(jnp.float32)  # (B, T, V)
         return token_nll(logits, targets), jnp.argmax(logits, -1) == targets
     n = -(-t // chunk)
+    chunk = -(-t // n)  # the same number of chunks, as even as possible: the least padding
     pad = n * chunk - t
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))

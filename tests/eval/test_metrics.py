@@ -177,3 +177,9 @@ def test_reference_kl_and_top1_against_full_logits():
     assert got["tokens"] == mask.sum() and got["kl"] == pytest.approx(kl.mean(), rel=1e-4)
     assert got["top1_agreement"] == pytest.approx(top.mean()) and 0 < got["top1_agreement"] < 1
     assert same["kl"] < 1e-6 and same["top1_agreement"] == 1.0
+
+
+def test_attention_is_chunked_only_when_the_scores_are_large():
+    assert metrics.auto_attn_chunk(4, 9, 2048) == metrics.ATTN_CHUNK  # SmolLM2 at window 2048: 604 MB of scores
+    assert metrics.auto_attn_chunk(1, 9, 2048) == metrics.ATTN_CHUNK
+    assert metrics.auto_attn_chunk(32, 4, 256) == 256  # a small model's eval batch: 33 MB, one chunk
