@@ -119,6 +119,9 @@ def block_targets(paths) -> dict[int, list[str]]:
     return out
 
 
+ATTN_CHUNK = 256  # queries per attention chunk while calibrating (as eval.metrics.ATTN_CHUNK)
+
+
 def _stat(x, kind):
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # (N*L, in)
     if kind == "hessian":
@@ -136,7 +139,8 @@ def _run_block(block_def, block_params, x, positions, kind, names=()):
     """The block's output, and the statistic of the inputs of the linear layers in `names` (static)."""
     block = nnx.merge(block_def, block_params)
     with transformer.tap_inputs() as taps:
-        y, _ = block(x, positions)
+        # Attention a chunk of queries at a time: at 128 x 2048 tokens the full (B, H, L, L) scores would dominate.
+        y, _ = block(x, positions, attn_chunk=ATTN_CHUNK if x.shape[1] > ATTN_CHUNK else None)
     computed: dict[int, jax.Array] = {}  # q, k and v read the same input: one statistic for the three
     stats = {}
     for name in names:
