@@ -242,19 +242,20 @@ def _encode(args, overrides) -> int:
     m = sources.load(args.model, args.step)
     blob, rep = lm.encode(data, m, context=args.context, chunk_len=args.chunk_len, batch_size=args.batch_size)
     log.write_bytes_atomic(args.output, blob, overwrite=args.overwrite)
-    how = (
-        "stored raw (coding would not make it smaller)"
-        if rep["stored"]
-        else f"{rep['bits_per_byte']:.4f} bits per byte"
-    )
+    if rep["ideal_bits"] is None:
+        how = f"stored raw (coding could not make it smaller: gave up after {rep['gave_up_after_tokens']:,} tokens)"
+    else:
+        ideal = f"ideal {rep['ideal_bits_per_byte']:.4f} bits per byte: -log2 P(x) = {rep['ideal_bits'] / 8:,.1f} bytes"
+        if rep["stored"]:
+            how = f"stored raw (coding would not make it smaller; {ideal})"
+        else:
+            how = f"{rep['bits_per_byte']:.4f} bits per byte ({ideal}, overhead {rep['overhead_bytes']:.1f} bytes)"
     print(
-        f"{args.input}: {rep['input_bytes']:,} bytes -> {rep['coded_bytes']:,} bytes, {how} (ideal "
-        f"{rep['ideal_bits_per_byte']:.4f}: -log2 P(x) = {rep['ideal_bits'] / 8:,.1f} bytes, overhead "
-        f"{rep['overhead_bytes']:.1f} bytes); {rep['tokens']:,} tokens in {rep['batch_size']} streams, windows of "
-        f"{rep['chunk_len']} new tokens in a context of {rep['context']} (cache {rep['cache_capacity']} slots, "
-        f"{rep['cache_bytes'] / 2**20:,.1f} MiB), {rep['escape_bytes']} escape bytes; {rep['tokens_per_s']:.1f} "
-        f"tokens/s, {_rate(len(data), rep['seconds'])} (model {rep['model_seconds']:.1f} s, coder "
-        f"{rep['coder_seconds']:.2f} s)"
+        f"{args.input}: {rep['input_bytes']:,} bytes -> {rep['coded_bytes']:,} bytes, {how}; {rep['tokens']:,} tokens "
+        f"in {rep['batch_size']} streams, windows of {rep['chunk_len']} new tokens in a context of {rep['context']} "
+        f"(cache {rep['cache_capacity']} slots, {rep['cache_bytes'] / 2**20:,.1f} MiB), {rep['escape_bytes']} escape "
+        f"bytes; {rep['tokens_per_s']:.1f} tokens/s, {_rate(len(data), rep['seconds'])} (model "
+        f"{rep['model_seconds']:.1f} s, coder {rep['coder_seconds']:.2f} s)"
     )
     if args.json:
         log.write_json_atomic(Path(args.json), rep)

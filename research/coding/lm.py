@@ -31,6 +31,9 @@ header; the report gives the ideal bits and the overhead. A token the model give
 
 Stored fallback. When the coded file would not be smaller than the input plus 10 bytes, the file stores the input
 raw instead (10 bytes of framing), so incompressible input grows by 10 bytes at most; a stored file needs no model.
+The encoder gives up as soon as the header, the escape bytes and the range coder's output so far reach that size
+(before running the model at all when the header and escapes do: random bytes through a tokenizer), so
+incompressible input costs a fraction of a full coding pass; the report's ideal bits are then None.
 
 File layout (little-endian, version 2). Coded, a 40-60 byte header and the payload:
 
@@ -193,9 +196,9 @@ def _run(m, p: Plan, batch_size: int, start: int, code, known=None) -> tuple[np.
     """Drives the model over the streams, window by window.
 
     `code(freqs, sel, logp, live, pos)` gets the step's device outputs (see `_coded_step`) and returns the (B,)
-    tokens at stream position `pos` (the encoder knows them; the decoder decodes them); entries where `live` is
-    False are ignored. `known` (B, span) are the encoder's tokens, passed to the step as `sym`. Returns the
-    (B, span) tokens and the seconds spent in the model.
+    tokens at stream position `pos` (the encoder knows them; the decoder decodes them), or None to stop; entries
+    where `live` is False are ignored. `known` (B, span) are the encoder's tokens, passed to the step as `sym`.
+    Returns the (B, span) tokens and the seconds spent in the model.
     """
     from research.models import decode
 
@@ -220,7 +223,10 @@ def _run(m, p: Plan, batch_size: int, start: int, code, known=None) -> tuple[np.
             sel.block_until_ready()
             seconds += time.perf_counter() - t0
             live = p.lengths > pos
-            tokens[:, pos] = np.where(live, code(freqs, sel, logp, live, pos), 0)
+            out = code(freqs, sel, logp, live, pos)
+            if out is None:
+                return tokens, seconds
+            tokens[:, pos] = np.where(live, out, 0)
             x = tokens[:, pos : pos + 1]
     return tokens, seconds
 
@@ -289,53 +295,65 @@ def encode(
     streams = np.zeros((batch_size, p.span), np.int32)
     for i in range(batch_size):
         streams[i, : p.lengths[i]] = tokens[i * p.span : i * p.span + p.lengths[i]]
+    fields = [len(data), n, context, chunk_len, batch_size, start, 0, len(escapes), len(runs)]
+    for kind, n_bytes, n_tokens in runs:
+        fields += [n_bytes << 1 | (kind == "b")] + ([n_tokens] if kind == "t" else [])
+    floor = _FIXED.size + len(entropy.varints(fields)) + 4 + len(escapes)  # the coded file but the coder's bytes
+    limit = len(data) + STORED_OVERHEAD  # the stored file
     coder = rangecoder.Encoder()
-    ideal, coder_seconds = 0.0, 0.0
+    ideal, coder_seconds, coded_tokens = 0.0, 0.0, 0
 
     def code(freqs, sel, logp, live, pos):
-        nonlocal ideal, coder_seconds
+        nonlocal ideal, coder_seconds, coded_tokens, gave_up
         t0 = time.perf_counter()
         sel, logp = np.asarray(sel), np.asarray(logp)
         for i in np.flatnonzero(live):
             coder.encode(int(sel[i, 0]), int(sel[i, 1]), int(sel[i, 2]))
         ideal -= float(np.sum(logp[live], dtype=np.float64)) / math.log(2)
+        coded_tokens += int(live.sum())
         coder_seconds += time.perf_counter() - t0
-        return streams[:, pos]
+        # Coding cannot beat storing any more (8: a margin for the trailing zeros `finish` may drop).
+        gave_up = fallback and floor + len(coder) - 8 >= limit
+        return None if gave_up else streams[:, pos]
 
-    _, model_seconds = _run(m, p, batch_size, start, code, known=streams)
-    coded = coder.finish()
-    payload = coded + escapes
-    fields = [len(data), n, context, chunk_len, batch_size, start, len(coded), len(escapes), len(runs)]
-    for kind, n_bytes, n_tokens in runs:
-        fields += [n_bytes << 1 | (kind == "b")] + ([n_tokens] if kind == "t" else [])
-    head = _FIXED.pack(
-        MAGIC,
-        VERSION,
-        0,
-        bytes.fromhex(fingerprint(m.cfg, m.params))[:8],
-        _tokenizer_id(tok),
-        hashlib.sha256(data).digest()[:8],
-        zlib.crc32(payload) & 0xFFFFFFFF,
-    ) + entropy.varints(fields)
-    blob = head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF) + payload
-    stored = fallback and len(blob) >= len(data) + STORED_OVERHEAD
-    if stored:
-        blob, payload = _stored(data), data
+    gave_up, model_seconds = fallback and floor >= limit, 0.0
+    if not gave_up:
+        _, model_seconds = _run(m, p, batch_size, start, code, known=streams)
+    if gave_up:
+        blob, payload, stored = _stored(data), data, True
+    else:
+        coded = coder.finish()
+        payload = coded + escapes
+        fields[6] = len(coded)
+        head = _FIXED.pack(
+            MAGIC,
+            VERSION,
+            0,
+            bytes.fromhex(fingerprint(m.cfg, m.params))[:8],
+            _tokenizer_id(tok),
+            hashlib.sha256(data).digest()[:8],
+            zlib.crc32(payload) & 0xFFFFFFFF,
+        ) + entropy.varints(fields)
+        blob = head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF) + payload
+        stored = fallback and len(blob) >= limit
+        if stored:
+            blob, payload = _stored(data), data
     seconds = time.perf_counter() - t_start
-    ideal_total = ideal + 8 * len(escapes)
+    ideal_total = None if gave_up else ideal + 8 * len(escapes)
     rep = dict(
         input_bytes=len(data),
         coded_bytes=len(blob),
         payload_bytes=len(payload),
         header_bytes=len(blob) - len(payload),
         stored=stored,
+        gave_up_after_tokens=coded_tokens if gave_up else None,
         tokens=int(n),
         escape_bytes=len(escapes),
         bits_per_byte=8 * len(blob) / max(len(data), 1),
         ideal_bits=ideal_total,
-        ideal_bits_per_byte=ideal_total / max(len(data), 1),
-        overhead_bytes=len(blob) - ideal_total / 8,
-        overhead_fraction=(len(blob) - ideal_total / 8) / max(ideal_total / 8, 1e-9),
+        ideal_bits_per_byte=None if gave_up else ideal_total / max(len(data), 1),
+        overhead_bytes=None if gave_up else len(blob) - ideal_total / 8,
+        overhead_fraction=None if gave_up else (len(blob) - ideal_total / 8) / max(ideal_total / 8, 1e-9),
         seconds=seconds,
         model_seconds=model_seconds,
         coder_seconds=coder_seconds,

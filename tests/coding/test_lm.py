@@ -143,7 +143,8 @@ def test_the_cache_is_sized_to_the_window_used(monkeypatch):
 def test_incompressible_input_is_stored_and_grows_by_at_most_ten_bytes():
     data = np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes()
     blob, rep = lm.encode(data, BYTE, batch_size=4)
-    assert rep["stored"] and len(blob) == len(data) + lm.STORED_OVERHEAD
+    assert rep["stored"] and len(blob) == len(data) + lm.STORED_OVERHEAD and rep["ideal_bits"] is None
+    assert 0 < rep["gave_up_after_tokens"] < len(data)  # it stopped coding once storing had won
     assert lm.decode(blob, BYTE)[0] == data
     assert lm.decode(blob, None)[0] == data  # a stored file needs no model
     for bad in (blob[:-1], blob[:20] + bytes([blob[20] ^ 8]) + blob[21:], blob + b"\0"):
@@ -229,6 +230,7 @@ def test_tokenizer_models_code_tokens_and_escape_what_does_not_round_trip():
     noise = np.random.default_rng(2).integers(0, 256, 2000, dtype=np.uint8).tobytes()
     blob, rep = lm.encode(noise, m, batch_size=4)  # random bytes through a 50k-vocabulary coder
     assert rep["stored"] and len(blob) <= len(noise) + lm.STORED_OVERHEAD and lm.decode(blob, m)[0] == noise
+    assert rep["gave_up_after_tokens"] == 0 and rep["model_seconds"] == 0  # the escapes alone cost more: no model
 
 
 def test_cli_encode_decode_round_trip(tmp_path, capsys):
