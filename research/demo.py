@@ -56,11 +56,11 @@ ROWS = [
     ),
 ]
 FINETUNE_STEPS = 100
-CODE_BYTES = None  # how much of the validation split the coding table codes (None: all of it)
+CODE_BYTES = 32768  # how much of the validation split the coding table codes (None: all of it)
 # The real pretrained model the demo ends on (a zoo name, fetched once by `ziplm pull`, or a model path), the
 # streams it codes with (its KV cache is far larger than the demo model's) and the label of its row.
 LLM = "smollm2-135m"
-LLM_BATCH = 4
+LLM_BATCH = 16  # 16 streams code at ~0.6x the model's eval tokens/s (benchmarks/results/lm_coding_cpu_smollm2.json)
 LLM_LABEL = "SmolLM2-135M (Q4_1 GGUF, 135M params)"
 
 
