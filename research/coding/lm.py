@@ -49,7 +49,8 @@ Stored: 4 bytes magic, u8 version, u8 flags (1), the input, u32 CRC-32 of everyt
 
 Decoding checks the magic, version, header CRC, payload CRC and model fingerprint before it decodes, and the
 input's hash after: a different model or a damaged file is an error, never wrong output. The tables come from
-float arithmetic, so decode on the same kind of machine and backend as the encoder (the hash catches a mismatch).
+float arithmetic, so decode on the same kind of machine, backend and thread count as the encoder (XLA's matmuls may
+sum in another order elsewhere; the hash catches a mismatch).
 Version 1 files (the float64 host tables of earlier ziplm) are refused with the version named.
 """
 
