@@ -293,21 +293,24 @@ def test_found_grids_round_trip_bit_exactly(seed, axis, b):
     rng = np.random.default_rng(seed)
     n_blocks, f16 = 64, rng.random() < 0.5
     d = rng.uniform(1e-3, 1.0, (n_blocks, 1)).astype(np.float16 if f16 else np.float32).astype(np.float32)
-    symmetric = rng.random() < 0.5
+    symmetric, bits = rng.random() < 0.5, 4
     if symmetric:
         rows = rng.integers(-8, 8, (n_blocks, b)).astype(np.float32) * (
             d * rng.choice(np.float32([-1, 1]), (n_blocks, 1))
         )
     else:
         m = rng.uniform(-2, 2, (n_blocks, 1)).astype(np.float16 if f16 else np.float32).astype(np.float32)
-        rows = rng.integers(0, 1 << int(rng.integers(1, 9)), (n_blocks, b)).astype(np.float32) * d + m
+        bits = int(rng.integers(1, 9))
+        rows = rng.integers(0, 1 << bits, (n_blocks, b)).astype(np.float32) * d + m
     bad = rng.integers(0, rows.size, int(rng.integers(0, 3)))
     rows.ravel()[bad] = np.nextafter(rows.ravel()[bad], np.float32(np.inf))
     x = rows.reshape(-1, 4 * b) if axis == "last" else rows.reshape(-1, 4, b).transpose(0, 2, 1).reshape(-1, 4)
     record, sections = pack.encode_leaf("x", x)
     back = pack.decode_leaf(record, sections)
     assert np.array_equal(back.view(np.uint32), x.view(np.uint32))
-    if (symmetric or f16) and not len(bad):
+    # Found when they are the GGUF / GPTQ kinds: symmetric, or fp16 parameters with at most 4-bit codes (8-bit codes
+    # in blocks of 16 rarely span their range or show the unit gap, so the scale may not be recovered: then float).
+    if (symmetric or (f16 and bits <= 4)) and not len(bad):
         assert record["kind"] in ("affine", "palette")
 
 
