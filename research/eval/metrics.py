@@ -13,6 +13,12 @@ equals their exp(sum of window losses * window / (windows * window)) because eve
 
 Bits per byte = total negative log2-likelihood / UTF-8 bytes of the scored targets (the tokenizer's `token_bytes`
 table; for bytes it is one per token). Perplexity = exp(mean NLL per token).
+
+Memory. The step never holds a batch's full (B, W, V) logits: the model returns final hidden states and
+`models.loss.chunked_nll` scores them a chunk of positions at a time (about 64 MiB of logits), and when one layer's
+(B, H, W, W) attention scores would pass 64 MiB the attention runs ATTN_CHUNK queries at a time
+(`transformer.chunked_causal_attention`). Both equal the unchunked computation to float32 rounding; for SmolLM2-135M
+at window 2048 see benchmarks/eval_memory.py.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def causal_attention(q, k, v, dropout: float = 0.0, rng=None, window: int | None
     return _masked_attention(q, k, v, _visible(pos[None], pos, window), dropout, rng)
 
 
-def chunked_causal_attention(q, k, v, chunk: int, window: int | None = None, segments: int = 4):
+def chunked_causal_attention(q, k, v, chunk: int, window: int | None = None, segments: int = 2):
     """Causal attention computed `chunk` queries at a time, without dropout (evaluation).
 
     The query chunks are split into at most `segments` consecutive runs of at least two chunks. Each run is one
@@ -125,7 +125,9 @@ def chunked_causal_attention(q, k, v, chunk: int, window: int | None = None, seg
       q: (B, T, H, hd) queries; k, v: (B, T, KV, hd), as in `causal_attention`.
       chunk: queries per chunk (>= 1); chunk >= T is `causal_attention` itself. T need not be a multiple.
       window: sliding window, as in `causal_attention`.
-      segments: most runs (each a loop, so compile time grows with it).
+      segments: most runs. More runs skip more of the masked triangle but each is a loop of its own per layer, and
+        compile time and the compiled program's memory grow with the loops: for SmolLM2-135M (30 layers, window
+        2048, chunk 128) 2 runs compile in about half the time of 4 and keep ~65 MiB less, for ~8% more CPU time.
 
     Returns:
       (B, T, H, hd).
