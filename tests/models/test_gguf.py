@@ -168,3 +168,16 @@ def test_real_smollm2_matches_transformers():
     with torch.no_grad():
         want = hf_model(torch.tensor(ids).long()).logits.numpy()
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_gguf_model_exports_to_hugging_face(tmp_path):
+    from research import cli
+    from research.models import hf
+
+    cfg, params = _tiny(vocab=128, d=64, tie=False)
+    gguf_files.write_llama(tmp_path / "m.gguf", cfg, params)
+    assert cli.main(["export", "--model", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "hf")]) == 0
+    back = hf.load(str(tmp_path / "hf"))
+    assert back.model_type == "llama"
+    for p, a in tree.flatten(params).items():
+        assert np.array_equal(np.asarray(tree.flatten(back.params)[p]), np.asarray(a, np.float32)), p
