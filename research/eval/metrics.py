@@ -127,8 +127,9 @@ def _eval_step(graphdef, params, inputs, targets, mask, logits_chunk, attn_chunk
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(correct & mask)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _agree_step(graphdef, params, inputs, mask, ref_params, ref_graphdef, logits_chunk, attn_chunk):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
+def _agree_step(graphdef, params, inputs, targets, mask, ref_params, ref_graphdef, logits_chunk, attn_chunk):
+    """`_eval_step`'s sums and the KL / top-1 agreement sums against the reference, from one forward of each."""
     model, ref = models.merge(graphdef, params), models.merge(ref_graphdef, ref_params)
     if attn_chunk is None:
         attn_chunk = auto_attn_chunk(inputs.shape[0], max(model.cfg.n_head, ref.cfg.n_head), inputs.shape[1])
@@ -136,8 +137,10 @@ def _agree_step(graphdef, params, inputs, mask, ref_params, ref_graphdef, logits
     ref_hidden = ref.hidden(inputs, attn_chunk=attn_chunk)
     if logits_chunk is None:
         logits_chunk = max(1, models.loss.auto_chunk(*inputs.shape, model.cfg.vocab_size) // 2)
+    nll, correct = models.loss.chunked_nll(model.head, hidden, targets, logits_chunk)
     kl, agree = models.loss.chunked_agreement(model.head, hidden, ref.head, ref_hidden, logits_chunk)
-    return jnp.sum(jnp.where(mask, kl, 0.0)), jnp.sum(agree & mask)
+    sums = [jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(correct & mask)]
+    return (*sums, jnp.sum(jnp.where(mask, kl, 0.0)), jnp.sum(agree & mask))
 
 
 def evaluate(
@@ -195,15 +198,17 @@ def evaluate(
     disable = None if progress is None else not progress
     for i in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=disable, leave=False):
         sl = slice(i, i + batch_size)
-        b_nll, b_correct = _eval_step(graphdef, params, inputs[sl], targets[sl], mask[sl], logits_chunk, attn_chunk)
-        nll += float(b_nll)
-        correct += int(b_correct)
-        if reference is not None:
+        if reference is None:
+            args = (graphdef, params, inputs[sl], targets[sl], mask[sl], logits_chunk, attn_chunk)
+            b_nll, b_correct = _eval_step(*args)
+        else:
             ref_graphdef, ref_params = reference
-            args = (graphdef, params, inputs[sl], mask[sl], ref_params, ref_graphdef, logits_chunk, attn_chunk)
-            b_kl, b_agree = _agree_step(*args)
+            args = (graphdef, params, inputs[sl], targets[sl], mask[sl], ref_params, ref_graphdef)
+            b_nll, b_correct, b_kl, b_agree = _agree_step(*args, logits_chunk, attn_chunk)
             kl += float(b_kl)
             agree += int(b_agree)
+        nll += float(b_nll)
+        correct += int(b_correct)
     count = int(mask.sum())
     nbytes = int(np.asarray(token_bytes)[targets[mask]].sum())
     loss = nll / count

@@ -177,6 +177,8 @@ def test_reference_kl_and_top1_against_full_logits():
     assert got["tokens"] == mask.sum() and got["kl"] == pytest.approx(kl.mean(), rel=1e-4)
     assert got["top1_agreement"] == pytest.approx(top.mean()) and 0 < got["top1_agreement"] < 1
     assert same["kl"] < 1e-6 and same["top1_agreement"] == 1.0
+    plain = metrics.evaluate(graphdef, noisy, tokens, bytes_, protocol, batch_size=3, logits_chunk=5)
+    assert got["loss"] == pytest.approx(plain["loss"], rel=1e-6) and got["accuracy"] == plain["accuracy"]
 
 
 def test_attention_is_chunked_only_when_the_scores_are_large():
