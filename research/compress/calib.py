@@ -186,7 +186,8 @@ def walk(
     xs = [_embed(calib.graphdef, params, b, p) for b, p in zip(batches, positions)]
     layers = {**params["layers"]}
     n_tokens = int(calib.inputs.size)
-    for i in tqdm(range(len(layers)), desc=desc, disable=None if progress is None else not progress):
+    last = max(targets, default=-1)  # blocks after the last selected one are not run: their outputs feed nothing
+    for i in tqdm(range(last + 1), desc=desc, disable=None if progress is None else not progress):
         names = targets.get(i, [])
         if names:
             total: dict = {}
@@ -197,7 +198,8 @@ def walk(
             kernels = {name: _get(layers[i], name) for name in names}
             new = visit(i, total, n_tokens, kernels)
             layers[i] = _set(layers[i], new)
-        xs = [_run_block(block_def, layers[i], x, pos, None)[0] for x, pos in zip(xs, positions)]  # propagate
+        if i < last:
+            xs = [_run_block(block_def, layers[i], x, pos, None)[0] for x, pos in zip(xs, positions)]  # propagate
     return {**params, "layers": layers}
 
 

@@ -9,6 +9,9 @@ A corpus spec is a string:
                                   `wikitext-2-raw-v1` split and joined with "\\n\\n" (the GPTQ/SparseGPT text).
   "hf:<name>[:<config>]:<split>"  a Hugging Face `datasets` split (needs `pip install datasets` and a network);
                                   the "text" column's rows are joined with "\\n\\n".
+  "slice:<start>:<end>:<spec>"    characters start..end of another spec's text (either bound may be empty), e.g.
+                                  "slice:300000::wikitext:wiki.test.raw": calibration text disjoint from the
+                                  windows an evaluation takes from the start of the same file.
 """
 
 from __future__ import annotations
@@ -76,6 +79,20 @@ def load(spec: str) -> Corpus:
     """Loads the corpus a spec names (see the module docstring)."""
     if spec in ("pydoc", "builtin:pydoc"):
         return Corpus("pydoc", pydoc_text())
+    if spec.startswith("slice:"):
+        start, end, inner = (spec[6:].split(":", 2) + ["", ""])[:3]
+        try:
+            lo, hi = (int(start) if start else None), (int(end) if end else None)
+        except ValueError:
+            raise errors.UserError(
+                f"corpus {spec!r}: slice bounds must be integers (slice:<start>:<end>:<spec>)"
+            ) from None
+        if not inner:
+            raise errors.UserError(f"corpus {spec!r} names no corpus after the bounds (slice:<start>:<end>:<spec>)")
+        text = load(inner).text[lo:hi]
+        if not text:
+            raise errors.UserError(f"corpus {spec!r} is empty: the slice lies outside the text")
+        return Corpus(spec, text)
     if spec.startswith("hf:"):
         return Corpus(spec, _hf(spec[3:]))
     if spec.startswith("wikitext:"):

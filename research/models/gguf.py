@@ -23,7 +23,7 @@ tokenizer and cached as a `tokenizer.json` directory (see `tokenizers.load("gguf
 
 from __future__ import annotations
 
-import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +103,10 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_config(meta: dict, tensor_names: set[str], vocab: int | None):
-    """The transformers config object a GGUF file's metadata describes (raises UserError when it cannot)."""
+def hf_config(meta: dict, tensor_names: set[str], vocab: int | None) -> types.SimpleNamespace:
+    """The Hugging Face config fields a GGUF file's metadata describes, as attributes (what
+    `families.model_config` reads), raising UserError when it cannot. Not a transformers config object:
+    importing transformers' config classes imports torch where it is installed (about 180 MB more RSS)."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise errors.UserError(
@@ -151,10 +153,9 @@ def hf_config(meta: dict, tensor_names: set[str], vocab: int | None):
     if arch == "llama":
         d["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         d["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import transformers
-
-    return transformers.AutoConfig.for_model(ARCHITECTURES[arch], **d)
+    if arch == "qwen2":
+        d["use_sliding_window"] = False  # llama.cpp runs Qwen2 with full attention
+    return types.SimpleNamespace(model_type=ARCHITECTURES[arch], **d)
 
 
 def hf_name(name: str) -> str | None:
@@ -196,12 +197,28 @@ class Tensors:
 
         t = self._tensors[name]
         try:
-            w = np.asarray(gguf_lib.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(self.shapes[name])
+            w = _dequantize(gguf_lib.quants.dequantize, t.data, t.tensor_type, self.shapes[name])
         except NotImplementedError:
             msg = f"GGUF tensor {t.name} has type {t.tensor_type.name}, which the gguf package cannot dequantize"
             raise errors.UserError(msg) from None
         proj = name.split(".")[-2]
         return unpermute(w, self._heads[proj]) if proj in self._heads else w
+
+
+DEQUANT_CHUNK = 1 << 22  # elements dequantized at a time: the package's intermediates stay a few MB
+
+
+def _dequantize(fn, data: np.ndarray, kind, shape) -> np.ndarray:
+    """`fn(data, kind)` as float32 of `shape`, a chunk of rows at a time into one preallocated array (the whole
+    tensor at once makes float32 intermediates several times its size: 0.3 GB for SmolLM2's embedding)."""
+    out = np.empty(shape, np.float32)
+    if data.ndim < 2 or out.ndim < 2 or data.shape[0] != out.shape[0]:
+        out[...] = np.asarray(fn(data, kind), np.float32).reshape(shape)
+        return out
+    step = max(1, DEQUANT_CHUNK // max(1, out[0].size))
+    for i in range(0, out.shape[0], step):
+        out[i : i + step] = np.asarray(fn(data[i : i + step], kind), np.float32).reshape(out[i : i + step].shape)
+    return out
 
 
 def load(path, dtype: str = "float32") -> hf.Pretrained:

@@ -251,3 +251,17 @@ def test_cli_encode_decode_round_trip(tmp_path, capsys):
     assert lm.read_header((tmp_path / "text.zlmt").read_bytes())[0]["context"] == 8
     assert cli.main(["encode", "--model", str(model), str(src), str(coded), "--context", "99", "--overwrite"]) == 2
     assert "context 99 exceeds the model's context (16)" in capsys.readouterr().err
+
+
+def test_compare_rows_count_the_model_file_and_verify_by_default(tmp_path, monkeypatch):
+    from research.coding import compare
+
+    f = tmp_path / "model.zlm"
+    f.write_bytes(b"m" * 1000)
+    monkeypatch.setattr(sources, "load", lambda path: UNIGRAM)
+    rows = {r["coder"]: r for r in compare.rows(TEXT, {"u": f}, batch_size=2, progress=None)}
+    u = rows["model: u"]
+    assert {"gzip -9", "bz2 -9", "xz -9e"} <= set(rows) and u["decoded"] and u["decode_kb_per_s"] > 0
+    assert u["model_bytes"] == 1000 and u["total_bytes"] == 1000 + u["data_bytes"] < len(TEXT) + 1000
+    (only,) = compare.rows(TEXT, {"u": f}, batch_size=2, progress=None, classics=False, verify=False)
+    assert only["decoded"] is False and only["decode_kb_per_s"] is None and only["data_bytes"] == u["data_bytes"]

@@ -174,6 +174,18 @@ def test_walk_hessian_is_xtx_of_the_block_input(tiny):
     np.testing.assert_allclose(seen[0][0]["attn/q"], (x * x).sum(0), rtol=1e-4)
 
 
+def test_walk_runs_no_block_after_the_last_selected_one(tiny, monkeypatch):
+    graphdef, params, c = tiny
+    calls = []
+    run = calib._run_block
+    monkeypatch.setattr(calib, "_run_block", lambda *a: calls.append(a[4]) or run(*a))
+    calib.walk(c, params, ["layers/0/mlp/up/kernel"], lambda i, s, n, k: k, stat="sqnorm")
+    assert calls == ["sqnorm", "sqnorm"]  # block 0's statistics for the two batches; block 1 is never run
+    calls.clear()
+    calib.walk(c, params, ["layers/1/mlp/up/kernel"], lambda i, s, n, k: k, stat="sqnorm")
+    assert calls == [None, None, "sqnorm", "sqnorm"]  # block 0 propagates, block 1 gives statistics
+
+
 METHODS = {"magnitude": magnitude.magnitude, "wanda": wanda.wanda, "sparsegpt": sparsegpt.sparsegpt}
 
 

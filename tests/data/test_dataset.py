@@ -97,3 +97,14 @@ def test_bad_batch_settings(kw, match):
     args = dict(tokens=np.arange(50), batch_size=2, seq_len=8, seed=0) | kw
     with pytest.raises(errors.UserError, match=match):
         dataset.Batches(**args)
+
+
+def test_slice_of_a_corpus(tmp_path):
+    (tmp_path / "t.txt").write_text("0123456789")
+    assert corpora.load(f"slice:3::{tmp_path / 't.txt'}").text == "3456789"
+    assert corpora.load(f"slice::4:file:{tmp_path / 't.txt'}").text == "0123"
+    assert corpora.load(f"slice:-3:-1:{tmp_path / 't.txt'}").text == "78"
+    t = tmp_path / "t.txt"
+    for bad, match in ((f"slice:a::{t}", "integers"), ("slice:1:2:", "names no corpus"), (f"slice:20::{t}", "empty")):
+        with pytest.raises(errors.UserError, match=match):
+            corpora.load(bad)
