@@ -205,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=2, help="windows of 2048 tokens to evaluate")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--configs", default="old,new,hf", help="comma-separated: old, logits, new, hf")
+    p.add_argument("--out", help="result file (default benchmarks/results/eval_memory_<device>.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
             row["tokens_per_cpu_s_vs_hf"] = row["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
             row["peak_rss_vs_hf"] = row["peak_rss_mib"] / hf["peak_rss_mib"]
             row["loss_minus_hf"] = row["loss"] - hf["loss"]
-    out = ROOT / "benchmarks" / "results" / f"eval_memory_{hardware.slug()}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"eval_memory_{hardware.slug()}.json"
     log.write_json_atomic(
         out,
         dict(

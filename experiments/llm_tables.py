@@ -54,7 +54,17 @@ LABELS = {
 }
 
 
+def label(row: str) -> str:
+    base = row.removesuffix("+raw")
+    return LABELS[base] + (" (raw-text calibration)" if base != row else "")
+
+
 def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
+    if row.endswith("+raw") and not 0 < windows <= smollm2.RAW_MAX_WINDOWS:
+        raise errors.UserError(
+            f"{row}: raw-text calibration overlaps the evaluated text beyond {smollm2.RAW_MAX_WINDOWS} windows; "
+            f"use --windows {smollm2.RAW_MAX_WINDOWS} or fewer"
+        )
     out = workdir / f"llm-{row}"
     done = out / "summary.json"
     if done.is_file():
@@ -83,7 +93,7 @@ def collect(summaries: dict) -> dict:
         rows.append(
             {
                 "row": row,
-                "label": LABELS[row],
+                "label": label(row),
                 "methods": s["methods"],
                 "perplexity": r["perplexity"],
                 "loss": r["loss"],
@@ -100,6 +110,7 @@ def collect(summaries: dict) -> dict:
                 "compress_seconds": s["seconds"].get("compress"),
                 "grid": [_grid_words(m) for m in grid],
                 "tokens": r["tokens"],
+                "calibration": (s.get("calibration") or {}).get("corpus", "").replace(str(ROOT.parent), ".."),
                 "protocol": r["protocol"],
             }
         )
@@ -165,9 +176,9 @@ def main() -> int:
     p.add_argument("--workdir", default=str(ROOT / "runs"), help="where the rows' compress directories go")
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in smollm2.ROWS]
+    unknown = [r for r in rows if r.removesuffix("+raw") not in smollm2.ROWS]
     if unknown:
-        raise SystemExit(f"error: unknown row(s) {unknown}; rows: {', '.join(ORDER)}")
+        raise SystemExit(f"error: unknown row(s) {unknown}; rows: {', '.join(ORDER)} (each also as <row>+raw)")
     if zoo.cached("smollm2-135m") is None:
         raise SystemExit("error: SmolLM2-135M is not cached; run: ziplm pull smollm2-135m")
     summaries = {}

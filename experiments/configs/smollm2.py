@@ -11,8 +11,10 @@ disjoint windows of 2048 tokens, the first token of each unscored (the GPTQ/Spar
 `calibration.length` tokens at seeded random offsets of the WikiText-2 *validation* split (the tokenized release,
 `wiki.valid.tokens`, with its `<unk>`s: the only validation text at hand), which is disjoint from the evaluated
 test text; the reference scripts use 128 x 2048 tokens of C4 (or WikiText-2 train), this config 32 x 2048 by
-default on CPU (`--config.calibration.n=128` for the full size). Every row also reports KL(dense || compressed) per
-token and top-1 agreement with the dense model, and the packed file's size.
+default on CPU (`--config.calibration.n=128` for the full size). "<row>+raw" (e.g. `smollm2.py:gptq4_g128+raw`)
+calibrates on raw text instead: `RAW_CALIBRATION`, WikiText-2 test beyond the first 32 evaluated windows, without
+the validation release's `<unk>`s and tokenization. Every row also reports KL(dense || compressed) per token and
+top-1 agreement with the dense model, and the packed file's size.
 
 Expected results: experiments/results/llm_tables.json (dense: perplexity 20.71, 1.0740 bits per byte on the first
 16 windows; the same perplexity as `transformers` on the same windows).
@@ -52,9 +54,17 @@ ROWS = {
 }
 
 
+# Raw in-domain calibration text (the "+raw" rows): WikiText-2 *test* from character 300,000 on, which lies beyond
+# the first 32 evaluated windows (65,536 tokens end near character 275,000), so it is disjoint from them; with
+# more windows (eval.max_windows > 32) it would overlap the evaluated text.
+RAW_CALIBRATION = f"slice:300000::wikitext:{SHARED / 'raw' / 'wiki.test.raw'}"
+RAW_MAX_WINDOWS = 32
+
+
 def get_config(row: str = "gptq4_g128"):
+    row, raw = row.removesuffix("+raw"), row.endswith("+raw")
     if row not in ROWS:
-        raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+        raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)} (each also as <row>+raw)")
     c = pipeline.base_config()
     c.model = "smollm2-135m"
     c.compress = ROWS[row]
@@ -69,5 +79,7 @@ def get_config(row: str = "gptq4_g128"):
         batch_size=1,
         agreement=True,
     )
+    if raw:
+        c.calibration.corpus = RAW_CALIBRATION
     c.wandb.mode = "disabled"
     return c

@@ -80,9 +80,14 @@ def _byte_level_decoder() -> dict[str, int]:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer (`transformers.AutoTokenizer`) loaded from a directory or hub id."""
+    """A Hugging Face tokenizer (`transformers.AutoTokenizer`) loaded from a directory or hub id.
 
-    def __init__(self, name: str):
+    `fast=True` loads a directory that holds a `tokenizer.json` as `PreTrainedTokenizerFast` directly (the class
+    AutoTokenizer picks for the GGUF conversions ziplm caches): AutoTokenizer imports transformers' config classes,
+    which import torch where it is installed (about 180 MB of RSS).
+    """
+
+    def __init__(self, name: str, fast: bool = False):
         path = Path(name).expanduser()
         if path.exists():
             if not path.is_dir():
@@ -94,7 +99,10 @@ class HFTokenizer:
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise errors.UserError(f"tokenizer directory {name} does not exist")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        from transformers import AutoTokenizer
+        if fast:
+            from transformers import PreTrainedTokenizerFast as AutoTokenizer
+        else:
+            from transformers import AutoTokenizer
 
         try:
             self._tok = AutoTokenizer.from_pretrained(name)
@@ -213,7 +221,7 @@ def load(spec: str) -> ByteTokenizer | HFTokenizer:
     if spec == "byte":
         return ByteTokenizer()
     if spec.startswith("gguf:"):
-        tok = HFTokenizer(str(gguf_directory(spec.removeprefix("gguf:"))))
+        tok = HFTokenizer(str(gguf_directory(spec.removeprefix("gguf:"))), fast=True)
         tok.spec = spec
         return tok
     return HFTokenizer(spec.removeprefix("hf:"))

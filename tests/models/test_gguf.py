@@ -91,6 +91,9 @@ def test_tokenizer_from_metadata_equals_hf(tmp_path):
     assert ours.vocab_size == 50257 and np.array_equal(ours.token_bytes, ref.token_bytes)
     again = tokenizers.load(m.tokenizer)  # the converted tokenizer is cached
     assert again.spec == m.tokenizer and np.array_equal(again.encode(text[:500]), ours.encode(text[:500]))
+    auto = tokenizers.HFTokenizer(str(tokenizers.gguf_directory(tmp_path / "g.gguf")))  # via AutoTokenizer
+    assert type(auto._tok) is type(ours._tok) and np.array_equal(auto.added_prefix, ours.added_prefix)
+    assert auto.start_token == ours.start_token and auto.fingerprint == ours.fingerprint
 
 
 def test_parity_with_transformers_gguf_loading(tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from research import errors, log, models, tree
+from research import errors, hardware, log, models, tree
 from research.data import tokenizers
 from research.models import config as config_lib
 from research.models.hf import families, files
@@ -164,6 +164,7 @@ def from_tensors(hf_cfg, ckpt, where, tokenizer: str | None, dtype: str = "float
         for path, part in zip(rule.ours, families.to_ours(rule, array, [shapes[p] for p in rule.ours])):
             flat[path] = jnp.asarray(part)  # one tensor at a time: peak memory stays near the model's size
     params = tree.map_with_path(lambda p, _: flat[p], abstract)
+    hardware.release_freed_memory()  # the per-tensor NumPy temporaries' pages
     return Pretrained(cfg, graphdef, params, kind, directory, tokenizer)
 
 
