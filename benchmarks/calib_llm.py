@@ -165,6 +165,7 @@ def main() -> None:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),  # fewer under taskset
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "load_average_at_start": load,
         "model": args.model,
