@@ -4,7 +4,8 @@
     python experiments/llm_tables.py [--rows gptq4_g128,sparsegpt50] [--windows 16] [--calib 32] [--workdir runs]
 
 Each row is one `compress` run of that config (cached: a row whose `runs/llm-<row>/summary.json` exists and was
-made with the same windows and calibration is not run again, so an interrupted sweep continues), evaluated with
+made with the same windows and calibration is not run again, so an interrupted sweep continues; the written table
+holds every finished row of the same windows and calibration, whichever rows were asked for), evaluated with
 the GPTQ protocol (disjoint windows of 2048 tokens of WikiText-2 raw test; `--windows` takes a prefix, all 140
 with `--windows 0`), calibrated on `--calib` x 2048 tokens of the WikiText-2 validation text, packed. Columns:
 perplexity, bits per byte, KL(dense || compressed) per token (nats), top-1 agreement with the dense model,
@@ -59,6 +60,16 @@ def label(row: str) -> str:
     return LABELS[base] + (" (raw-text calibration)" if base != row else "")
 
 
+def cached(row: str, windows: int, calib: int, workdir: Path) -> dict | None:
+    """The row's summary when `runs/llm-<row>` holds one made with the same windows and calibration, else None."""
+    done = workdir / f"llm-{row}" / "summary.json"
+    if done.is_file():
+        s = json.loads(done.read_text())
+        if s.get("llm_tables") == {"windows": windows, "calib": calib}:
+            return s
+    return None
+
+
 def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
     if row.endswith("+raw") and not 0 < windows <= smollm2.RAW_MAX_WINDOWS:
         raise errors.UserError(
@@ -67,10 +78,8 @@ def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
         )
     out = workdir / f"llm-{row}"
     done = out / "summary.json"
-    if done.is_file():
-        s = json.loads(done.read_text())
-        if s.get("llm_tables") == {"windows": windows, "calib": calib}:
-            return s
+    if (s := cached(row, windows, calib, workdir)) is not None:
+        return s
     c = smollm2.get_config(row)
     c.eval.max_windows = windows or None
     c.eval.dense = row == "dense"
@@ -190,6 +199,11 @@ def main() -> int:
             print(f"{row}: error: {e}", file=sys.stderr)
             continue
         print(f"{row}: {time.time() - t:.0f} s", flush=True)
+    # The table holds every finished row of this protocol, not only this invocation's, in the config's order.
+    for row in ORDER + [f"{r}+raw" for r in ORDER]:
+        if row not in summaries and (s := cached(row, args.windows, args.calib, Path(args.workdir))) is not None:
+            summaries[row] = s
+    summaries = {r: summaries[r] for r in sorted(summaries, key=lambda r: (ORDER.index(r.removesuffix("+raw")), r))}
     table = collect(summaries)
     first = next(iter(summaries.values()))
     meta = {
