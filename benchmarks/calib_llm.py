@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from research import hardware, log, sources  # noqa: E402
+from research import files, hardware, sources  # noqa: E402
 from research.compress import calib  # noqa: E402
 from research.compress.prune import sparsegpt, wanda  # noqa: E402
 from research.compress.quant import gptq  # noqa: E402
@@ -173,7 +173,7 @@ def main() -> None:
     }
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"calib_llm_{hardware.slug()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log.write_json_atomic(out, result)
+    files.write_json(out, result)
     print(f"wrote {out}")
 
 

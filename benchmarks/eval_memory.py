@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
-    from research import hardware, log
+    from research import files, hardware
 
     configs = args.configs.split(",")
     unknown = set(configs) - {*CONFIGS, "hf"}
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
             row["peak_rss_vs_hf"] = row["peak_rss_mib"] / hf["peak_rss_mib"]
             row["loss_minus_hf"] = row["loss"] - hf["loss"]
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"eval_memory_{hardware.slug()}.json"
-    log.write_json_atomic(
+    files.write_json(
         out,
         dict(
             benchmark="evaluation peak RSS and tokens/s at window 2048: ziplm old / new path vs transformers",

@@ -109,7 +109,7 @@ def main() -> None:
 
     import jax
 
-    from research import log, models
+    from research import files, models
     from research.models import config as mc
     from research.models import hf
 
@@ -144,7 +144,7 @@ def main() -> None:
         result["decode"].update(_child(_DECODE, str(ckpt), str(args.prompt), str(args.new)))
         print(f"decode: {result['decode']}", flush=True)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"hf_load_decode_{device}.json")
-    log.write_json_atomic(out, result)
+    files.write_json(out, result)
     print(f"wrote {out}")
 
 

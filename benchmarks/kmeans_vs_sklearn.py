@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from research import hardware, log  # noqa: E402
+from research import files, hardware  # noqa: E402
 from research.compress.share import kmeans  # noqa: E402
 
 try:
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         "channel": channel_case(args.channels, args.width, args.k, args.repeats, args.sk_channels),
     }
     out = Path(__file__).parent / "results" / f"kmeans_vs_sklearn_{hardware.slug()}.json"
-    log.write_json_atomic(
+    files.write_json(
         out,
         dict(
             benchmark="1-D k-means codebook fit: research kmeans.fit vs sklearn KMeans (lloyd, n_init=1)",

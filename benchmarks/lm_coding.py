@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from research import hardware, log, sources  # noqa: E402
+from research import files, hardware, sources  # noqa: E402
 from research.coding import lm  # noqa: E402
 from research.data import corpora, dataset, tokenizers  # noqa: E402
 from research.eval import metrics  # noqa: E402
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     print(f"peak RSS: {load['peak_rss_mib']:.0f} MiB after load, {coding_rss:.0f} after coding")
     name = f"lm_coding_{hardware.slug()}" + (f"_{args.tag}" if args.tag else "")
     out = Path(__file__).parent / "results" / f"{name}.json"
-    log.write_json_atomic(
+    files.write_json(
         out,
         dict(
             benchmark="coding data with a model: encode/decode tokens/s vs the same model's eval tokens/s, memory",

@@ -25,7 +25,7 @@ import ml_collections as mlc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from research import hardware, log, models  # noqa: E402
+from research import files, hardware, models  # noqa: E402
 from research.compress import core  # noqa: E402
 from research.compress.prune import magnitude  # noqa: E402
 from research.models import config as mc  # noqa: E402
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         results.append(r)
     device = jax.devices()[0].platform
     out = Path(__file__).parent / "results" / f"masked_step_{device}.json"
-    log.write_json_atomic(
+    files.write_json(
         out,
         dict(
             benchmark="masked fine-tuning step vs dense step (50% magnitude masks, AdamW, fp32)",

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from research import hardware, log, models, sources, tree  # noqa: E402
+from research import files, hardware, models, sources, tree  # noqa: E402
 from research.coding import floats, pack  # noqa: E402
 from research.models import config as model_config  # noqa: E402
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         del params
         results["throughput"]["magnitude 50% + rtn 4-bit channel"] = throughput("magnitude 50% + rtn 4-bit", eff, hints)
     out = Path(__file__).parent / "results" / f"pack_{hardware.slug()}.json"
-    log.write_json_atomic(
+    files.write_json(
         out,
         dict(
             benchmark="bit-exact float coding vs zstd/gzip/zipnn; pack/unpack throughput and size vs entropy bound",

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from research import hardware, log, sources, tree  # noqa: E402
+from research import files, hardware, sources, tree  # noqa: E402
 from research.coding import container, found, pack, packed  # noqa: E402
 
 DEFAULT = Path("~/.cache/ziplm/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         print(f"  without block detection: {base['packed_bytes']:,} bytes ({base['bits_per_weight']:.3f} bits/weight)")
         results["without_detection"] = base
     out = Path(__file__).parent / "results" / f"pack_gguf_{hardware.slug()}.json"
-    log.write_json_atomic(
+    files.write_json(
         out,
         dict(
             benchmark="bit-exact packing of a dequantized GGUF model vs the GGUF file",

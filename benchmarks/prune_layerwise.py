@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research import hardware, log, models, sources
+from research import files, hardware, models, sources
 from research.compress import calib, core
 from research.compress.prune import masks, sparsegpt, wanda
 from research.data import tokenizers
@@ -194,7 +194,7 @@ def main() -> None:
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"prune_layerwise_{hardware.slug()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log.write_json_atomic(out, result)
+    files.write_json(out, result)
     print(f"wrote {out}")
 
 

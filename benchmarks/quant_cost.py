@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from research import hardware, log, models, sources  # noqa: E402
+from research import files, hardware, models, sources  # noqa: E402
 from research.compress import calib, core  # noqa: E402
 from research.compress.quant import gptq, qat  # noqa: E402
 from research.compress.quant import grid as qgrid  # noqa: E402
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         result["qat"] = [qat_case(s, args.steps, args.rounds) for s in args.qat_sizes]
     out = Path(args.out or Path(__file__).parent / "results" / f"quant_cost_{hardware.slug()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log.write_json_atomic(out, result)
+    files.write_json(out, result)
     print(f"wrote {out}")
     return 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from research import config, hardware, log, report
+from research import config, files, hardware, log, report
 from research.train import loop
 
 HERE = Path(__file__).resolve().parent
@@ -75,7 +75,7 @@ def main() -> None:
     }
     out = Path(args.out or HERE / "results" / f"shakespeare_char_{args.setting}_{hardware.slug()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log.write_json_atomic(out, result)
+    files.write_json(out, result)
     report.plot_losses(workdir, out.with_suffix(".png"))
     shutil.rmtree(workdir.parent, ignore_errors=True)
     print(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from research import config, hardware, log, models
+from research import config, files, hardware, models
 from research.models import config as mc
 from research.train import optim
 from research.train import step as step_lib
@@ -119,7 +119,7 @@ def main() -> None:
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"train_step_throughput_{hardware.slug()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log.write_json_atomic(out, result)
+    files.write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.configs import smollm2  # noqa: E402
-from research import log, models, sources  # noqa: E402
+from research import files, models, sources  # noqa: E402
 from research.compress import calib, core  # noqa: E402
 from research.compress.quant import gptq  # noqa: E402
 from research.compress.quant import grid as qgrid  # noqa: E402
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         seconds=time.time() - t0,
         device=f"{jax.devices()[0].platform} x {jax.device_count()}",
     )
-    log.write_json_atomic(Path(args.out), result)
+    files.write_json(Path(args.out), result)
     for k, v in summary.items():
         print(f"{k}: {v}")
     if outputs:

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments import llm_tables  # noqa: E402
-from research import errors, log  # noqa: E402
+from research import errors  # noqa: E402
 from research.coding import compare  # noqa: E402
 from research.data import corpora  # noqa: E402
 from research.models import zoo  # noqa: E402
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         python=platform.python_version(),
         seconds=time.time() - t_start,
     )
-    log.write_json_atomic(out, result)
+    files.write_json(out, result)
     compare.plot({result["data"][:60]: out_rows}, out.with_suffix(".png"))
     table = compare.table(out_rows)
     out.with_suffix(".md").write_text(f"{table}\n\n{result['data']}; {result['protocol']}.\n")

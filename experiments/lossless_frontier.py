@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from research import config as config_lib  # noqa: E402
-from research import log, sources  # noqa: E402
+from research import files, sources  # noqa: E402
 from research.compress import pipeline  # noqa: E402
 from research.train import loop  # noqa: E402
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         seconds=time.time() - t_start,
     )
     out = Path(args.out)
-    log.write_json_atomic(out, result)
+    files.write_json(out, result)
     plot(result, out.with_suffix(".png"))
     print(f"\ndense {dense['bits_per_byte']:.4f} bits/byte; limit {limit:.4f} ({args.tolerance:.1%})")
     if best:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from research import config as config_lib  # noqa: E402
-from research import log, sources  # noqa: E402
+from research import files, sources  # noqa: E402
 from research.compress import calib, finetune, registry  # noqa: E402
 from research.compress.prune import masks as masks_lib  # noqa: E402
 from research.data import dataset, tokenizers  # noqa: E402
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         rows=rows,
         devices=str(jax.devices()),
     )
-    log.write_json_atomic(out, result)
+    files.write_json(out, result)
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from research import config as config_lib  # noqa: E402
-from research import log, models, sources  # noqa: E402
+from research import files, models, sources  # noqa: E402
 from research.compress import calib, core, finetune, registry  # noqa: E402
 from research.data import dataset, tokenizers  # noqa: E402
 from research.eval import metrics  # noqa: E402
@@ -237,9 +237,9 @@ def main(argv=None) -> int:
             rows.append(row)
             brief = {k: v for k, v in row.items() if k != "size"}
             print(json.dumps(brief), flush=True)
-            log.write_json_atomic(out, result(rows, partial=True))
+            files.write_json(out, result(rows, partial=True))
     final = result(rows, partial=False)
-    log.write_json_atomic(out, final)
+    files.write_json(out, final)
     plot(final, out.with_suffix(".png"))
     table(final)
     print(f"wrote {out} and {out.with_suffix('.png')} in {final['seconds']:.0f} s")

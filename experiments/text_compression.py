@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from research import config as config_lib  # noqa: E402
-from research import log, sources  # noqa: E402
+from research import sources  # noqa: E402
 from research.coding import compare, packed  # noqa: E402
 from research.compress import pipeline  # noqa: E402
 from research.data import corpora, dataset  # noqa: E402
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         results=results,
         seconds=time.time() - t_start,
     )
-    log.write_json_atomic(out, final)
+    files.write_json(out, final)
     compare.plot({k: v["rows"] for k, v in results.items()}, out.with_suffix(".png"))
     for dname, r in results.items():
         print(f"\n{dname}\n{compare.table(r['rows'])}")

@@ -26,6 +26,7 @@ exits with status 2; an interrupted run exits with 130 after saving a checkpoint
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -88,9 +89,9 @@ def _eval(args, overrides) -> int:
     result.update(corpus=spec, split=split, step=m.step, model=str(source))
     print(report.eval_table(result))
     if args.json:
-        from research import log
+        from research import files
 
-        log.write_json_atomic(Path(args.json), result)
+        files.write_json(Path(args.json), result)
     return 0
 
 
@@ -177,7 +178,7 @@ def _compress(args, overrides) -> int:
 
 
 def _pack(args, overrides) -> int:
-    from research import log
+    from research import files
     from research.coding import packed
 
     _no_extra(overrides, "pack")
@@ -185,7 +186,7 @@ def _pack(args, overrides) -> int:
     print(packed.table(rep))
     print(f"packed {args.model} into {rep['file']}")
     if args.json:
-        log.write_json_atomic(Path(args.json), rep)
+        files.write_json(Path(args.json), rep)
     return 0
 
 
@@ -199,7 +200,7 @@ def _unpack(args, overrides) -> int:
 
 
 def _inspect(args, overrides) -> int:
-    from research import log
+    from research import files
     from research.coding import packed
 
     _no_extra(overrides, "inspect")
@@ -212,7 +213,7 @@ def _inspect(args, overrides) -> int:
     )
     print(packed.table(rep, leaves=args.leaves))
     if args.json:
-        log.write_json_atomic(Path(args.json), rep)
+        files.write_json(Path(args.json), rep)
     return 0
 
 
@@ -234,14 +235,14 @@ def _rate(n_bytes: int, seconds: float) -> str:
 
 
 def _encode(args, overrides) -> int:
-    from research import log, sources
+    from research import files, sources
     from research.coding import lm
 
     _no_extra(overrides, "encode")
     data = _read_bytes(args.input)
     m = sources.load(args.model, args.step)
     blob, rep = lm.encode(data, m, context=args.context, chunk_len=args.chunk_len, batch_size=args.batch_size)
-    log.write_bytes_atomic(args.output, blob, overwrite=args.overwrite)
+    files.write_bytes(args.output, blob, overwrite=args.overwrite)
     if rep["ideal_bits"] is None:
         how = f"stored raw (coding could not make it smaller: gave up after {rep['gave_up_after_tokens']:,} tokens)"
     else:
@@ -258,12 +259,12 @@ def _encode(args, overrides) -> int:
         f"{rep['model_seconds']:.1f} s, coder {rep['coder_seconds']:.2f} s)"
     )
     if args.json:
-        log.write_json_atomic(Path(args.json), rep)
+        files.write_json(Path(args.json), rep)
     return 0
 
 
 def _decode(args, overrides) -> int:
-    from research import log, sources
+    from research import files, sources
     from research.coding import lm
 
     _no_extra(overrides, "decode")
@@ -271,7 +272,7 @@ def _decode(args, overrides) -> int:
     header, _ = lm.read_header(blob)  # a damaged file fails before the model is loaded
     m = None if header["stored"] else sources.load(args.model, args.step)  # a stored file needs no model
     data, rep = lm.decode(blob, m)
-    log.write_bytes_atomic(args.output, data, overwrite=args.overwrite)
+    files.write_bytes(args.output, data, overwrite=args.overwrite)
     how = "stored raw" if rep["stored"] else f"{rep['tokens']:,} tokens, {rep['tokens_per_s']:.1f} tokens/s"
     print(
         f"{args.input} -> {args.output}: {len(data):,} bytes, checksum verified; {how}, "
@@ -331,15 +332,79 @@ def _model_args(p, workdir: bool = False) -> None:
     p.add_argument("--model", required=not workdir, help="run directory, HF checkpoint directory or hub id")
     if workdir:
         p.add_argument("--workdir", help="same as --model (a run directory)")
-    p.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
+    p.add_argument("--step", type=_step, help="checkpoint step of a run (default: latest)")
     p.add_argument("--tokenizer", help="tokenizer spec overriding the model's (byte, hf:DIR)")
     p.add_argument("--dtype", choices=model_config.DTYPES, help="compute dtype for HF checkpoints")
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _step(text: str) -> int:
+    """argparse type: a checkpoint step (an integer >= 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed in 0 .. 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2**32 - 1, got {value}")
+    return value
+
+
+def _check_outputs(args) -> None:
+    """Checks every output file the command will write (its `output` / `out` file and `--json`) before any work:
+    a missing directory, a directory where the file goes, or an existing file without --overwrite."""
+    from research import files
+
+    overwrite = getattr(args, "overwrite", False)
+    for name in ("output", "out") if args.command in ("encode", "decode", "pack") else ():
+        if getattr(args, name, None):
+            files.check_writable(getattr(args, name), overwrite=overwrite)
+    if getattr(args, "json", None):
+        files.check_writable(args.json, overwrite=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one-line UserErrors (exit status 2, no usage block)."""
+
+    def error(self, message):
+        raise errors.UserError(f"{message} (see {self.prog} --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
     from research.models import config as model_config
 
-    p = argparse.ArgumentParser(prog="ziplm", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="ziplm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command")
     d = sub.add_parser("demo", help="train, evaluate and summarise the default model on the embedded corpus")
     d.add_argument("--workdir", help="run directory (default runs/demo; an existing demo run is resumed)")
@@ -365,21 +430,21 @@ def _parser() -> argparse.ArgumentParser:
         default="windows",
         help="windows: every token scored (sliding with --stride); gptq: the GPTQ/SparseGPT perplexity protocol",
     )
-    e.add_argument("--window", type=int, help="context window in tokens (default: the run's eval window / context)")
-    e.add_argument("--stride", type=int, help="tokens between window starts (default: window, non-overlapping)")
-    e.add_argument("--batch-size", type=int, help="windows per forward pass")
+    e.add_argument("--window", type=_positive, help="context window in tokens (default: the run's eval window)")
+    e.add_argument("--stride", type=_positive, help="tokens between window starts (default: window, non-overlapping)")
+    e.add_argument("--batch-size", type=_positive, help="windows per forward pass")
     e.add_argument("--json", help="also write the result to this JSON file")
     s_ = sub.add_parser("sample", help="print a continuation of a prompt")
     _model_args(s_)
     s_.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    s_.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    s_.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    s_.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    s_.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s_.add_argument("--max-new-tokens", type=_positive, default=100, help="tokens to generate (default 100)")
+    s_.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy (default 0.8)")
+    s_.add_argument("--top-k", type=_positive, default=None, help="sample among the k most likely tokens")
+    s_.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     s_.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (slow baseline)")
     x = sub.add_parser("export", help="write a model as a Hugging Face checkpoint directory")
     x.add_argument("--model", required=True, help="run directory, HF checkpoint directory or hub id")
-    x.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
+    x.add_argument("--step", type=_step, help="checkpoint step of a run (default: latest)")
     x.add_argument("--out", required=True, help="directory to write (must be new or empty, unless --overwrite)")
     x.add_argument("--model-type", help="HF family to write (default: the source's, or the first that fits)")
     x.add_argument("--dtype", choices=model_config.DTYPES, default="float32", help="stored dtype")
@@ -396,7 +461,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --workdir")
     k = sub.add_parser("pack", help="pack a model into one file of entropy-coded, bit-exact sections")
     k.add_argument("--model", required=True, help="run, compressed directory, HF directory or hub id")
-    k.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
+    k.add_argument("--step", type=_step, help="checkpoint step of a run (default: latest)")
     k.add_argument("--out", required=True, help="the file to write (e.g. model.zlm)")
     k.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     k.add_argument("--json", help="also write the report to this JSON file")
@@ -412,21 +477,21 @@ def _parser() -> argparse.ArgumentParser:
         "encode", help="compress a file with a model (arithmetic coding of its next-token probabilities)"
     )
     en.add_argument("--model", required=True, help="run, compressed directory, packed file, HF directory or hub id")
-    en.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
+    en.add_argument("--step", type=_step, help="checkpoint step of a run (default: latest)")
     en.add_argument("input", help="the file to compress (any bytes)")
     en.add_argument("output", help="the coded file to write")
     en.add_argument(
         "--context",
-        type=int,
+        type=_positive,
         help="model positions the coder uses (default: the model's context, at most 1024; stored in the file)",
     )
-    en.add_argument("--chunk-len", type=int, help="new tokens per window (default: half the context)")
-    en.add_argument("--batch-size", type=int, default=16, help="streams coded in parallel (default 16)")
+    en.add_argument("--chunk-len", type=_positive, help="new tokens per window (default: half the context)")
+    en.add_argument("--batch-size", type=_positive, default=16, help="streams coded in parallel (default 16)")
     en.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     en.add_argument("--json", help="also write the report to this JSON file")
     de = sub.add_parser("decode", help="decompress a file coded by `ziplm encode`, with the same model")
     de.add_argument("--model", required=True, help="the model the file was coded with")
-    de.add_argument("--step", type=int, help="checkpoint step of a run (default: latest)")
+    de.add_argument("--step", type=_step, help="checkpoint step of a run (default: latest)")
     de.add_argument("input", help="the coded file")
     de.add_argument("output", help="the file to write")
     de.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -437,7 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
-    args, rest = parser.parse_known_args(argv or ["demo"])
+    try:
+        args, rest = parser.parse_known_args(argv or ["demo"])
+    except errors.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -458,9 +527,14 @@ def main(argv: list[str] | None = None) -> int:
         "decode": _decode,
     }
     try:
+        _check_outputs(args)
         return handlers[args.command](args, rest)
     except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an operating-system error no check could foresee (disk full, permissions, ...)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {(e.strerror or str(e) or type(e).__name__).lower()}{where}", file=sys.stderr)
         return 2
     except loop.Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ import difflib
 import importlib.util
 import inspect
 import json
+import math
 from pathlib import Path
 
 import ml_collections as mlc
@@ -69,16 +70,35 @@ def load(path: str) -> mlc.ConfigDict:
         raise errors.UserError(f"config file {p} is not a Python file (configs are .py files with get_config())")
     spec = importlib.util.spec_from_file_location(f"_ziplm_config_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise errors.UserError(f"config file {p} has a syntax error at line {e.lineno}: {e.msg}") from None
+    except errors.UserError:
+        raise
+    except Exception as e:
+        raise errors.UserError(f"config file {p} failed to load: {type(e).__name__}: {_line(e)}") from None
+    if not callable(getattr(module, "get_config", None)):
         raise errors.UserError(f"config file {p} defines no get_config()")
     n_params = len(inspect.signature(module.get_config).parameters)
     if arg and n_params == 0:
         raise errors.UserError(f"get_config() in {p} takes no argument, but '{path}' passes {arg!r}")
-    cfg = module.get_config(arg) if arg else module.get_config()
-    if not isinstance(cfg, mlc.ConfigDict):
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except errors.UserError:
+        raise
+    except Exception as e:
+        raise errors.UserError(f"get_config() in {p} raised {type(e).__name__}: {_line(e)}") from None
+    if isinstance(cfg, dict):
         cfg = mlc.ConfigDict(cfg)
+    if not isinstance(cfg, mlc.ConfigDict):
+        raise errors.UserError(f"get_config() in {p} returned a {type(cfg).__name__}, not a ConfigDict or dict")
     return cfg
+
+
+def _line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] or "(no message)"
 
 
 # Entries whose default is None, and the type a value must have when one is set.
@@ -212,8 +232,11 @@ def validate(cfg: mlc.ConfigDict) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise errors.UserError(f"{name} must be a positive integer, got {value!r}")
 
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise errors.UserError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**31:
+        raise errors.UserError(f"seed must be an integer in 0 .. 2**31 - 1, got {cfg.seed!r}")
+    vf = d.get("val_fraction")
+    if not isinstance(vf, int | float) or isinstance(vf, bool) or not 0 < vf < 1:
+        raise errors.UserError(f"data.val_fraction must be in (0, 1) (evaluation needs validation text), got {vf!r}")
     for name in ("corpus", "tokenizer", "sampling"):
         if not isinstance(d[name], str) or not d[name]:
             raise errors.UserError(f"data.{name} must be a non-empty string, got {d[name]!r}")
@@ -230,8 +253,23 @@ def validate(cfg: mlc.ConfigDict) -> None:
         positive(f"train.{name}", t[name])
     if d.seq_len > m.max_seq_len:
         raise errors.UserError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    for name in ("lr", "min_lr", "weight_decay", "b1", "b2", "grad_clip"):
+        v = t.get(name)
+        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)):
+            raise errors.UserError(f"train.{name} must be a finite number, got {v!r}")
     if t.lr <= 0 or t.min_lr < 0 or t.warmup_steps < 0:
         raise errors.UserError("train.lr must be > 0, train.min_lr >= 0 and train.warmup_steps >= 0")
+    if t.min_lr > t.lr:
+        raise errors.UserError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
+    for name in ("b1", "b2"):
+        if name in t and not 0 <= t[name] < 1:
+            raise errors.UserError(f"train.{name} must be in [0, 1), got {t[name]}")
+    for name in ("weight_decay", "grad_clip"):
+        if t.get(name) is not None and t[name] < 0:
+            raise errors.UserError(f"train.{name} must be >= 0, got {t[name]}")
+    from research.train import sharding  # the rules' names are checked before anything is written
+
+    sharding.rules_for(cfg.mesh.rules)
     window = e.window or d.seq_len
     if window > m.max_seq_len:
         raise errors.UserError(f"eval.window ({window}) exceeds model.max_seq_len ({m.max_seq_len})")

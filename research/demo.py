@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from research import config as config_lib
-from research import errors, log, report
+from research import errors, files, report
 from research.coding import compare, packed
 from research.compress import pipeline
 from research.data import corpora, dataset
@@ -111,7 +111,7 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None, 
             )
     headers = ["model", "sparsity", "val loss", "bits/byte", "vs dense", "packed kB", "x fp32", "compress s"]
     table = report.table(headers, rows)
-    log.write_json_atomic(
+    files.write_json(
         run_dir / "compress_table.json", {"headers": headers, "rows": rows, "protocol": summary["val"]["protocol"]}
     )
     print("\nziplm demo: byte-level GPT-2-style model on the embedded pydoc corpus\n")
@@ -156,5 +156,5 @@ def code_held_out(cfg, run_dir: Path, saved: dict, llm: str | None = None) -> di
         rows.sort(key=lambda r: r["total_bytes"])
     path = compare.plot({f"held-out text ({len(data):,} bytes)": rows}, run_dir / "coding.png")
     result = dict(bytes=len(data), rows=rows, plot=str(path), protocol="chunks of the model's context, 64 streams")
-    log.write_json_atomic(run_dir / "coding_table.json", result)
+    files.write_json(run_dir / "coding_table.json", result)
     return result

@@ -10,49 +10,34 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
 import jax
 
-from research import errors
+from research import files
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file ([] when it is missing). A line that does not parse as a JSON object (a torn
+    last line after a crash, a damaged one) is skipped with a warning naming it, never an exception."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Writes JSON to a temporary file and renames it over `path`, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def write_bytes_atomic(path, data: bytes, *, overwrite: bool = False) -> Path:
-    """Writes a file through a temporary file beside it, renamed into place; an existing file is refused unless
-    `overwrite` (a UserError, as is a missing directory). Returns the resolved path."""
-    target = Path(path).expanduser().resolve()
-    if target.exists() and not overwrite:
-        raise errors.UserError(f"{target} exists; pass --overwrite to replace it")
-    if not target.parent.is_dir():
-        raise errors.UserError(f"the directory of {target} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    records = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            print(f"warning: {path}:{i} is not a JSON record (damaged or torn); skipped", file=sys.stderr)
+            continue
+        records.append(record)
+    return records
 
 
 class Logger:
@@ -74,9 +59,7 @@ class Logger:
             return
         if resume_step is not None and self.path.exists():
             keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, self.path)
+            files.write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
         elif resume_step is None:
             self.path.write_text("")
         self._file = self.path.open("a")
@@ -133,36 +116,3 @@ def _plain(v):
     if hasattr(v, "item"):
         return v.item()
     return v
-
-
-class AtomicDir:
-    """Builds a directory under a temporary name and moves it into place only when the block succeeds.
-
-    An existing non-empty target is refused unless `overwrite`; with it, the old directory is replaced only after
-    the new one is complete.
-    """
-
-    def __init__(self, target: Path, overwrite: bool = False):
-        self.target = Path(target)
-        if self.target.exists() and not self.target.is_dir():
-            raise errors.UserError(f"{self.target} exists and is not a directory")
-        if self.target.is_dir() and any(self.target.iterdir()) and not overwrite:
-            raise errors.UserError(f"{self.target} exists and is not empty; pass --overwrite to replace it")
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            self.target.rename(old)
-        self.tmp.rename(self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False

@@ -80,7 +80,7 @@ def test_non_override_argument_is_rejected():
         ("data.seq_len", 4096, "exceeds model.max_seq_len"),
         ("eval.stride", 1000, "eval.stride"),
         ("wandb.mode", "sometimes", "wandb.mode"),
-        ("seed", -1, "seed must be a non-negative integer"),
+        ("seed", -1, "seed must be an integer in 0 "),
         ("eval.max_windows", -1, "eval.max_windows must be a positive integer"),
     ],
 )

@@ -1,6 +1,6 @@
 import json
 
-from research import log
+from research import files, log
 
 
 def test_jsonl_records_and_resume_truncation(tmp_path):
@@ -54,5 +54,5 @@ def test_wandb_failure_never_stops_the_run(tmp_path, monkeypatch, capsys):
 
 
 def test_write_json_atomic_leaves_no_temporary(tmp_path):
-    log.write_json_atomic(tmp_path / "a.json", {"x": 1})
+    files.write_json(tmp_path / "a.json", {"x": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

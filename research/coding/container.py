@@ -27,19 +27,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
-from research import errors
+import numpy as np
+
+from research import errors, files
 
 MAGIC, END = b"ZIPLMPK\n", b"ZIPLMEND"
 VERSION = 1
 FORMAT = "ziplm-packed"
 _FIXED = struct.Struct("<8sHHQ")  # magic, version, reserved, header length
 FOOTER = 40
+
+
+MAX_HEADER = 64 << 20  # inflated header bytes: a leaf record is ~300 bytes, so ~200,000 leaves
+MAX_ELEMENTS = 2**40  # elements of one leaf
+LEAF_DTYPES = ("float32", "bfloat16", "float16")  # what `floats` codes bit-exactly
+
+
+def _count(v) -> bool:
+    """A JSON value that is a non-negative integer (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def crc(data) -> int:
@@ -56,11 +66,7 @@ def write(path, meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]], *
       blobs: per leaf, {section name: bytes}, in the order the sections are stored; the leaf record's "bounds"
         dict may give a section's (entropy bound, Huffman size) in bits.
     """
-    path = Path(path).expanduser().resolve()
-    if path.exists() and not overwrite:
-        raise errors.UserError(f"{path} exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise errors.UserError(f"the directory of {path} does not exist")
+    path = files.check_writable(path, overwrite=overwrite)
     offset, records = 0, []
     for leaf, sections in zip(leaves, blobs, strict=True):
         bounds = leaf.pop("bounds", {})
@@ -73,28 +79,20 @@ def write(path, meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]], *
             offset += len(data)
         records.append(entry)
     header = zlib.compress(json.dumps(dict(format=FORMAT, version=VERSION, meta=meta, leaves=records)).encode(), 9)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f:
+    digest = hashlib.sha256()
+    with files.atomic_file(path, overwrite=overwrite) as f:
 
-            def put(b):
-                f.write(b)
-                digest.update(b)
+        def put(b):
+            f.write(b)
+            digest.update(b)
 
-            put(_FIXED.pack(MAGIC, VERSION, 0, len(header)))
-            put(header)
-            put(struct.pack("<I", crc(header)))
-            for sections in blobs:
-                for data in sections.values():
-                    put(data)
-            f.write(digest.digest() + END)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        put(_FIXED.pack(MAGIC, VERSION, 0, len(header)))
+        put(header)
+        put(struct.pack("<I", crc(header)))
+        for sections in blobs:
+            for data in sections.values():
+                put(data)
+        f.write(digest.digest() + END)
     return path.stat().st_size
 
 
@@ -128,18 +126,55 @@ class Reader:
             if f.read(8) != END:
                 raise errors.CorruptData(f"{self.path} is truncated or damaged: no end marker")
         try:
-            self.header = json.loads(zlib.decompress(raw))
+            inflate = zlib.decompressobj()
+            text = inflate.decompress(raw, MAX_HEADER)
+            if inflate.unconsumed_tail:
+                raise errors.CorruptData(f"{self.path}: the header inflates past {MAX_HEADER >> 20} MiB (damaged)")
+            self.header = json.loads(text)
         except (ValueError, zlib.error) as e:
             raise errors.CorruptData(f"{self.path}: the header is not valid JSON ({e})") from None
-        if self.header.get("format") != FORMAT:
-            raise errors.CorruptData(f"{self.path}: header format {self.header.get('format')!r}, expected {FORMAT!r}")
         self.data_end = self.size - FOOTER
-        for leaf in self.header["leaves"]:
-            for name, s in leaf["sections"].items():
-                if s["offset"] < 0 or self.data_start + s["offset"] + s["length"] > self.data_end:
+        self._validate()
+
+    def _validate(self) -> None:
+        """The header against its schema, before anything is allocated from it: types, shapes, dtypes, and the
+        sections tiling the data region exactly (their lengths add up to the file's)."""
+
+        def bad(what):
+            raise errors.CorruptData(f"{self.path}: the header {what} (the file is damaged)")
+
+        h = self.header
+        if not isinstance(h, dict) or h.get("format") != FORMAT:
+            got = h.get("format") if isinstance(h, dict) else type(h).__name__
+            raise errors.CorruptData(f"{self.path}: header format {got!r}, expected {FORMAT!r}")
+        if not isinstance(h.get("meta"), dict) or not isinstance(h.get("leaves"), list):
+            bad("lacks its meta record or leaf list")
+        end = 0
+        for i, leaf in enumerate(h["leaves"]):
+            if not isinstance(leaf, dict) or not isinstance(leaf.get("path"), str):
+                bad(f"has a malformed record for leaf {i}")
+            where = f"record of {leaf['path']}"
+            shape = leaf.get("shape")
+            if not isinstance(shape, list) or len(shape) > 8 or not all(_count(d) for d in shape):
+                bad(f"{where} has an invalid shape {shape!r}")
+            if int(np.prod(shape, dtype=np.float64)) > MAX_ELEMENTS:
+                bad(f"{where} has {int(np.prod(shape, dtype=np.float64)):,} elements, more than ziplm writes")
+            if leaf.get("dtype") not in LEAF_DTYPES or not isinstance(leaf.get("kind"), str):
+                bad(f"{where} has dtype {leaf.get('dtype')!r} / kind {leaf.get('kind')!r}")
+            if not _count(leaf.get("crc32")) or not isinstance(leaf.get("sections"), dict):
+                bad(f"{where} lacks its checksum or sections")
+            for name, sec in leaf["sections"].items():
+                if not isinstance(sec, dict) or not (_count(sec.get("offset")) and _count(sec.get("length"))):
+                    bad(f"{where} has a malformed section {name!r}")
+                if sec["offset"] != end:
+                    bad(f"{where}: section {name!r} is not where the previous one ends")
+                end += sec["length"]
+                if self.data_start + end > self.data_end:
                     raise errors.CorruptData(
                         f"{self.path}: section {name!r} of {leaf['path']} runs past the end of the file"
                     )
+        if self.data_start + end != self.data_end:
+            bad(f"accounts for {end:,} section bytes, but the file holds {self.data_end - self.data_start:,}")
 
     @property
     def meta(self) -> dict:

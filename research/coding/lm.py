@@ -382,6 +382,32 @@ def _varint(mv, pos: int) -> tuple[int, int]:
             return value, pos
 
 
+# A coded file never claims more than this many output bytes per byte of its own (plus 1 MiB): LM coding of real
+# data stays far below it (1.1 bits per byte is 7x), and it bounds what a damaged or crafted header can allocate.
+MAX_EXPANSION = 2**20
+MAX_STREAMS = 1024  # batch sizes above the token count are refused past this many streams
+
+
+def _check_limits(header: dict, n_runs: int, size: int, pos: int) -> None:
+    """Refuses header fields that no `encode` writes, before anything is allocated from them."""
+
+    def bad(what):
+        raise errors.CorruptData(f"the coded file's header {what} (the file is damaged)")
+
+    if n_runs > size - pos:
+        bad(f"lists {n_runs:,} runs in {size - pos:,} bytes")
+    if header["length"] > MAX_EXPANSION * size + 2**20:
+        bad(f"claims {header['length']:,} bytes of output from a file of {size:,}")
+    if header["tokens"] > header["length"]:
+        bad(f"claims {header['tokens']:,} tokens for {header['length']:,} bytes")
+    if not 1 <= header["batch_size"] <= max(header["tokens"], MAX_STREAMS):
+        bad(f"claims {header['batch_size']:,} streams for {header['tokens']:,} tokens")
+    if not 1 <= header["chunk_len"] <= header["context"] <= 2**24:
+        bad(f"has window {header['chunk_len']:,} in context {header['context']:,}")
+    if header["coder_bytes"] + header["escapes"] > size:
+        bad(f"claims {header['coder_bytes'] + header['escapes']:,} payload bytes in a file of {size:,}")
+
+
 def read_header(blob: bytes) -> tuple[dict, bytes]:
     """(header, payload) of a coded file, after the magic, version, header CRC and payload CRC checks.
 
@@ -412,6 +438,7 @@ def read_header(blob: bytes) -> tuple[dict, bytes]:
         value, pos = _varint(mv, pos)
         values.append(value)
     header = dict(zip(_FIELDS, values[:-1]))
+    _check_limits(header, values[-1], len(mv), pos)
     runs = []
     for _ in range(values[-1]):
         first, pos = _varint(mv, pos)

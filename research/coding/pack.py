@@ -336,7 +336,16 @@ def unpack(path, *, verify: bool = True) -> tuple[dict, dict]:
         r.verify()
     out: dict = {}
     for leaf in r.leaves:
-        x = decode_leaf(leaf, {name: r.section(leaf, name) for name in leaf["sections"]})
+        sections = {name: r.section(leaf, name) for name in leaf["sections"]}
+        try:
+            x = decode_leaf(leaf, sections)
+        except errors.UserError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError, MemoryError) as e:
+            # Every section passed its CRC, so the record itself is inconsistent: damaged, or crafted.
+            raise errors.CorruptData(
+                f"{r.path}: the record of {leaf['path']} does not describe its sections ({type(e).__name__}: {e})"
+            ) from None
         if container.crc(np.ascontiguousarray(x).tobytes()) != leaf["crc32"]:
             raise errors.CorruptData(f"{r.path}: {leaf['path']} decodes to the wrong values (checksum mismatch)")
         node = out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from research import errors, log
+from research import errors, files
 from research.coding import container, pack
 
 
@@ -98,7 +98,7 @@ def unpack_model(path, out, *, overwrite: bool = False) -> Path:
 
     meta, cfg, _, params = load(path)
     target = Path(out).expanduser().resolve()
-    with log.AtomicDir(target, overwrite) as tmp:
+    with files.AtomicDir(target, overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
             ckptr.wait_until_finished()
@@ -113,7 +113,7 @@ def unpack_model(path, out, *, overwrite: bool = False) -> Path:
             run_config=meta.get("run_config"),
             unpacked_from=str(path),
         )
-        log.write_json_atomic(tmp / "compressed.json", record)
+        files.write_json(tmp / "compressed.json", record)
     return target
 
 

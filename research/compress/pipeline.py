@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from research import config as config_lib
-from research import errors, log, models, sources, tree
+from research import errors, files, log, models, sources, tree
 from research.coding import pack as coding_pack
 from research.coding import packed as coding_packed
 from research.compress import calib as calib_lib
@@ -194,7 +194,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     validate(cfg)
     transform = build(cfg.compress)
     out = Path(workdir).expanduser().resolve()
-    atomic = log.AtomicDir(out, overwrite)
+    atomic = files.AtomicDir(out, overwrite)
     m = sources.load(cfg.model, cfg.step)
     run_cfg = m.run_config
     tok_spec = cfg.data.tokenizer or m.tokenizer
@@ -366,7 +366,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             summary["packed_compressed"] = packed_at_init or summary["packed"]
             times["pack"] = time.time() - t
             summary["seconds"] = {**times, "total": time.time() - t0}
-        log.write_json_atomic(tmp / "summary.json", summary)
+        files.write_json(tmp / "summary.json", summary)
     return summary
 
 
@@ -446,7 +446,7 @@ def _save(directory: Path, m, out_cfg, effective, masks, cstate, tok_spec, corpu
             if stored:
                 ckptr.save(directory / name, stored)
                 ckptr.wait_until_finished()
-    log.write_json_atomic(directory / "compressed.json", record)
+    files.write_json(directory / "compressed.json", record)
 
 
 def _strip_none(t):

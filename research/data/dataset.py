@@ -13,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from research import errors
+from research import errors, files
 from research.data import corpora
 
 
@@ -28,14 +27,8 @@ def cache_dir() -> Path:
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with files.atomic_file(path) as f:
+        np.save(f, arr)
 
 
 def tokenize_cached(text: str, tokenizer, *, use_cache: bool = True) -> np.ndarray:

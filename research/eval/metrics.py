@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from research import errors, models
+from research import errors, hardware, models
 
 # Evaluation computes the attention ATTN_CHUNK queries at a time when one layer's (B, H, W, W) float32 scores
 # would exceed ATTN_BUDGET elements (2**24: 64 MiB); see `evaluate` and benchmarks/eval_memory.py.
@@ -194,17 +194,35 @@ def evaluate(
     if pad:
         inputs, targets = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (inputs, targets))
         mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
+    # Compiled ahead of the loop (jax caches the executable per shape, as a jitted call would), then the heap the
+    # compiler freed is handed back before the first batch runs: otherwise glibc keeps it (~90 MiB for
+    # SmolLM2-135M) and the evaluation's peak stacks on top of it (benchmarks/eval_memory.py).
+    first = slice(0, batch_size)
+    if reference is None:
+        step = _eval_step.lower(graphdef, params, inputs[first], targets[first], mask[first], logits_chunk, attn_chunk)
+    else:
+        ref_graphdef, ref_params = reference
+        step = _agree_step.lower(
+            graphdef,
+            params,
+            inputs[first],
+            targets[first],
+            mask[first],
+            ref_params,
+            ref_graphdef,
+            logits_chunk,
+            attn_chunk,
+        )
+    step = step.compile()
+    hardware.release_freed_memory()
     nll, correct, kl, agree = 0.0, 0, 0.0, 0
     disable = None if progress is None else not progress
     for i in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=disable, leave=False):
         sl = slice(i, i + batch_size)
         if reference is None:
-            args = (graphdef, params, inputs[sl], targets[sl], mask[sl], logits_chunk, attn_chunk)
-            b_nll, b_correct = _eval_step(*args)
+            b_nll, b_correct = step(params, inputs[sl], targets[sl], mask[sl])
         else:
-            ref_graphdef, ref_params = reference
-            args = (graphdef, params, inputs[sl], targets[sl], mask[sl], ref_params, ref_graphdef)
-            b_nll, b_correct, b_kl, b_agree = _agree_step(*args, logits_chunk, attn_chunk)
+            b_nll, b_correct, b_kl, b_agree = step(params, inputs[sl], targets[sl], mask[sl], ref_params)
             kl += float(b_kl)
             agree += int(b_agree)
         nll += float(b_nll)

@@ -5,9 +5,10 @@ It lives under `models/` (which imports nothing from `train/`, `compress/` or `e
 
 `chunked_nll` never holds the full (B, T, V) logits: it maps the output head over chunks of `chunk` positions
 (`jax.lax.map`), so at most (B, chunk, V) float32 logits exist at once. For SmolLM2-135M (V = 49,152) at window
-2048 and batch 4, the full logits are 1.6 GB; `auto_chunk`'s 85 positions are 64 MiB. Each chunk's NLL is the same
-log-sum-exp as `token_nll`, so the result equals the unchunked one to float32 rounding. Chunking is over positions
-only (each chunk sees the whole vocabulary), which bounds the logits at (B, chunk, V) for any vocabulary size.
+2048 and batch 4, the full logits are 1.6 GB; `auto_chunk`'s 85 positions are 64 MiB (16 MiB at batch 1). Each
+chunk's NLL is the same log-sum-exp as `token_nll`, so the result equals the unchunked one to float32 rounding.
+Chunking is over positions only (each chunk sees the whole vocabulary), which bounds the logits at (B, chunk, V) for
+any vocabulary size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import optax
 
 # Logit elements (rows x vocab) per chunk that `auto_chunk` aims for: 2**24 float32 values are 64 MiB.
 LOGITS_BUDGET = 2**24
+MIN_BATCH = 4
 
 
 def token_nll(logits, targets):
@@ -35,9 +37,12 @@ def auto_chunk(batch: int, length: int, vocab: int, budget: int = LOGITS_BUDGET)
       budget: logit elements per chunk.
 
     Returns:
-      A chunk length in 1 .. length (length itself when everything fits).
+      A chunk length in 1 .. length (length itself when everything fits). The chunk is sized as though the batch
+      were at least MIN_BATCH: a smaller batch holds a fraction of the budget, since the positions per chunk (the
+      loop's trip count), not its rows, set the chunked loop's overhead (SmolLM2-135M at batch 1: 85 positions,
+      16 MiB of logits, as fast as 341 and 20 MiB less memory; benchmarks/eval_memory.py).
     """
-    return max(1, min(length, budget // max(1, batch * vocab)))
+    return max(1, min(length, budget // max(1, max(batch, MIN_BATCH) * vocab)))
 
 
 def chunked_agreement(head: Callable, hidden, ref_head: Callable, ref_hidden, chunk: int):

@@ -3,16 +3,85 @@
 Layout: `<run dir>/checkpoints/<step>/{state, meta}`. `state` is {"step", "params", "opt_state"}; `meta` holds the
 run config, the model config, the tokenizer spec and the data position (the sampler's seed and next step). Restoring
 uses an abstract target so optax state objects come back as they were, with the shardings of the current mesh.
+
+Integrity, checked on every restore (and so by resume, eval, pack and every other loader of a run):
+- every step's `meta` carries a manifest of the state's content (`checksums`: two 32-bit sums of each array's
+  words, a plain and a position-weighted one, computed on the devices, so they do not depend on the mesh) and a
+  SHA-256 of the rest of `meta`, written in the same orbax commit as the state: a single flipped bit in a tensor
+  changes both sums;
+- once the commit is final, `<step>/ziplm-files.sha256.json` lists the SHA-256 of every file of the step, so damage
+  that does not change a restored value (a byte orbax never reads back) is found too.
+A damaged step never restores silently: with no step asked for, restore falls back to the newest intact step with a
+warning naming the damaged one; asked for explicitly, a damaged step is a `CorruptData` error. The checks detect
+damage, not tampering. Steps written before the manifests existed restore with a warning that they are unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from research import errors, tree
+from research import errors, files, tree
+
+CHECKSUM = "u32sum+weighted/v1"
+FILE_MANIFEST = "ziplm-files.sha256.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _words(a):
+    """An array's bits as a flat uint32 vector (narrower types widened, 64-bit ones split in two words)."""
+    a = jnp.asarray(a)
+    size = a.dtype.itemsize
+    if a.dtype == jnp.bool_:
+        return a.reshape(-1).astype(jnp.uint32)
+    if size == 4:
+        return jax.lax.bitcast_convert_type(a, jnp.uint32).reshape(-1)
+    if size < 4:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+        return jax.lax.bitcast_convert_type(a, unsigned).reshape(-1).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(a, jnp.uint32).reshape(-1)  # (..., 2) for 8-byte types
+
+
+@jax.jit
+def _sums(leaves):
+    out = []
+    for a in leaves:
+        w = _words(a)
+        odd = 2 * jnp.arange(w.shape[0], dtype=jnp.uint32) + 1  # odd weights: one flipped bit always changes it
+        out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * odd, dtype=jnp.uint32)]))
+    return out
+
+
+def checksums(state) -> dict[str, list[int]]:
+    """{leaf path: [sum of its uint32 words, sum weighted by odd position weights]} (mod 2**32), mesh-independent."""
+    flat = tree.flatten(state)
+    sums = jax.device_get(_sums(list(flat.values())))
+    return {k: [int(x) for x in np.asarray(v)] for k, v in zip(flat, sums)}
+
+
+def _meta_digest(meta: dict) -> str:
+    rest = {k: v for k, v in meta.items() if k not in ("checksums", "meta_sha256")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _warn(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def exists(workdir: Path) -> bool:
@@ -37,29 +106,121 @@ class Checkpoints:
         self._mgr.delete(step)
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Saves `state` and `meta` as step `step`, with the manifest of the state's content in `meta`."""
+        meta = {**meta, "checksum": CHECKSUM, "checksums": checksums(state)}
+        meta["meta_sha256"] = _meta_digest(meta)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._mgr.save(step, args=args, force=True)
+        self._mgr.wait_until_finished()  # the files are final: hash them
+        if jax.process_index() == 0:
+            step_dir = self.dir / str(step)
+            hashes = {str(f.relative_to(step_dir)): _sha256(f) for f in sorted(step_dir.rglob("*")) if f.is_file()}
+            files.write_json(step_dir / FILE_MANIFEST, hashes)
+
+    def _check_files(self, step: int) -> None:
+        """Compares the step's files with the SHA-256 manifest written after its commit (absent when the process
+        stopped between the commit and the manifest: the content checksums still apply)."""
+        step_dir = self.dir / str(step)
+        manifest = step_dir / FILE_MANIFEST
+        if jax.process_index() != 0 or not manifest.is_file():
+            return
+        where = f"checkpoint step {step} in {self.dir} is damaged"
+        try:
+            hashes = json.loads(manifest.read_text())
+        except (ValueError, UnicodeDecodeError):
+            hashes = None
+        if not isinstance(hashes, dict):
+            raise errors.CorruptData(f"{where}: its file manifest {FILE_MANIFEST} does not read")
+        for name, digest in hashes.items():
+            f = step_dir / name
+            if not f.is_file():
+                raise errors.CorruptData(f"{where}: {name} is missing")
+            if _sha256(f) != digest:
+                raise errors.CorruptData(f"{where}: {name} does not match its SHA-256")
 
     def meta(self, step: int | None = None) -> dict:
-        step = self.resolve(step)
-        return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        """The meta record of `step` (default: the newest step whose record is intact), verified."""
+        if step is not None:
+            return self._read_meta(self.resolve(step))
+        return self.restore_verified(None, None)[1]
+
+    def _read_meta(self, step: int) -> dict:
+        where = f"checkpoint step {step} in {self.dir}"
+        try:
+            meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # orbax raises many types for a damaged or missing file
+            raise errors.CorruptData(f"{where} is damaged: its meta record does not read ({_short(e)})") from None
+        if not isinstance(meta, dict):
+            raise errors.CorruptData(f"{where} is damaged: its meta record is not a JSON object")
+        if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+            raise errors.CorruptData(f"{where} is damaged: its meta record does not match its SHA-256")
+        return meta
 
     def restore(self, target, step: int | None = None):
-        """Restores (state, meta) at `step` (default latest) into the structure and shardings of `target`.
+        """Restores (state, meta) at `step` (default: the newest intact step) into the structure and shardings of
+        `target`, verified against the step's manifest.
 
         Args:
           target: a state tree of arrays or ShapeDtypeStructs (with .sharding) giving structure and placement.
         """
-        step = self.resolve(step)
+        state, meta, _ = self.restore_verified(lambda meta: target, step)
+        return state, meta
+
+    def restore_verified(self, make_target: Callable[[dict], object] | None, step: int | None = None):
+        """(state, meta, step): the given step, or with None the newest step that restores intact.
+
+        Args:
+          make_target: maps the step's meta record to the target tree (see `restore`); None reads only the meta
+            (state is then None).
+          step: a saved step; a damaged one is a CorruptData error. None tries the steps newest first, warning
+            about each damaged one it skips.
+        """
+        steps = [self.resolve(step)] if step is not None else self.all_steps()[::-1]
+        if not steps:
+            raise errors.UserError(f"no checkpoint in {self.dir}")
+        damaged = []
+        for s in steps:
+            try:
+                self._check_files(s)
+                meta = self._read_meta(s)
+                state = None if make_target is None else self._restore_state(s, make_target(meta), meta)
+            except errors.CorruptData as e:
+                if step is not None:
+                    raise
+                damaged.append(s)
+                _warn(f"{e}; trying an older step")
+                continue
+            if damaged:
+                _warn(f"using checkpoint step {s} of {self.dir}, the newest intact one (damaged: {damaged})")
+            return state, meta, s
+        raise errors.CorruptData(f"every checkpoint in {self.dir} is damaged (steps {damaged}); nothing to restore")
+
+    def _restore_state(self, step: int, target, meta: dict):
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         self._check_shapes(step, abstract)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        out = self._mgr.restore(step, args=args)
-        return out.state, out.meta
+        where = f"checkpoint step {step} in {self.dir}"
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        try:
+            state = self._mgr.restore(step, args=args).state
+        except Exception as e:
+            raise errors.CorruptData(f"{where} is damaged: its state does not read ({_short(e)})") from None
+        expected = meta.get("checksums")
+        if expected is None:
+            _warn(f"{where} predates integrity manifests: restored unverified")
+            return state
+        got = checksums(state)
+        for k in sorted(set(expected) | set(got)):
+            if expected.get(k) != got.get(k):
+                raise errors.CorruptData(f"{where} is damaged: {k} does not match its checksum")
+        return state
 
     def _check_shapes(self, step: int, abstract) -> None:
         """Compares the stored arrays' shapes with the target's, naming the first tensor that disagrees."""
-        stored = {k: tuple(v.shape) for k, v in tree.flatten(self._mgr.item_metadata(step)["state"]).items()}
+        try:
+            stored = tree.flatten(self._mgr.item_metadata(step)["state"])
+        except Exception as e:
+            raise errors.CorruptData(f"checkpoint step {step} in {self.dir} is damaged ({_short(e)})") from None
+        stored = {k: tuple(v.shape) for k, v in stored.items()}
         wanted = {k: tuple(v.shape) for k, v in tree.flatten(abstract).items()}
         where = f"checkpoint {self.dir / str(step)} was written by an incompatible config"
         for k in wanted:
@@ -109,15 +270,25 @@ def load_run(workdir: str | Path, step: int | None = None):
     if not (workdir / "checkpoints").is_dir():
         raise errors.UserError(f"{workdir} is not a run directory (no checkpoints/ inside)")
     ckpts = Checkpoints(workdir, create=False)
-    step = ckpts.resolve(step)
-    meta = ckpts.meta(step)
-    cfg = config_lib.from_dict(meta["config"])
-    graphdef, abstract_params = models.abstract(config_lib.model_cfg(cfg))
-    tx = optim.make(cfg.train)
-    abstract_state = step_lib.abstract_state(abstract_params, tx)
     # Restore onto this process's first device, whatever mesh wrote the checkpoint.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
-    state, meta = ckpts.restore(target, step)
-    ckpts.close()
+
+    def target(meta):
+        cfg = config_lib.from_dict(meta["config"])
+        _, abstract_params = models.abstract(config_lib.model_cfg(cfg))
+        abstract_state = step_lib.abstract_state(abstract_params, optim.make(cfg.train))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
+
+    try:
+        state, meta, step = ckpts.restore_verified(target, step)
+    finally:
+        ckpts.close()
+    cfg = config_lib.from_dict(meta["config"])
+    graphdef, _ = models.abstract(config_lib.model_cfg(cfg))
     return cfg, graphdef, state["params"], {**meta, "step": step}
+
+
+def _short(e: Exception) -> str:
+    """An exception as one short line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."

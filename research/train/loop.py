@@ -12,17 +12,19 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from tqdm.auto import tqdm
 
 from research import config as config_lib
-from research import errors, hardware, log, models
+from research import errors, files, hardware, log, models
 from research.data import dataset, tokenizers
 from research.eval import metrics
 from research.train import checkpoint, optim, sharding
@@ -72,12 +74,24 @@ def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
         raise errors.UserError(f"run directory {workdir} is a file")
     saved = workdir / "config.json"
     if not saved.exists():
-        if any(p.name != "checkpoints" for p in workdir.iterdir()) or checkpoint.exists(workdir):
+        if any(p.name not in ("checkpoints", ".lock") for p in workdir.iterdir()) or checkpoint.exists(workdir):
             raise errors.UserError(f"{workdir} exists and is not a ziplm run directory; choose another --workdir")
         return False
     if not checkpoint.exists(workdir):
         return False
-    old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(config_lib.to_json(cfg)))
+    try:
+        recorded = json.loads(saved.read_text())
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        # The checkpoints carry the run's config too: compare against theirs (config.json is rewritten below).
+        print(f"warning: {saved} is damaged ({e}); using the config recorded in the checkpoints", file=sys.stderr)
+        ckpts = checkpoint.Checkpoints(workdir, create=False)
+        try:
+            recorded = ckpts.meta()["config"]
+        finally:
+            ckpts.close()
+    old, new = _flat(recorded), _flat(json.loads(config_lib.to_json(cfg)))
     changed = sorted(
         k
         for k in set(old) | set(new)
@@ -162,9 +176,6 @@ def train(
         cfg.eval.window or cfg.data.seq_len, cfg.eval.stride or cfg.eval.window or cfg.data.seq_len
     )
 
-    # Everything is checked: from here on the run directory is written.
-    workdir.mkdir(parents=True, exist_ok=True)
-    log.write_json_atomic(workdir / "config.json", cfg.to_dict())
     tx = optim.make(cfg.train)
     graphdef, abstract_params = models.abstract(mcfg)
     param_sh = sharding.named(sharding.param_specs(abstract_params, cfg.mesh.rules, mesh), mesh)
@@ -173,6 +184,11 @@ def train(
     batch_sh = sharding.batch_sharding(mesh, batch_axes)
 
     with contextlib.ExitStack() as cleanup:
+        # Everything is checked: from here on the run directory is written, by this process alone.
+        if jax.process_index() == 0:
+            cleanup.enter_context(files.RunLock(workdir))
+        resume = check_run_dir(workdir, cfg)  # again, under the lock: another run may have written it meanwhile
+        files.write_json(workdir / "config.json", cfg.to_dict())
         ckpts = checkpoint.Checkpoints(workdir, keep=cfg.train.keep_checkpoints)
         cleanup.callback(ckpts.close)
         cleanup.callback(ckpts.wait)
@@ -182,6 +198,9 @@ def train(
                 lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state, state_sh
             )
             state, _ = ckpts.restore(target)
+            for newer in [s for s in ckpts.all_steps() if s > int(state["step"])]:
+                # Damaged steps past the intact one (restore warned about each): this run recomputes them.
+                ckpts.delete(newer)
         else:
             init = jax.jit(lambda: step_lib.init_state(models.init(mcfg, cfg.seed)[1], tx), out_shardings=state_sh)
             state = init()
@@ -225,6 +244,7 @@ def train(
         )
         timed_steps, t_mark, paused = 0, None, 0.0  # paused: evaluation and checkpoint time inside the timing
         last_loss, signalled = float("nan"), False
+        pending = []  # (step, loss, grad norm) on the device since the last check: checked without a sync per step
         bar = tqdm(
             range(start, end),
             desc="train",
@@ -236,18 +256,23 @@ def train(
             for s in bar:
                 state, m = train_step(state, jax.device_put(batches(s), batch_sh))
                 done = s + 1
+                pending.append((done, m["loss"], m["grad_norm"]))
                 if s == start:  # the first step compiles: time from its end
                     jax.block_until_ready(m["loss"])
                     t_mark = time.time()
                 else:
                     timed_steps += 1
-                if done % cfg.train.log_every == 0 or done == end:
-                    last_loss = float(m["loss"])
-                    logger.log(done, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s))})
-                    bar.set_postfix(loss=f"{last_loss:.4f}")
                 do_eval = done % cfg.train.eval_every == 0 and done < cfg.train.steps
                 stopping = bool(stop)  # read once: a signal during this step's evaluation stops the next one
                 do_save = done % cfg.train.ckpt_every == 0 or done == end or stopping
+                do_log = done % cfg.train.log_every == 0 or done == end
+                if do_log or do_eval or do_save:
+                    _check_finite(pending, state if do_save else None, ckpts.all_steps())
+                    pending.clear()
+                if do_log:
+                    last_loss = float(m["loss"])
+                    logger.log(done, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s))})
+                    bar.set_postfix(loss=f"{last_loss:.4f}")
                 if do_eval or do_save:
                     jax.block_until_ready(state)  # queued steps finish inside the timing, not in the pause
                     t0 = time.time()
@@ -269,7 +294,7 @@ def train(
         timed_seconds = time.time() - t_mark - paused if t_mark is not None else 0.0
         done = int(state["step"])
         summary_file = workdir / "summary.json"
-        previous = json.loads(summary_file.read_text()) if resume and summary_file.exists() else {}
+        previous = _read_summary(summary_file) if resume else {}
         final = evaluate(None) if done >= cfg.train.steps else None
         if final is not None:
             logger.log(done, _numeric(final), split="val")
@@ -294,10 +319,45 @@ def train(
         "mesh": dict(mesh.shape),
         "wall_seconds": time.time() - t_start,
     }
-    log.write_json_atomic(summary_file, summary)
+    files.write_json(summary_file, summary)
     if signalled or done < cfg.train.steps:
         raise Interrupted(f"stopped at step {done}; checkpoint saved in {workdir}; rerun the same command to resume")
     return summary
+
+
+def _read_summary(path: Path) -> dict:
+    """The previous summary.json of a resumed run ({} when missing or damaged: it is rewritten at the end)."""
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as e:
+        print(f"warning: {path} is damaged ({e}); it is rewritten at the end of this run", file=sys.stderr)
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def _check_finite(pending: list, state, saved: list[int]) -> None:
+    """Stops training at the first non-finite loss or gradient norm in `pending`, and before a save (`state` given)
+    at non-finite parameters, so a diverged model is never checkpointed; the last finite checkpoint is kept."""
+    values = jax.device_get([(loss, norm) for _, loss, norm in pending])
+    bad = next(((step, v) for (step, _, _), v in zip(pending, values) if not np.all(np.isfinite(v))), None)
+    if bad is None and state is not None and not bool(_all_finite(state["params"])):
+        bad = (pending[-1][0] if pending else int(state["step"]), None)
+    if bad is None:
+        return
+    step, v = bad
+    what = f"loss {float(v[0])}, gradient norm {float(v[1])}" if v is not None else "non-finite parameters"
+    kept = f"the last finite checkpoint, step {saved[-1]}, is kept" if saved else "no checkpoint was saved"
+    raise errors.UserError(
+        f"training diverged at step {step} ({what}); {kept}. Lower train.lr or raise train.warmup_steps, and use a "
+        "new --workdir or resume from that checkpoint"
+    )
+
+
+@jax.jit
+def _all_finite(params):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
 def _numeric(d: dict) -> dict:

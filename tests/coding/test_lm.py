@@ -201,7 +201,18 @@ def test_a_tampered_header_is_refused_never_decoded_wrong():
     with pytest.raises(errors.UserError, match="context 17 exceeds"):
         lm.decode(rewritten(context=17), BYTE)
     with pytest.raises(errors.CorruptData, match="disagree with its runs"):
-        lm.decode(rewritten(tokens=header["tokens"] + 1), BYTE)
+        lm.decode(rewritten(tokens=header["tokens"] - 1), BYTE)
+    # Sizes no encode writes are refused from the header alone, before anything is allocated from them.
+    huge = 10**12
+    for changes, match in (
+        (dict(batch_size=huge), "streams"),
+        (dict(length=huge), "bytes of output"),
+        (dict(tokens=len(TEXT) + 1), "tokens for"),
+        (dict(chunk_len=huge), "window"),
+        (dict(coder_bytes=huge), "payload bytes"),
+    ):
+        with pytest.raises(errors.CorruptData, match=match):
+            lm.read_header(rewritten(**changes))
 
 
 def test_bad_settings_are_user_errors():

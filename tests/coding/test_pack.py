@@ -204,6 +204,63 @@ def test_a_section_past_the_end_is_refused(packed_file, tmp_path):
         container.Reader(bad)
 
 
+def _crafted(data: bytes, header, raw: bytes | None = None) -> bytes:
+    """The file with another header and every checksum recomputed (the header CRC and whole-file SHA-256), as an
+    adversary would."""
+    import hashlib
+    import json
+    import zlib
+
+    (hlen,) = struct.unpack_from("<Q", data, 12)
+    raw = raw if raw is not None else zlib.compress(json.dumps(header).encode())
+    body = data[:12] + struct.pack("<Q", len(raw)) + raw + struct.pack("<I", container.crc(raw))
+    body += data[24 + hlen : -container.FOOTER]
+    return body + hashlib.sha256(body).digest() + container.END
+
+
+def test_crafted_headers_with_valid_checksums_are_refused(packed_file, tmp_path):
+    import copy
+    import json
+    import zlib
+
+    path, _ = packed_file
+    data = path.read_bytes()
+    (hlen,) = struct.unpack_from("<Q", data, 12)
+    header = json.loads(zlib.decompress(data[20 : 20 + hlen]))
+    grid = next(i for i, leaf in enumerate(header["leaves"]) if leaf["kind"] == "grid")
+
+    def edit(fn):
+        h = copy.deepcopy(header)
+        fn(h)
+        return h
+
+    def first_section(h, i=0):
+        return next(iter(h["leaves"][i]["sections"].values()))
+
+    cases = {
+        "no leaves": (edit(lambda h: h.pop("leaves")), "lacks its meta record or leaf list"),
+        "no shape": (edit(lambda h: h["leaves"][0].pop("shape")), "invalid shape"),
+        "negative shape": (edit(lambda h: h["leaves"][0].update(shape=[-4, 8])), "invalid shape"),
+        "huge shape": (edit(lambda h: h["leaves"][0].update(shape=[2**30, 2**30])), "more than ziplm writes"),
+        "string offset": (edit(lambda h: first_section(h).update(offset="0")), "malformed section"),
+        "negative length": (edit(lambda h: first_section(h).update(length=-1)), "malformed section"),
+        "overlapping": (edit(lambda h: first_section(h, 1).update(offset=0)), "not where the previous one ends"),
+        "group 0": (edit(lambda h: h["leaves"][grid].update(group=0, layout="group")), "does not describe"),
+        "a list": ([1, 2], "header format"),
+        "unknown dtype": (edit(lambda h: h["leaves"][0].update(dtype="complex64")), "dtype"),
+    }
+    for h, match in cases.values():
+        bad = tmp_path / "crafted.zlm"
+        bad.write_bytes(_crafted(data, h))
+        with pytest.raises(errors.CorruptData, match=match):
+            pack.unpack(bad)
+    # A header that inflates far past any real one is refused before it is parsed.
+    bomb = zlib.compress(b"{" + b" " * (80 << 20) + b"}", 9)
+    bad.write_bytes(_crafted(data, None, raw=bomb))
+    with pytest.raises(errors.CorruptData, match="inflates past"):
+        container.Reader(bad)
+
+
 def test_write_is_atomic_and_refuses_to_overwrite(packed_file):
     path, effective = packed_file
     before = path.read_bytes()

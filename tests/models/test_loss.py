@@ -73,6 +73,8 @@ def test_chunked_nll_by_hand():
 
 def test_auto_chunk():
     assert loss.auto_chunk(4, 2048, 49152) == 2**24 // (4 * 49152)  # 85 positions: 64 MiB of float32 logits
+    assert loss.auto_chunk(1, 2048, 49152) == 85  # a batch below MIN_BATCH keeps the positions, not the rows
+    assert loss.auto_chunk(8, 2048, 49152) == 2**24 // (8 * 49152)
     assert loss.auto_chunk(1, 16, 64) == 16  # everything fits: one chunk
     assert loss.auto_chunk(1024, 2048, 10**6, budget=10) == 1
 

@@ -78,7 +78,9 @@ def test_checkpoint_shape_mismatch_is_a_user_error(tmp_path):
     ckpts = checkpoint.Checkpoints(tmp_path)
     meta = ckpts.meta()
     meta["config"]["model"]["d_ff"] = 64  # a meta record that disagrees with the stored arrays
+    meta["meta_sha256"] = checkpoint._meta_digest(meta)  # written consistently (not damage): its hashes agree
     (tmp_path / "checkpoints" / "4" / "meta" / "metadata").write_text(json.dumps(meta))
+    (tmp_path / "checkpoints" / "4" / checkpoint.FILE_MANIFEST).unlink()
     assert saved["model"]["d_ff"] is None
     with pytest.raises(
         errors.UserError,

@@ -26,8 +26,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from research import errors, hardware, log, models, tree
+from research import errors, hardware, models, tree
 from research.data import tokenizers
+from research.files import AtomicDir
 from research.models import config as config_lib
 from research.models.hf import families, files
 
@@ -266,7 +267,7 @@ def export(
     if unused:
         raise errors.UserError(f"a {model_type} checkpoint has no place for parameter(s) {unused[:3]}")
     tok_dir = _tokenizer_dir(tokenizer)
-    with log.AtomicDir(Path(out), overwrite) as tmp:
+    with AtomicDir(Path(out), overwrite) as tmp:
         hf_cfg.save_pretrained(str(tmp))
         written = files.write(tmp, tensors, max_shard_bytes)
         copied = []
