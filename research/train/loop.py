@@ -172,6 +172,7 @@ def train(
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
     batch_axes = sharding.batch_axes_for(cfg.mesh.rules)
     sharding.check_batch(cfg.data.batch_size, mesh, batch_axes)
+    _check_memory(cfg, mcfg, mesh)
     protocol = metrics.Protocol(
         cfg.eval.window or cfg.data.seq_len, cfg.eval.stride or cfg.eval.window or cfg.data.seq_len
     )
@@ -188,10 +189,15 @@ def train(
         if jax.process_index() == 0:
             cleanup.enter_context(files.RunLock(workdir))
         resume = check_run_dir(workdir, cfg)  # again, under the lock: another run may have written it meanwhile
-        files.write_json(workdir / "config.json", cfg.to_dict())
         ckpts = checkpoint.Checkpoints(workdir, keep=cfg.train.keep_checkpoints)
         cleanup.callback(ckpts.close)
         cleanup.callback(ckpts.wait)
+        if resume and ckpts.all_steps()[-1] > cfg.train.steps:
+            raise errors.UserError(
+                f"{workdir} holds a run already at step {ckpts.all_steps()[-1]}, past train.steps={cfg.train.steps}: "
+                "a run cannot be shortened; evaluate an earlier step with ziplm eval --step, or use a new --workdir"
+            )
+        files.write_json(workdir / "config.json", cfg.to_dict())
         if resume:
             _check_same_data(ckpts.meta(), tok, splits, workdir)
             target = jax.tree.map(
@@ -232,7 +238,17 @@ def train(
                 "corpus_sha256": splits.corpus_sha256,
                 "data": {"sampler": cfg.data.sampling, "seed": cfg.seed, "next_step": step},
             }
-            ckpts.save(step, state, meta)
+            try:
+                ckpts.save(step, state, meta)
+            except (errors.UserError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # disk full, permissions, a vanished directory: orbax raises many types
+                saved = [s for s in ckpts.all_steps() if s < step]
+                back = f"rerun the same command to resume from step {saved[-1]}" if saved else "rerun to start again"
+                raise errors.UserError(
+                    f"saving checkpoint step {step} in {ckpts.dir} failed ({type(e).__name__}: "
+                    f"{checkpoint._short(e)}); free space or fix the directory, then {back}"
+                ) from None
 
         end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         print(
@@ -323,6 +339,25 @@ def train(
     if signalled or done < cfg.train.steps:
         raise Interrupted(f"stopped at step {done}; checkpoint saved in {workdir}; rerun the same command to resume")
     return summary
+
+
+def _check_memory(cfg, mcfg, mesh) -> None:
+    """Refuses a batch whose training memory estimate (`hardware.training_bytes`) is more than twice what a device
+    has, before anything is written; CPU devices share the host's memory."""
+    available = hardware.device_memory_bytes()
+    if not available:
+        return
+    data = mesh.shape["data"]
+    shards = {"fsdp": mesh.size, "tensor": mesh.shape["model"]}.get(cfg.mesh.rules, 1)
+    need = hardware.training_bytes(mcfg, -(-cfg.data.batch_size // data), cfg.data.seq_len, shards)
+    if jax.local_devices()[0].platform == "cpu":
+        need *= len(jax.local_devices()[: mesh.size])
+    if need > 2 * available:
+        raise errors.UserError(
+            f"data.batch_size={cfg.data.batch_size} at seq_len {cfg.data.seq_len} needs about {need / 2**30:,.1f} GiB "
+            f"to train (estimate), more than twice the {available / 2**30:,.1f} GiB available per device; lower "
+            "data.batch_size (or add devices)"
+        )
 
 
 def _read_summary(path: Path) -> dict:

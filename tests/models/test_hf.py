@@ -1,6 +1,7 @@
 """Hugging Face import/export without torch: exact round trips, every family's layout, and bad checkpoints."""
 
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -183,9 +184,16 @@ def test_not_a_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(errors.UserError, match="no model.safetensors"):
         hf.load(str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(errors.UserError, match="could not be fetched from the Hugging Face Hub"):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    t = time.perf_counter()
+    with pytest.raises(errors.UserError, match="not in the Hugging Face cache, and the hub is not reachable"):
         hf.load("no-such-org/no-such-model")
+    assert time.perf_counter() - t < 10  # at once, not after a minute of download retries
+
+
+def test_a_malformed_config_json_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    _fails(tmp_path, "holds a JSON list, not an object")
 
 
 def test_export_refuses_a_non_empty_directory_unless_asked(ckpt):

@@ -158,3 +158,34 @@ def test_torn_metrics_and_damaged_config_resume(tmp_path, capsys):
     steps = [r["step"] for r in log.read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
     assert steps == list(range(1, 9))
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 8
+
+
+def test_a_step_rotated_away_while_reading_is_not_called_damaged(finished, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    run = _copy(finished, tmp_path)
+    real = checkpoint.Checkpoints._read_meta
+
+    def rotated(self, step):
+        if step == 8 and (run / "checkpoints" / "8").exists():
+            shutil.rmtree(run / "checkpoints" / "8")  # a training run's rotation, between listing and reading
+        return real(self, step)
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "_read_meta", rotated)
+    assert checkpoint.load_run(run)[3]["step"] == 4
+    assert "damaged" not in capsys.readouterr().err
+
+
+def test_a_run_cannot_be_shortened(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    with pytest.raises(errors.UserError, match="already at step 8, past train.steps=6"):
+        loop.train(helpers.tiny_config(steps=6), run, progress=False)
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 8  # untouched
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_writing(tmp_path):
+    cfg = helpers.tiny_config(steps=2)
+    cfg.data.batch_size = 2**24
+    with pytest.raises(errors.UserError, match="GiB to train"):
+        loop.train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

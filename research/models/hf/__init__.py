@@ -76,6 +76,7 @@ def resolve(source: str) -> Path:
         raise errors.UserError(f"{path} is a file; pass the checkpoint directory that holds config.json")
     if not _HUB_ID.match(source) or source.startswith("."):
         raise errors.UserError(f"checkpoint directory {source} does not exist")
+    tokenizers.hub_or_error(source, "config.json", what="checkpoint")
     try:
         import huggingface_hub
 
@@ -93,6 +94,8 @@ def read_hf_config(directory: Path):
         raw = json.loads((directory / "config.json").read_text())
     except ValueError as e:
         raise errors.UserError(f"{directory / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise errors.UserError(f"{directory / 'config.json'} holds a JSON {type(raw).__name__}, not an object")
     kind = raw.get("model_type")
     if kind not in families.SUPPORTED:
         raise errors.UserError(
@@ -105,7 +108,8 @@ def read_hf_config(directory: Path):
     try:
         return transformers.AutoConfig.from_pretrained(str(directory))
     except Exception as e:
-        raise errors.UserError(f"cannot read {directory / 'config.json'}: {type(e).__name__}: {e}") from None
+        text = " ".join(str(e).split())[:240]
+        raise errors.UserError(f"cannot read {directory / 'config.json'}: {type(e).__name__}: {text}") from None
 
 
 def load(source: str, dtype: str = "float32") -> Pretrained:
@@ -143,8 +147,10 @@ def from_tensors(hf_cfg, ckpt, where, tokenizer: str | None, dtype: str = "float
     directory = Path(where)
     try:
         cfg = families.model_config(hf_cfg, dtype)
-    except families.Unsupported as e:
+    except (families.Unsupported, errors.UserError) as e:
         raise errors.UserError(f"{directory}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a string where a number belongs, ...
+        raise errors.UserError(f"{directory}: its config does not describe a valid model ({e})") from None
     kind = hf_cfg.model_type
     names = _canonical_names(ckpt.names(), kind)
     rules = families.rules(cfg, kind)
