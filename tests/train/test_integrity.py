@@ -189,3 +189,19 @@ def test_a_batch_that_cannot_fit_is_refused_before_writing(tmp_path):
     with pytest.raises(errors.UserError, match="GiB to train"):
         loop.train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_save_stops_with_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real = checkpoint.Checkpoints.save
+
+    def full_disk(self, step, state, meta):
+        if step == 8:
+            raise OSError(28, "No space left on device")
+        return real(self, step, state, meta)
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", full_disk)
+    with pytest.raises(errors.UserError, match="saving checkpoint step 8 .* resume from step 4"):
+        loop.train(helpers.tiny_config(steps=8), run, progress=False)
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", real)  # space freed
+    assert loop.train(helpers.tiny_config(steps=8), run, progress=False)["resumed_from"] == 4
