@@ -113,6 +113,8 @@ def _enc_grid(x, scale, zero):
     gran, group = layout
     s = np.asarray(scale, np.float32)
     z = np.asarray(zero, np.float32)
+    if not np.all((z == np.round(z)) & (z >= 0) & (z <= 255)):
+        return None  # a float minimum (Q4_1's grid), not integer zero points: left to the structure search
     se, ze = _expand(s, x.shape, gran, group), _expand(z, x.shape, gran, group)
     with np.errstate(divide="ignore", invalid="ignore"):
         codes = np.clip(np.round(x.astype(np.float64) / se + ze), 0, 255)

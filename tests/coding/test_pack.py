@@ -50,6 +50,7 @@ METHODS = [
     [dict(method="rtn", bits=4, granularity="tensor")],
     [dict(method="rtn", bits=3, granularity="group", group_size=16, symmetric=False)],
     [dict(method="gptq", bits=4, granularity="channel")],
+    [dict(method="rtn", bits=4, granularity="group", group_size=32, zero="float", param_dtype="float16")],  # Q4_1
     [dict(method="qat", bits=4, learn_scale=True)],
     [dict(method="magnitude", sparsity=0.5), dict(method="codebook", bits=4)],
     [
@@ -82,7 +83,8 @@ def test_every_transform_unpacks_bit_identically(specs, tmp_path):
     kinds = {leaf["kind"] for leaf in container.Reader(out).leaves}
     last = specs[-1]["method"]
     if last in ("rtn", "gptq", "qat"):
-        assert "grid" in kinds  # real integer codes, not floats
+        # real integer codes, not floats: the grid's own, or (a float minimum) found by the structure search
+        assert ("affine" if specs[-1].get("zero") == "float" else "grid") in kinds
     if last == "codebook":
         assert "palette" in kinds
     assert rep["ratio_vs_fp32"] > 1.0
