@@ -167,14 +167,18 @@ def validate(cfg: mlc.ConfigDict) -> None:
     integer("calibration.batch_size", cfg.calibration.batch_size, 1)
     if f.steps and (f.lr <= 0 or f.min_lr < 0 or f.warmup_steps < 0):
         raise errors.UserError("finetune.lr must be > 0, finetune.min_lr >= 0 and finetune.warmup_steps >= 0")
-    for spec in cfg.compress:
-        spec = dict(spec)
+    specs = [dict(x) for x in cfg.compress]
+    for i, spec in enumerate(specs):
         if spec.get("method") == "gradual":
+            # Its fine-tuning is the next {"finetune": N} stage after it, or the final fine-tune without one.
+            stage = next((s["finetune"] for s in specs[i + 1 :] if set(s) == {"finetune"}), None)
             end = spec.get("start", 0) + spec.get("steps", 1000)
-            if f.steps < end:
+            have, name = (f.steps, "finetune.steps") if stage is None else (stage, f"the {{'finetune': {stage}}} stage")
+            if isinstance(have, int) and have < end:
+                fix = f"--config.finetune.steps={end}" if stage is None else f"a {{'finetune': {end}}} stage"
                 raise errors.UserError(
-                    f"gradual pruning ends at step {end} but finetune.steps is {f.steps}: the final sparsity would "
-                    f"never be reached; set --config.finetune.steps={end} or more (more leaves recovery steps)"
+                    f"gradual pruning ends at step {end} but {name} runs {have} steps: the final sparsity would "
+                    f"never be reached; use {fix} or more (more leaves recovery steps)"
                 )
         if registry.needs_calibration(spec) and not cfg.calibration.n:
             raise errors.UserError(f"{spec['method']} needs calibration data: set calibration.n > 0")

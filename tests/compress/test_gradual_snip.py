@@ -28,6 +28,31 @@ def test_schedule_matches_the_formula():
     assert float(schedule(t0 + n)) == pytest.approx(s_f)
 
 
+def test_the_last_step_reaches_the_target_when_steps_is_not_a_multiple_of_every():
+    schedule = gradual.polynomial(0.0, 0.5, 0, 1000, 600)
+    assert float(schedule(999)) < 0.5  # between updates: still the step-600 sparsity
+    assert float(schedule(1000)) == pytest.approx(0.5)
+    _, params = tiny()
+    t = gradual.gradual(0.5, steps=10, every=6)
+    state = t.init(params, jax.random.key(0), None)
+    update = jax.jit(t.update)
+    for step in range(1, 11):
+        state = update(params, state, None, step)
+    assert masks.sparsity_of(state["masks"])["total"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_finetune_stage_after_gradual_counts_for_its_schedule():
+    from research.compress import pipeline
+
+    cfg = pipeline.base_config()
+    cfg.model = "unused"
+    cfg.compress = [dict(method="gradual", sparsity=0.5, steps=100, every=10), {"finetune": 100}]
+    pipeline.validate(cfg)  # finetune.steps stays 0: the stage is the gradual schedule's fine-tuning
+    cfg.compress = [dict(method="gradual", sparsity=0.5, steps=100, every=10), {"finetune": 50}]
+    with pytest.raises(errors.UserError, match=r"the \{'finetune': 50\} stage runs 50 steps"):
+        pipeline.validate(cfg)
+
+
 def test_masks_grow_on_schedule_and_never_regrow():
     _, params = tiny()
     t = gradual.gradual(0.8, initial=0.2, start=0, steps=40, every=10)

@@ -74,7 +74,7 @@ def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
         (["--config.compress.0.amount=0.2"], "unexpected keyword argument 'amount'"),
         (["--config.compress.0.distribution=erk2"], "distribution must be one of"),
         (["--config.data.seq_len=64"], "data.seq_len (64) exceeds the model's context (32)"),
-        (["--config.compress.0.method=gradual"], "gradual pruning ends at step 1000 but finetune.steps is 0"),
+        (["--config.compress.0.method=gradual"], "gradual pruning ends at step 1000 but finetune.steps runs 0 steps"),
         (["--config.finetune.log_every=0"], "finetune.log_every must be an integer >= 1"),
         (["--config.compress=[{'finetune': 0}]"], "needs a positive integer, got 0"),
         (["--config.compress=[{'finetune': 3}]"], "names no method"),

@@ -4,8 +4,9 @@ The sparsity follows the cubic schedule
 
     s_t = s_f + (s_i - s_f) * (1 - (t - t0) / T) ** 3        for t0 <= t <= t0 + T
 
-evaluated at the last multiple of `every` steps since t0 (the masks change only every `every` steps), s_i before t0
-and s_f after. At each update the masks are recomputed from the magnitudes of the current masked weights, so pruned
+evaluated at the last multiple of `every` steps since t0 (the masks change only every `every` steps, and once more
+at t0 + T when T is not a multiple of `every`, so the final sparsity is always reached), s_i before t0 and s_f
+after. At each update the masks are recomputed from the magnitudes of the current masked weights, so pruned
 weights never come back and sparsity only grows.
 """
 
@@ -24,7 +25,7 @@ def polynomial(initial: float, final: float, start: int, steps: int, every: int)
 
     def schedule(step):
         t = jnp.clip(step - start, 0, steps)
-        t = (t // every) * every
+        t = jnp.where(t >= steps, steps, (t // every) * every)  # the last step reaches the target
         frac = 1.0 - t / steps
         return final + (initial - final) * frac**3
 
@@ -82,7 +83,7 @@ def gradual(
         return core.apply_masks(params, state["masks"])
 
     def update(params, state, grads, step):
-        due = (step >= start) & (step <= start + steps) & ((step - start) % every == 0)
+        due = (step >= start) & (step <= start + steps) & (((step - start) % every == 0) | (step == start + steps))
         target = schedule(step).astype(jnp.float32)
 
         def reprune(_):
