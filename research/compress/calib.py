@@ -23,6 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from research import errors, models
+from research.models import loss as loss_lib
 from research.models import transformer
 
 STATS = ("hessian", "sqnorm")
@@ -90,9 +91,7 @@ def gradients(calib: Calibration, params, square: bool = False):
     Returns:
       A float32 tree like params.
     """
-    from research.train import step as step_lib
-
-    grad_fn = jax.jit(jax.grad(lambda p, b: step_lib.loss_fn(p, calib.graphdef, b)))
+    grad_fn = jax.jit(jax.grad(lambda p, b: loss_lib.loss_fn(p, calib.graphdef, b)))
     total, n = None, 0
     for batch in calib.batches():
         g = grad_fn(params, {"inputs": batch[:, :-1], "targets": batch[:, 1:]})

@@ -48,9 +48,9 @@ from research.coding import packed as coding_packed
 from research.compress import calib as calib_lib
 from research.compress import core, finetune, registry
 from research.compress import report as compress_report
-from research.compress.quant import act as act_quant
 from research.data import corpora, dataset, tokenizers
 from research.eval import metrics
+from research.models import act_quant
 
 FORMAT = "ziplm-compressed"
 VERSION = 1

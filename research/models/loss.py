@@ -18,6 +18,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 # Logit elements (rows x vocab) per chunk that `auto_chunk` aims for: 2**24 float32 values are 64 MiB.
 LOGITS_BUDGET = 2**24
@@ -27,6 +28,27 @@ MIN_BATCH = 4
 def token_nll(logits, targets):
     """Per-token negative log-likelihood in nats: logits (..., V), targets (...) -> (...), float32."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def loss_fn(params, graphdef, batch, dropout_rng=None, apply_fn: Callable | None = None):
+    """Mean next-token cross-entropy (nats per token) of a batch: the training loss, also what calibration
+    (Fisher, structured pruning's gradients) differentiates.
+
+    Args:
+      params: parameter tree.
+      graphdef: the model's graphdef from `models.split`.
+      batch: {"inputs": (B, T) int, "targets": (B, T) int}.
+      dropout_rng: PRNG key enabling dropout, or None.
+      apply_fn: maps params to the effective parameters the forward pass sees (a compression transform's
+        apply); None uses params as they are.
+
+    Returns:
+      Scalar float32 loss.
+    """
+    effective = apply_fn(params) if apply_fn is not None else params
+    model = nnx.merge(graphdef, effective)
+    logits = model(batch["inputs"], dropout_rng=dropout_rng)  # (B, T, V)
+    return token_nll(logits, batch["targets"]).mean()
 
 
 def auto_chunk(batch: int, length: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.compress.quant import act as act_quant
+from research.models import act_quant
 from research.models import config as config_lib
 
 _ACTIVATIONS = {

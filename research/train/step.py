@@ -13,31 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from research import models
 from research.models import loss as loss_lib
 
-# The loss lives in `models.loss` so that eval and calibration share it; re-exported here for training code.
+# The loss lives in `models.loss` so that eval, calibration and compression share it; re-exported for training code.
 token_nll = loss_lib.token_nll
-
-
-def loss_fn(params, graphdef, batch, dropout_rng=None, apply_fn: Callable | None = None):
-    """Mean next-token cross-entropy (nats per token) of a batch.
-
-    Args:
-      params: parameter tree.
-      graphdef: the model's graphdef from `models.split`.
-      batch: {"inputs": (B, T) int, "targets": (B, T) int}.
-      dropout_rng: PRNG key enabling dropout, or None.
-      apply_fn: maps params to the effective parameters the forward pass sees (a compression transform's
-        apply); None uses params as they are.
-
-    Returns:
-      Scalar float32 loss.
-    """
-    effective = apply_fn(params) if apply_fn is not None else params
-    model = models.merge(graphdef, effective)
-    logits = model(batch["inputs"], dropout_rng=dropout_rng)  # (B, T, V)
-    return token_nll(logits, batch["targets"]).mean()
+loss_fn = loss_lib.loss_fn
 
 
 def init_state(params, tx) -> dict:

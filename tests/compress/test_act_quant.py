@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from research import errors, models
-from research.compress.quant import act
+from research.models import act_quant as act
 from research.models import config, decode
 
 

@@ -40,7 +40,7 @@ from research.compress import calib as calib_lib
 from research.compress import core
 from research.compress.prune import masks
 from research.models import config as config_lib
-from research.train import step
+from research.models import loss as loss_lib
 
 SCORES = ("magnitude", "taylor", "activation")
 
@@ -121,7 +121,7 @@ def _magnitude(params, lay):
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _taylor_batch(params, graphdef, window, lay):
     batch = {"inputs": window[:, :-1], "targets": window[:, 1:]}
-    grads = jax.grad(step.loss_fn)(params, graphdef, batch)
+    grads = jax.grad(loss_lib.loss_fn)(params, graphdef, batch)
     gw = jax.tree.map(lambda g, w: g.astype(jnp.float32) * w.astype(jnp.float32), grads, params)
     heads, neurons = _stack([unit_sums(b, lay) for b in blocks(gw)])
     return None if heads is None else jnp.abs(heads), jnp.abs(neurons)

@@ -9,8 +9,9 @@ Gradient: straight-through (the identity). With a per-token max-abs grid nothing
 estimator of `fake` would be the identity as well.
 
 The model applies it where `ModelConfig.act_bits` is set: to the input of every linear layer inside the blocks
-(q, k, v, o, gate, up, down), the layers whose weights the compression methods quantize. A compress config turns it
-on with a {"method": "act_quant", "bits": 8} entry (see `compress.pipeline`).
+(q, k, v, o, gate, up, down), the layers whose weights the compression methods quantize. It lives under `models/`
+because the model owns it (`models/` imports nothing from `compress/`); a compress config turns it on with a
+{"method": "act_quant", "bits": 8} entry (see `compress.pipeline`).
 """
 
 from __future__ import annotations
