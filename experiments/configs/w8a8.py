@@ -7,7 +7,7 @@ Commands (the model is the run of `ziplm train --config experiments/configs/shak
 
 GPTQ quantizes the block linear kernels (128 calibration windows of 64 characters), then the act_quant entry
 fake-quantizes the input of every block linear layer per token on a symmetric max-abs grid
-(`research.compress.quant.act`): the saved model runs with quantized activations wherever it is loaded.
+(`research.models.act_quant`): the saved model runs with quantized activations wherever it is loaded.
 
 Expected (validation loss, nats/char; dense 1.8260 on the study model retrained on the 2-core CPU machine):
 W8A8 1.8260, W4A8 1.8272, W4A4 1.9176 (4-bit activations cost 0.09 nats; 8-bit ones nothing measurable).

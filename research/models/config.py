@@ -53,7 +53,7 @@ class ModelConfig:
       dropout: dropout rate on embeddings and residual branches (only when a dropout key is given).
       dtype: compute dtype; parameters always stay float32 (master weights).
       act_bits: fake-quantize the input of every block linear layer per token to this many bits (2..16, W8A8
-        studies; `compress.quant.act`); None: full precision.
+        studies; `models.act_quant`); None: full precision.
     """
 
     vocab_size: int = 256

@@ -241,7 +241,7 @@ def tap_inputs():
 
 class Linear(nnx.Linear):
     """`nnx.Linear` whose input can be recorded with `tap_inputs` under the name `tap`, and fake-quantized per
-    token to `act_bits` bits (`compress.quant.act`; None: left alone). The recorded input is the one before
+    token to `act_bits` bits (`models.act_quant`; None: left alone). The recorded input is the one before
     activation quantization."""
 
     def __init__(self, *args, tap: str, act_bits: int | None = None, **kwargs):
