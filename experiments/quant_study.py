@@ -24,7 +24,7 @@ Rows (protocol as in prune_study.py: validation split, windows of the model's co
 - lsq/channel: QAT with learned step sizes (`qat(learn_scale=True)`, Adam on log(scale), lr 1e-3), starting from
   the min/max scales; "finetuned" as for QAT.
 - gptq+a8/channel: GPTQ channel weights and the input of every block linear layer fake-quantized per token to 8
-  bits (W{bits}A8, `quant.act`); one-shot. The bits per weight are GPTQ's (activations store nothing).
+  bits (W{bits}A8, `models.act_quant`); one-shot. The bits per weight are GPTQ's (activations store nothing).
 Fine-tuning (codebook, QAT, LSQ and the dense control row): AdamW lr 3e-4 -> 3e-5, no weight decay, batch 12 x 64,
 200 steps, the same batches for every row (prune_study's settings). To keep the run under ~30 minutes on 2 shared
 CPU cores, the fine-tuned rows (codebooks, QAT, LSQ) are run at 2, 3, 4 and 8 bits only (--finetune-bits); the

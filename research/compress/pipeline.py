@@ -7,7 +7,7 @@ A compress config (see `base_config`) holds the source model, the data, the cali
 methods (`compress`: a list of {"method": name, **arguments}, applied in order), the fine-tuning and the evaluation.
 Two entries are not parameter transforms: {"finetune": steps} fine-tunes the chain so far, and
 {"method": "act_quant", "bits": 8} fake-quantizes the inputs of the block linear layers per token
-(`quant.act`; W8A8 with an 8-bit weight method): it sets the saved model config's `act_bits`, and every
+(`models.act_quant`; W8A8 with an 8-bit weight method): it sets the saved model config's `act_bits`, and every
 evaluation, fine-tuning stage and calibration pass after it runs with quantized activations.
 The output directory, written only when everything succeeded, holds:
 
