@@ -146,11 +146,6 @@ def build(specs) -> core.Transform:
     return ts[0] if len(ts) == 1 else core.chain(*ts)
 
 
-def act_bits(specs) -> int | None:
-    """The activation bits of a `compress` list's act_quant entry (None without one)."""
-    return next((x.bits for x in members(specs) if isinstance(x, ActQuant)), None)
-
-
 def validate(cfg: mlc.ConfigDict) -> None:
     if not cfg.model:
         raise errors.UserError("set the model to compress: --config.model=RUN_DIR (or an HF directory / hub id)")
@@ -196,7 +191,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     times: dict = {}
     t0 = time.time()
     validate(cfg)
-    transform = build(cfg.compress)
+    members(cfg.compress)  # every entry checked before the model is loaded
     out = Path(workdir).expanduser().resolve()
     atomic = files.AtomicDir(out, overwrite)
     m = sources.load(cfg.model, cfg.step)
@@ -227,16 +222,19 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     for name, value in (("data.seq_len", seq_len), ("eval.window", window)):
         if value > m.cfg.max_seq_len:
             raise errors.UserError(f"{name} ({value}) exceeds the model's context ({m.cfg.max_seq_len})")
-    if any(dict(s).get("method") == "structured" and "head_dim" not in s for s in cfg.compress):
-        specs = [{**s, "head_dim": m.cfg.dim_head} if s.get("method") == "structured" else s for s in cfg.compress]
-        transform = build(specs)  # heads are units of the model's head width
+    # The list, parsed once, with what only the model knows filled in: heads are units of its head width.
+    specs = [dict(x) for x in cfg.compress]
+    specs = [{"head_dim": m.cfg.dim_head, **x} if x.get("method") == "structured" else x for x in specs]
+    parts = members(specs)
+    transforms = [x for x in parts if isinstance(x, core.Transform)]
+    transform = transforms[0] if len(transforms) == 1 else core.chain(*transforms)
     if style == "gptq":
         if cfg.eval.stride not in (None, window):
             raise errors.UserError("eval.stride does not apply to the gptq protocol (its windows are disjoint)")
         protocol = metrics.Protocol.gptq(window)
     else:
         protocol = metrics.Protocol(window, cfg.eval.stride or window)
-    bits = act_bits(cfg.compress)
+    bits = next((x.bits for x in parts if isinstance(x, ActQuant)), None)
     out_cfg = m.cfg if bits is None else m.cfg.replace(act_bits=bits)
     out_graphdef = m.graphdef if bits is None else models.abstract(out_cfg)[0]
     times["load"] = time.time() - t0
@@ -261,17 +259,16 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     times["eval_dense"] = time.time() - t
 
     calib = None
-    if any(registry.needs_calibration(dict(s)) for s in cfg.compress):
+    if any(registry.needs_calibration(x) for x in specs):
         inputs = calib_lib.sample(
             calib_tokens, cfg.calibration.n, cfg.calibration.length, cfg.calibration.seed, m.cfg.max_seq_len
         )
         calib = calib_lib.Calibration(m.graphdef, inputs, cfg.calibration.batch_size)
     t = time.time()
-    base, stages = m.params, []
-    parts = members(cfg.compress)
+    base, stages, staged_steps = m.params, [], 0
     if any(isinstance(x, int | ActQuant) for x in parts):
-        transform, cstate, base, stages = _staged(
-            cfg, m, parts, calib, splits.train, seq_len, evaluate, progress, out_graphdef
+        transform, cstate, base, stages, staged_steps = _staged(
+            cfg, m, specs, parts, calib, splits.train, seq_len, evaluate, progress, out_graphdef
         )
     else:
         cstate = transform.init(m.params, jax.random.key(cfg.seed), calib)
@@ -302,7 +299,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
                     base,
                     transform,
                     cstate,
-                    batches,
+                    lambda s: batches(s + staged_steps),  # the stream continues after the stages' batches
                     cfg.finetune,
                     seed=cfg.seed,
                     log=logger.log,
@@ -374,11 +371,12 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     return summary
 
 
-def _staged(cfg, m, parts, calib, train_tokens, seq_len, evaluate, progress, quantized_graphdef):
+def _staged(cfg, m, specs, parts, calib, train_tokens, seq_len, evaluate, progress, quantized_graphdef):
     """Initialises the members in order, fine-tuning the chain so far at each {"finetune": steps} entry; from an
     act_quant entry on, calibration, fine-tuning and evaluation run on `quantized_graphdef`.
 
-    Returns (the whole chain, its state, the raw parameters after the last fine-tuning, per-stage records).
+    Returns (the whole chain, its state, the raw parameters after the last fine-tuning, per-stage records, the
+    stages' fine-tuning steps in all: the batch stream's position for a fine-tune after them).
     """
     key = jax.random.key(cfg.seed)
     batches = dataset.Batches(train_tokens, cfg.data.batch_size, seq_len, cfg.seed, "random")
@@ -405,13 +403,13 @@ def _staged(cfg, m, parts, calib, train_tokens, seq_len, evaluate, progress, qua
             states, offset = list(st), offset + part
             effective = chain.apply(raw, tuple(states))
             _check_finite(effective, "fine-tuning")
-            before = [dict(x)["method"] for x in cfg.compress[:i] if "method" in x]
+            before = [x["method"] for x in specs[:i] if "method" in x]
             stages.append({"after": before, "finetune": info, "val": evaluate(effective, f"eval stage {i}", graphdef)})
             continue
         effective = core.chain(*ts).apply(raw, tuple(states)) if ts else raw
         states.append(part.init(effective, jax.random.fold_in(key, len(ts)), calib))
         ts.append(part)
-    return core.chain(*ts), tuple(states), raw, stages
+    return core.chain(*ts), tuple(states), raw, stages, offset
 
 
 def _pack(params, cstate, path, meta: dict | None = None, progress=False) -> dict:

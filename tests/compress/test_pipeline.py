@@ -96,7 +96,7 @@ def test_non_finite_weights_are_never_saved(run, tmp_path, monkeypatch):
     def poison(params, state):
         return {**params, "final_norm": {**params["final_norm"], "scale": params["final_norm"]["scale"] * jnp.nan}}
 
-    monkeypatch.setattr(pipeline, "build", lambda specs: core.Transform(lambda p, k, c: (), poison))
+    monkeypatch.setattr(pipeline, "members", lambda specs: [core.Transform(lambda p, k, c: (), poison)])
     cfg = pipeline.base_config()
     cfg.model, cfg.calibration.n, cfg.eval.max_windows = str(run), 0, 2
     with pytest.raises(errors.UserError, match="non-finite weights in final_norm/scale"):
@@ -226,3 +226,31 @@ def test_pretrained_gguf_with_own_calibration_and_gptq_protocol(tmp_path):
     assert "GPTQ/SparseGPT protocol" in s["compressed"]["protocol"]
     assert s["compressed"]["kl"] > 0 and 0 < s["compressed"]["top1_agreement"] <= 1 and "kl" not in s["dense"]
     assert sources.load(str(tmp_path / "out")).cfg == gguf.load(tmp_path / "m.gguf").cfg
+
+
+def test_structured_heads_then_a_finetune_stage(run, tmp_path):
+    # The staged path gets the head width the model gives (it used to re-parse the list without it).
+    out = tmp_path / "heads"
+    spec = "[{'method': 'structured', 'heads': 0.5, 'neurons': 0.25}, {'finetune': 2}]"
+    assert cli.main(_compress(run, out, f"--config.compress={spec}")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stages"][0]["finetune"]["steps"] == 2 and s["stages"][0]["after"] == ["structured"]
+
+
+def test_the_final_finetune_continues_the_batch_stream_after_the_stages(run, monkeypatch):
+    seen = []
+    real = pipeline.finetune.finetune
+
+    def spy(graphdef, params, transform, cstate, batches, t, **kw):
+        seen.append([int(np.asarray(batches(s)["inputs"]).sum()) for s in range(t.steps)])
+        return real(graphdef, params, transform, cstate, batches, t, **kw)
+
+    monkeypatch.setattr(pipeline.finetune, "finetune", spy)
+    cfg = pipeline.base_config()
+    cfg.model = str(run)
+    cfg.compress = [dict(method="magnitude", sparsity=0.5), {"finetune": 3}]
+    cfg.finetune.steps, cfg.pack = 3, False
+    cfg.eval.max_windows = 2
+    pipeline.run(cfg, run.parent / "stream", overwrite=True)
+    stage, final = seen
+    assert not set(stage) & set(final)  # different batches, not the stage's again from step 0
