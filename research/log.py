@@ -9,12 +9,14 @@ goes on with the local file. Tests set WANDB_MODE=disabled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import uuid
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from research import files
 
@@ -110,6 +112,15 @@ class Logger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def numeric(d: dict) -> dict:
+    """The finite numbers of a metrics dict (what a log record and W&B take), without strings and None."""
+    return {
+        k: v
+        for k, v in d.items()
+        if isinstance(v, int | float | np.floating) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
 
 
 def _plain(v):

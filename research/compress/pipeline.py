@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -311,7 +310,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
                 t = time.time()
                 tuned = evaluate(effective, "eval fine-tuned", out_graphdef)
                 times["eval_finetuned"] = time.time() - t
-                logger.log(cfg.finetune.steps, _numeric(tuned), split="val")
+                logger.log(cfg.finetune.steps, log.numeric(tuned), split="val")
         finally:
             logger.close()
         masks = transform.masks(cstate)
@@ -486,7 +485,3 @@ def _int_keys(t):
     if isinstance(t, dict):
         return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in t.items()}
     return t
-
-
-def _numeric(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, int | float) and math.isfinite(v)}

@@ -294,7 +294,7 @@ def train(
                     t0 = time.time()
                     if do_eval:
                         val = evaluate(cfg.eval.max_windows)
-                        logger.log(done, _numeric(val), split="val")
+                        logger.log(done, log.numeric(val), split="val")
                         tqdm.write(
                             f"step {done}: train loss {last_loss:.4f}, val loss {val['loss']:.4f} nats/token, "
                             f"{val['bits_per_byte']:.4f} bits/byte"
@@ -313,7 +313,7 @@ def train(
         previous = _read_summary(summary_file) if resume else {}
         final = evaluate(None) if done >= cfg.train.steps else None
         if final is not None:
-            logger.log(done, _numeric(final), split="val")
+            logger.log(done, log.numeric(final), split="val")
 
     # A resumed run that had nothing left to do reports the throughput of the run that trained it.
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -393,7 +393,3 @@ def _check_finite(pending: list, state, saved: list[int]) -> None:
 @jax.jit
 def _all_finite(params):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-
-
-def _numeric(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, int | float | np.floating)}
