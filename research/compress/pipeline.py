@@ -339,7 +339,6 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "nonzero": sizes["nonzero"],
             "dense_bytes_fp32": sizes["dense_bytes_fp32"],
             "dense_bytes_bf16": sizes["dense_bytes_bf16"],
-            "effective_bytes": sizes["effective_bytes"],
             "leaves": sizes["leaves"],
             "calibration": {
                 "n": cfg.calibration.n,

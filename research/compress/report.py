@@ -7,8 +7,6 @@ every parameter at float32 and at bfloat16.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from research import report as report_lib
@@ -26,8 +24,8 @@ def summarize(effective, masks=None) -> dict:
     Returns:
       {"leaves": [{path, shape, params, nonzero, sparsity, masked}], "params", "nonzero", "sparsity" (of all
       parameters, counting zero values), "masked_params", "masked_sparsity" (the fraction the masks remove),
-      "dense_bytes_fp32",
-      "dense_bytes_bf16", "effective_bytes", "ratio_fp32"}.
+      "dense_bytes_fp32", "dense_bytes_bf16"}. Stored sizes are the packed file's (`coding.pack`), every byte
+      counted, not an estimate from these counts.
     """
     masked = core.touched(masks) if masks is not None else {}
     leaves = []
@@ -48,7 +46,6 @@ def summarize(effective, masks=None) -> dict:
     nz = sum(x["nonzero"] for x in leaves)
     mn = sum(x["params"] for x in leaves if x["masked"])
     mnz = sum(int(np.count_nonzero(np.asarray(m))) for m in masked.values())  # kept by the masks (zeros or not)
-    eff = 4 * nz + math.ceil(mn / 8)
     return dict(
         leaves=leaves,
         params=n,
@@ -58,8 +55,6 @@ def summarize(effective, masks=None) -> dict:
         masked_sparsity=1.0 - mnz / mn if mn else 0.0,
         dense_bytes_fp32=4 * n,
         dense_bytes_bf16=2 * n,
-        effective_bytes=eff,
-        ratio_fp32=4 * n / eff if eff else None,
     )
 
 
@@ -77,10 +72,11 @@ def table(summary: dict, all_leaves: bool = False) -> str:
     rows.append(["all parameters", "", summary["params"], summary["nonzero"], overall])
     text = report_lib.table(["leaf", "shape", "params", "non-zero", "sparsity"], rows)
     masked = summary.get("masked_sparsity", summary["sparsity"])
+    packed = (summary.get("packed") or {}).get("file_bytes")
+    stored = f", {packed:,} packed (every byte of model.zlm)" if packed else ""
     return (
         f"{text}\nmasked leaves: sparsity {masked:.4f} over {summary['masked_params']:,} weights; bytes: "
-        f"{summary['dense_bytes_fp32']:,} dense fp32, {summary['effective_bytes']:,} effective (fp32 non-zeros + "
-        "1-bit masks)"
+        f"{summary['dense_bytes_fp32']:,} dense fp32{stored}"
     )
 
 
