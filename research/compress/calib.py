@@ -85,8 +85,10 @@ def require(calib: Calibration | None, method: str) -> Calibration:
 def gradients(calib: Calibration, params, square: bool = False):
     """Mean over the calibration batches of the next-token loss gradient (or of its square), weighted by batch size.
 
-    Every window token but the first is a target. With square=True this is the diagonal empirical Fisher at batch
-    granularity (one backward pass per batch, not per token).
+    Every window token but the first is a target. With square=True this is the square of each batch's *mean*
+    gradient, averaged over batches: a diagonal Fisher estimate at batch granularity (one backward pass per batch),
+    not the per-sample empirical Fisher (the mean of each window's squared gradient), which it underestimates where
+    the windows' gradients disagree; `calibration.batch_size=1` makes it the per-window empirical Fisher.
 
     Returns:
       A float32 tree like params.
