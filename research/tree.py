@@ -9,17 +9,9 @@ from __future__ import annotations
 import jax
 
 
-def key_str(key) -> str:
-    """One path entry as text: dict keys and sequence indices as themselves, attributes by name."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def path_str(path) -> str:
-    """A jax key path as "a/b/0/c"."""
-    return "/".join(key_str(k) for k in path)
+    """A jax key path as "a/b/0/c" (`jax.tree_util.keystr` with simple keys)."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def flatten(tree) -> dict:
