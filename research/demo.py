@@ -83,20 +83,22 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None, 
     plot = report.plot_losses(run_dir)
     rows = [["dense", 0.0, summary["val"]["loss"], summary["val"]["bits_per_byte"], 0.0, None, None, "-"]]
     dense_bpb = summary["val"]["bits_per_byte"]
+    # The dense model packed once: its file is the dense row's size and the dense coder's model, the same bytes.
+    dense_file = run_dir / "model.zlm"
+    dense_pack = packed.pack_model(str(run_dir), dense_file, overwrite=True, progress=False)
+    rows[0][5:7] = [round(dense_pack["file_bytes"] / 1e3), dense_pack["ratio_vs_fp32"]]
     saved = {}  # the model each compress directory keeps, by its table row
     for name, spec, steps in ROWS:
         print(f"\ncompressing: {spec}", flush=True)
         out = run_dir / ("compress-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
         s = pipeline.run(compress_config(run_dir, spec, steps), out, overwrite=True)
         saved[f"{name} + {steps} steps" if steps else name] = out / "model.zlm"
-        if name == "dense":  # sparsity 0 changes nothing: its "compressed" model is the dense one, packed bit-exactly
-            rows[0][5:7] = [round(s["packed_compressed"]["file_bytes"] / 1e3), s["packed_compressed"]["ratio_vs_fp32"]]
         stages = [("compressed", name)] if name != "dense" else []
         stages += [("finetuned", f"{name} + {steps} steps")] if steps else []
         for stage, label in stages:
             r = s[stage]
             sparsity = s["sparsity_compressed"] if stage == "compressed" else s["sparsity"]
-            packed = s["packed_compressed"] if stage == "compressed" else s["packed"]
+            pk = s["packed_compressed"] if stage == "compressed" else s["packed"]
             rows.append(
                 [
                     label,
@@ -104,8 +106,8 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None, 
                     r["loss"],
                     r["bits_per_byte"],
                     r["bits_per_byte"] - dense_bpb,
-                    round(packed["file_bytes"] / 1e3),
-                    packed["ratio_vs_fp32"],
+                    round(pk["file_bytes"] / 1e3),
+                    pk["ratio_vs_fp32"],
                     f"{s['seconds']['compress']:.1f}",
                 ]
             )
@@ -145,8 +147,9 @@ def code_held_out(cfg, run_dir: Path, saved: dict, llm: str | None = None) -> di
     """Codes the validation split's bytes with the dense model and every saved compressed model (their packed
     files), with the real pretrained model `llm` (its file, counted whole) when given, and with gzip / bz2 / xz /
     zstd; writes coding_table.json and coding.png into the run directory."""
-    dense = run_dir / "model.zlm"
-    packed.pack_model(str(run_dir), dense, overwrite=True, progress=False)
+    dense = run_dir / "model.zlm"  # packed by `main` (whose table row it is)
+    if not dense.is_file():
+        packed.pack_model(str(run_dir), dense, overwrite=True, progress=False)
     data = dataset.split_text(corpora.load(cfg.data.corpus).text, cfg.data.val_fraction)[1].encode("utf-8")
     data = data[:CODE_BYTES] if CODE_BYTES else data
     rows = compare.rows(data, {"dense": dense, **saved}, batch_size=64, progress=None)

@@ -130,6 +130,8 @@ def test_demo_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     assert "w8a8 (gptq + act_quant)" in rows and w8a8["model"]["act_bits"] == 8
     coding = json.loads((tmp_path / "demo" / "coding_table.json").read_text())
     coders = {r["coder"]: r for r in coding["rows"]}
+    # One packed file of the dense model: the table's size is the coder's model, byte for byte.
+    assert rows["dense"][5] == round(coders["model: dense"]["model_bytes"] / 1e3)
     assert {"gzip -9", "xz -9e", "model: dense", "model: gptq 4-bit g32", f"model: {demo.LLM_LABEL}"} <= set(coders)
     assert coders[f"model: {demo.LLM_LABEL}"]["model_bytes"] == (tmp_path / "llm.gguf").stat().st_size
     for r in coding["rows"]:

@@ -278,13 +278,18 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     t = time.time()
     after = evaluate(effective, "eval compressed", out_graphdef)
     times["eval_compressed"] = time.time() - t
+
+    def pack_meta(model_cfg):
+        methods = [dict(x) for x in cfg.compress]
+        return coding_packed.meta(model_cfg, tok.spec, cfg.model, "compressed", m.step, run_cfg, methods=methods)
+
     packed_at_init = None
     if cfg.get("pack", True) and (cfg.finetune.steps or cfg.get("shrink")):  # else the saved model is this one
         import tempfile
 
         t = time.time()
-        with tempfile.TemporaryDirectory() as d:
-            packed_at_init = _pack(effective, cstate, Path(d) / "m.zlm")
+        with tempfile.TemporaryDirectory() as d:  # the same header as model.zlm: sizes comparable to the byte
+            packed_at_init = _pack(effective, cstate, Path(d) / "m.zlm", pack_meta(out_cfg))
         times["pack_compressed"] = time.time() - t
 
     with atomic as tmp:
@@ -358,9 +363,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
         _save(tmp, m, out_cfg, effective, masks, None if shrunk else cstate, tok.spec, corpus, run_cfg, cfg)
         if cfg.get("pack", True):
             t = time.time()
-            meta = coding_packed.meta(
-                out_cfg, tok.spec, cfg.model, "compressed", m.step, run_cfg, methods=[dict(x) for x in cfg.compress]
-            )
+            meta = pack_meta(out_cfg)
             summary["packed"] = _pack(effective, None if shrunk else cstate, tmp / "model.zlm", meta, progress)
             summary["packed_compressed"] = packed_at_init or summary["packed"]
             times["pack"] = time.time() - t
