@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 
 from research import errors
-from research.models import config as config_lib
+from research.models import config as model_config
 
 
 @dataclasses.dataclass
@@ -32,7 +32,7 @@ class Model:
       model_type: the Hugging Face family (for HF sources), used again on export.
     """
 
-    cfg: config_lib.ModelConfig
+    cfg: model_config.ModelConfig
     graphdef: object
     params: dict
     tokenizer: str | None

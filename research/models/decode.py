@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import errors, models
-from research.models import config as config_lib
+from research.models import config as model_config
 from research.models.transformer import KVCache
 
 
-def init_cache(cfg: config_lib.ModelConfig, batch: int, capacity: int | None = None, dtype=None) -> KVCache:
+def init_cache(cfg: model_config.ModelConfig, batch: int, capacity: int | None = None, dtype=None) -> KVCache:
     """An empty cache for `batch` sequences of up to `capacity` positions (default: the model's context).
 
     Args:

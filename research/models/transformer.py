@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from research.models import act_quant
-from research.models import config as config_lib
+from research.models import config as model_config
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -47,7 +47,7 @@ def _dropout(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def rope_frequencies(cfg: config_lib.ModelConfig) -> np.ndarray:
+def rope_frequencies(cfg: model_config.ModelConfig) -> np.ndarray:
     """(rope_dim // 2,) float32 inverse frequencies of RoPE, with the config's scaling applied."""
     dim = cfg.rope_dim
     inv = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
@@ -275,7 +275,7 @@ def _linear(din, dout, cfg, rngs, std, bias, tap):
 class Attention(nnx.Module):
     """Causal multi-head attention with grouped-query heads and optional RoPE."""
 
-    def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs, out_std: float):
+    def __init__(self, cfg: model_config.ModelConfig, rngs: nnx.Rngs, out_std: float):
         self.cfg = cfg
         hd = cfg.dim_head
         qkv_bias = cfg.has_bias("qkv")
@@ -315,7 +315,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """Position-wise MLP: down(act(up(x))), or down(act(gate(x)) * up(x)) when gated."""
 
-    def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs, out_std: float):
+    def __init__(self, cfg: model_config.ModelConfig, rngs: nnx.Rngs, out_std: float):
         self.act = _ACTIVATIONS[cfg.activation]
         bias = cfg.has_bias("mlp")
         self.gate = _linear(cfg.d_model, cfg.ff_dim, cfg, rngs, 0.02, bias, "mlp/gate") if cfg.gated_mlp else None
@@ -332,7 +332,7 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); or, with a parallel residual,
     x + attn(norm1(x)) + mlp(norm2(x))."""
 
-    def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: model_config.ModelConfig, rngs: nnx.Rngs):
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         self.dropout, self.parallel = cfg.dropout, cfg.parallel_residual
         self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.has_bias("norm"))
@@ -353,7 +353,7 @@ class Transformer(nnx.Module):
     """Decoder-only language model; `model(tokens)` returns next-token logits, `model.hidden(tokens)` the final
     hidden states and `model.head(h)` their logits."""
 
-    def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: model_config.ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype = jnp.dtype(cfg.dtype)
         emb_init = nnx.initializers.normal(0.02)

@@ -10,7 +10,7 @@ import pytest
 
 from research import errors, models, sources, tree
 from research.data import tokenizers
-from research.models import config as config_lib
+from research.models import config as model_config
 from research.models import gguf, zoo
 from research.models.hf import families
 from tests import gguf_files, helpers
@@ -20,7 +20,7 @@ TYPES += ["IQ4_NL"]
 
 
 def _tiny(vocab=256, d=256, tie=True, seed=0):
-    cfg = config_lib.llama_style(
+    cfg = model_config.llama_style(
         vocab_size=vocab,
         n_layer=2,
         n_head=4,

@@ -39,7 +39,7 @@ from research import errors, models, tree
 from research.compress import calib as calib_lib
 from research.compress import core
 from research.compress.prune import masks
-from research.models import config as config_lib
+from research.models import config as model_config
 from research.models import loss as loss_lib
 
 SCORES = ("magnitude", "taylor", "activation")
@@ -293,7 +293,7 @@ def _check_indices(idx, n_layer: int, n: int, what: str):
     return idx
 
 
-def shrink(cfg: config_lib.ModelConfig, params, state):
+def shrink(cfg: model_config.ModelConfig, params, state):
     """Physically removes the pruned units: a smaller dense model computing what the masked model computes.
 
     Heads and kv heads shrink together (the query heads per kv head stay), head_dim is set explicitly to the old

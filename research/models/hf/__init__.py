@@ -29,7 +29,7 @@ import numpy as np
 from research import errors, hardware, models, tree
 from research.data import tokenizers
 from research.files import AtomicDir
-from research.models import config as config_lib
+from research.models.config import DTYPES, ModelConfig
 from research.models.hf import families, files
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -49,7 +49,7 @@ class Pretrained:
         model exported by us (config.json says "ziplm_tokenizer": "byte"), else None.
     """
 
-    cfg: config_lib.ModelConfig
+    cfg: ModelConfig
     graphdef: object
     params: dict
     model_type: str
@@ -209,7 +209,7 @@ def _check_names(rules, names: dict[str, str], cfg, kind: str, directory) -> Non
 
 
 def export(
-    cfg: config_lib.ModelConfig,
+    cfg: ModelConfig,
     params,
     out: str | Path,
     *,
@@ -237,8 +237,8 @@ def export(
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import transformers
 
-    if dtype not in config_lib.DTYPES:
-        raise errors.UserError(f"export dtype must be one of {config_lib.DTYPES}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise errors.UserError(f"export dtype must be one of {DTYPES}, got {dtype!r}")
     if cfg.act_bits is not None:
         raise errors.UserError(
             f"this model fake-quantizes its linear inputs to {cfg.act_bits} bits (act_bits), which a Hugging Face "

@@ -19,8 +19,8 @@ import dataclasses
 
 import numpy as np
 
-from research.models import config as config_lib
 from research.models import transformer
+from research.models.config import ModelConfig
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "opt", "gpt_neox")
 _ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
@@ -108,7 +108,7 @@ def to_ours(rule: Rule, array: np.ndarray, shapes: list[tuple]) -> list[np.ndarr
 # ----------------------------------------------------------------------------------------------- config.json in
 
 
-def model_config(hf, dtype: str = "float32") -> config_lib.ModelConfig:
+def model_config(hf, dtype: str = "float32") -> ModelConfig:
     """Our ModelConfig for a transformers config object (raises Unsupported for features not implemented)."""
     kind = hf.model_type
     if kind not in SUPPORTED:
@@ -148,7 +148,7 @@ def _rope(hf, head_dim):
 def _gpt2_in(hf, dtype):
     if not getattr(hf, "scale_attn_weights", True) or getattr(hf, "scale_attn_by_inverse_layer_idx", False):
         raise Unsupported("GPT-2 attention scaling variants (scale_attn_*) are not supported")
-    return config_lib.ModelConfig(
+    return ModelConfig(
         vocab_size=hf.vocab_size,
         n_layer=hf.n_layer,
         n_head=hf.n_head,
@@ -172,7 +172,7 @@ def _llama_in(hf, dtype):
     if kind == "qwen2" and getattr(hf, "use_sliding_window", False):
         raise Unsupported("Qwen2 with use_sliding_window=True (per-layer windows) is not supported")
     attn_bias = bool(getattr(hf, "attention_bias", False))
-    return config_lib.ModelConfig(
+    return ModelConfig(
         vocab_size=hf.vocab_size,
         n_layer=hf.num_hidden_layers,
         n_head=hf.num_attention_heads,
@@ -206,7 +206,7 @@ def _opt_in(hf, dtype):
         )
     if not getattr(hf, "layer_norm_elementwise_affine", True):
         raise Unsupported("OPT with layer_norm_elementwise_affine=False is not supported")
-    return config_lib.ModelConfig(
+    return ModelConfig(
         vocab_size=hf.vocab_size,
         n_layer=hf.num_hidden_layers,
         n_head=hf.num_attention_heads,
@@ -227,7 +227,7 @@ def _opt_in(hf, dtype):
 def _neox_in(hf, dtype):
     head_dim = hf.hidden_size // hf.num_attention_heads
     attn_bias = bool(getattr(hf, "attention_bias", True))
-    return config_lib.ModelConfig(
+    return ModelConfig(
         vocab_size=hf.vocab_size,
         n_layer=hf.num_hidden_layers,
         n_head=hf.num_attention_heads,
@@ -251,7 +251,7 @@ def _neox_in(hf, dtype):
 # ---------------------------------------------------------------------------------------------- config.json out
 
 
-def hf_config_dict(cfg: config_lib.ModelConfig, model_type: str) -> dict:
+def hf_config_dict(cfg: ModelConfig, model_type: str) -> dict:
     """The config.json entries of `cfg` as a `model_type` model (raises Unsupported if it cannot be exact)."""
     need = _Checker(model_type)
     tie = dict(tie_word_embeddings=cfg.tie_embeddings)
@@ -360,7 +360,7 @@ class _Checker:
             raise Unsupported(f"cannot be written as {self.model_type}: {why}")
 
 
-def same_function(cfg: config_lib.ModelConfig, written: config_lib.ModelConfig) -> list[str]:
+def same_function(cfg: ModelConfig, written: ModelConfig) -> list[str]:
     """Fields where `written` (the config a checkpoint declares) computes something other than `cfg`.
 
     Biases `cfg` lacks may be present in `written` (they are written as zeros); everything else must agree.
@@ -399,7 +399,7 @@ def architecture(model_type: str) -> str:
     return _ARCH[model_type]
 
 
-def default_model_type(cfg: config_lib.ModelConfig) -> str:
+def default_model_type(cfg: ModelConfig) -> str:
     """The first family (gpt2, llama, qwen2, mistral, opt, gpt_neox) that represents `cfg` exactly."""
     reasons = []
     for kind in ("gpt2", "llama", "qwen2", "mistral", "opt", "gpt_neox"):
@@ -414,7 +414,7 @@ def default_model_type(cfg: config_lib.ModelConfig) -> str:
 # ------------------------------------------------------------------------------------------------- tensor rules
 
 
-def rules(cfg: config_lib.ModelConfig, model_type: str) -> list[Rule]:
+def rules(cfg: ModelConfig, model_type: str) -> list[Rule]:
     """The tensor rules of a `model_type` checkpoint with config `cfg` (as `model_config` returns it)."""
     fam = {"gpt2": _gpt2_rules, "opt": _opt_rules, "gpt_neox": _neox_rules}.get(model_type, _llama_rules)
     out = fam(cfg)
