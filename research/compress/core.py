@@ -61,11 +61,6 @@ class Transform(NamedTuple):
     learn: Callable | None = None
 
 
-def identity() -> Transform:
-    """The transform that changes nothing."""
-    return Transform(lambda params, key, calib: (), lambda params, state: params)
-
-
 def chain(*transforms: Transform) -> Transform:
     """Composes transforms left to right; each sees the previous ones' effective parameters.
 
