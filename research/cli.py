@@ -337,48 +337,25 @@ def _model_args(p, workdir: bool = False) -> None:
     p.add_argument("--dtype", choices=model_config.DTYPES, help="compute dtype for HF checkpoints")
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _number(kind, ok, need: str):
+    """An argparse type: text parsed by `kind` (int or float) and accepted where `ok(value)`, else "must be <need>"."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {need}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+        return value
+
+    return parse
 
 
-def _step(text: str) -> int:
-    """argparse type: a checkpoint step (an integer >= 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a step number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    """argparse type: a seed in 0 .. 2**32 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in 0 .. 2**32 - 1, got {value}")
-    return value
+_positive = _number(int, lambda v: v >= 1, "a positive integer")
+_step = _number(int, lambda v: v >= 0, "a step number >= 0")
+_temperature = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_seed = _number(int, lambda v: 0 <= v < 2**32, "an integer seed in 0 .. 2**32 - 1")
 
 
 def _check_outputs(args) -> None:

@@ -282,9 +282,6 @@ def validate(cfg: mlc.ConfigDict) -> None:
     for name in ("weight_decay", "grad_clip"):
         if t.get(name) is not None and t[name] < 0:
             raise errors.UserError(f"train.{name} must be >= 0, got {t[name]}")
-    from research.train import sharding  # the rules' names are checked before anything is written
-
-    sharding.rules_for(cfg.mesh.rules)
     window = e.window or d.seq_len
     if window > m.max_seq_len:
         raise errors.UserError(f"eval.window ({window}) exceeds model.max_seq_len ({m.max_seq_len})")

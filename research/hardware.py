@@ -59,17 +59,15 @@ def device_memory_bytes() -> int | None:
     return None
 
 
-def training_bytes(mcfg, batch_per_device: int, seq_len: int, param_shards: int) -> int:
+def training_bytes(mcfg, n_params: int, batch_per_device: int, seq_len: int, param_shards: int) -> int:
     """A rough estimate of one device's training memory (no rematerialisation): float32 parameters, gradients and
     two AdamW moments (sharded `param_shards` ways), the activations the backward pass keeps (about 10 d_model +
     3 d_ff + 2 heads x seq_len values per token and layer) and the logits with their gradient. Meant to catch a
     batch that cannot fit by a wide margin, not to plan memory."""
-    from research.models import config as model_config
-
     d, f = mcfg.d_model, mcfg.d_ff or 4 * mcfg.d_model
     act = {"float32": 4}.get(mcfg.dtype, 2)
     per_token = mcfg.n_layer * (10 * d + 3 * f + 2 * mcfg.n_head * seq_len) * act + 2 * mcfg.vocab_size * 4
-    state = 16 * model_config.count_params(mcfg) // max(1, param_shards)
+    state = 16 * n_params // max(1, param_shards)
     return state + batch_per_device * seq_len * per_token
 
 

@@ -283,7 +283,7 @@ def train(
                 do_save = done % cfg.train.ckpt_every == 0 or done == end or stopping
                 do_log = done % cfg.train.log_every == 0 or done == end
                 if do_log or do_eval or do_save:
-                    _check_finite(pending, state if do_save else None, ckpts.all_steps())
+                    _check_finite(pending, state if do_save else None, ckpts)
                     pending.clear()
                 if do_log:
                     last_loss = float(m["loss"])
@@ -349,7 +349,8 @@ def _check_memory(cfg, mcfg, mesh) -> None:
         return
     data = mesh.shape["data"]
     shards = {"fsdp": mesh.size, "tensor": mesh.shape["model"]}.get(cfg.mesh.rules, 1)
-    need = hardware.training_bytes(mcfg, -(-cfg.data.batch_size // data), cfg.data.seq_len, shards)
+    n_params = config_lib.model_config.count_params(mcfg)
+    need = hardware.training_bytes(mcfg, n_params, -(-cfg.data.batch_size // data), cfg.data.seq_len, shards)
     if jax.local_devices()[0].platform == "cpu":
         need *= len(jax.local_devices()[: mesh.size])
     if need > 2 * available:
@@ -372,7 +373,7 @@ def _read_summary(path: Path) -> dict:
     return summary if isinstance(summary, dict) else {}
 
 
-def _check_finite(pending: list, state, saved: list[int]) -> None:
+def _check_finite(pending: list, state, ckpts) -> None:
     """Stops training at the first non-finite loss or gradient norm in `pending`, and before a save (`state` given)
     at non-finite parameters, so a diverged model is never checkpointed; the last finite checkpoint is kept."""
     values = jax.device_get([(loss, norm) for _, loss, norm in pending])
@@ -383,6 +384,7 @@ def _check_finite(pending: list, state, saved: list[int]) -> None:
         return
     step, v = bad
     what = f"loss {float(v[0])}, gradient norm {float(v[1])}" if v is not None else "non-finite parameters"
+    saved = ckpts.all_steps()  # listed only when reporting: not a directory scan at every log step
     kept = f"the last finite checkpoint, step {saved[-1]}, is kept" if saved else "no checkpoint was saved"
     raise errors.UserError(
         f"training diverged at step {step} ({what}); {kept}. Lower train.lr or raise train.warmup_steps, and use a "
