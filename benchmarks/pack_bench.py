@@ -110,17 +110,17 @@ def compressed(params):
     t = core.chain(magnitude.magnitude(0.5), rtn.rtn(4, granularity="channel"))
     state = t.init(params, jax.random.key(0), None)
     eff = jax.tree.map(np.asarray, t.apply(params, state))
-    from research.compress import pipeline
+    from research import codes
 
-    return eff, pack.hints(pipeline._strip_none(jax.tree.map(np.asarray, state)))
+    return eff, codes.to_numpy(core.export(t, params, state))
 
 
-def throughput(name: str, params, hints) -> dict:
+def throughput(name: str, params, exported) -> dict:
     n = sum(np.size(x) for x in tree.flatten(params).values())
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.zlm"
         t = time.perf_counter()
-        rep = pack.pack(params, path, meta={}, hints=hints, progress=False)
+        rep = pack.pack(params, path, meta={}, exported=exported, progress=False)
         t_pack = time.perf_counter() - t
         t = time.perf_counter()
         _, back = pack.unpack(path)
@@ -177,9 +177,11 @@ def main(argv=None) -> int:
     )
     if not args.skip_throughput:
         results["throughput"]["dense fp32"] = throughput("dense fp32", params, {})
-        eff, hints = compressed(params)
+        eff, exported = compressed(params)
         del params
-        results["throughput"]["magnitude 50% + rtn 4-bit channel"] = throughput("magnitude 50% + rtn 4-bit", eff, hints)
+        results["throughput"]["magnitude 50% + rtn 4-bit channel"] = throughput(
+            "magnitude 50% + rtn 4-bit", eff, exported
+        )
     out = Path(__file__).parent / "results" / f"pack_{hardware.slug()}.json"
     files.write_json(
         out,

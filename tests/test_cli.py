@@ -10,6 +10,7 @@ import time
 import pytest
 
 from research import cli, models
+from research.coding import container
 from tests import helpers
 
 TINY = [
@@ -119,13 +120,13 @@ def test_demo_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     rows = {r[0]: r for r in json.loads((tmp_path / "demo" / "compress_table.json").read_text())["rows"]}
     assert rows["wanda 50%"][1] == pytest.approx(0.5) and rows["dense + 100 steps"][1] == 0.0
     assert "gptq 4-bit g32" in rows and "gptq 4-bit g32 + 0 steps" not in rows
-    assert (tmp_path / "demo" / "compress-wanda-50" / "compressed.json").is_file()
+    assert (tmp_path / "demo" / "compress-wanda-50" / "model.zlm").is_file()
     for label, row in rows.items():  # every model's packed size, with its ratio against float32
         assert row[5] > 0 and row[6] > 0, label
     assert (
         rows["gptq 4-bit g32"][6] > 1.5 * rows["dense"][6] and rows["magnitude 50% + 100 steps"][6] > rows["dense"][6]
     )
-    w8a8 = json.loads((tmp_path / "demo" / "compress-w8a8-gptq-act-quant" / "compressed.json").read_text())
+    w8a8 = container.Reader(tmp_path / "demo" / "compress-w8a8-gptq-act-quant" / "model.zlm").meta
     assert "magnitude 50% -> ft -> gptq 4-bit" in rows  # prune -> fine-tune -> quantize, one model
     assert "w8a8 (gptq + act_quant)" in rows and w8a8["model"]["act_bits"] == 8
     coding = json.loads((tmp_path / "demo" / "coding_table.json").read_text())

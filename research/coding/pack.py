@@ -5,36 +5,39 @@ Every leaf is stored as one of five kinds, each a few sections (see `container` 
   float    the values, bit-exact (`floats`: exponent and sign/mantissa streams, entropy-coded)
   masked   the positions of the non-zero entries (`masks`) and those entries, bit-exact; an entry counts as zero
            only when its bits are those of +0.0, so -0.0 is kept as a value
-  grid     integer codes on a quantization grid with its scales and zero points: value = (code - zero) * scale,
-           per tensor, output channel or group (`compress.quant.grid`'s convention); the codes either as one stream
-           (positions and values coded together against their joint histogram) or as a mask plus the codes of the
-           kept entries, whichever is smaller (N:M masks favour the second)
-  palette  indices into a per-problem table of distinct values (a codebook per tensor, channel or group, as
-           `compress.share.codebook` lays them out), the table bit-exact; again joint or mask + kept indices
+  grid     integer codes on a quantization grid with its scales and zero points (value = (code - zero) * scale)
+           or float minimums (code * scale + minimum), per tensor, output channel or group (`research.codes`);
+           the codes either as one stream (positions and values coded together against their joint histogram) or
+           as a mask plus the codes off the zero code, whichever is smaller (N:M masks favour the second)
+  palette  indices into a per-problem table of values (a codebook per tensor, channel or group, the layouts of
+           `research.codes`), the table bit-exact; again joint or mask + kept indices
   affine   blocks of B weights along one axis, each exactly fl(fl(d * (q - z)) + m) with 8-bit codes q and a
            per-block scale d and offset m (fp16 when exact, else fp32), found with no hint (`found`): the weights of
            dequantized GGUF (Q4_0, Q4_1, Q8_0), GPTQ or AWQ checkpoints; blocks that fit no grid are stored raw
 
 `encode_leaf` builds every kind that applies and keeps the smallest whose decoding gives back the leaf's exact bits
-(so a representation can never change a weight: at worst a leaf falls back to `float`). Which grid or palette
-applies comes from the transform state a `ziplm compress` directory saved (`hints`): a leaf with "scale" and
-"zero" in some chain member's state is tried as a grid with them, one with a "codebook" as a palette of its layout.
-Without hints, a leaf with at most 256 distinct values becomes a per-tensor palette, a kernel whose sampled
-channels or blocks have few distinct values a palette per channel or block (`found.palette_problems`), and every
-float32 leaf is searched for affine blocks (`found.encode`, which gives up after a sample on leaves with no grid).
+(so a representation can never change a weight: at worst a leaf falls back to `float`). What a leaf is comes from
+the compression that made it: `core.export(transform, params, state)` gives a typed record per changed leaf
+(`research.codes`), and a grid or palette record is stored as it is, nothing guessed from names or shapes. The
+rest (dense leaves, and the kept values of masked ones) is searched: a leaf with at most 256 distinct values
+becomes a per-tensor palette, a kernel whose sampled channels or blocks have few distinct values a palette per
+channel or block (`found.palette_problems`), and every float32 leaf is searched for affine blocks (`found.encode`,
+which gives up after a sample on leaves with no grid).
 
-    report = pack.pack(params, "model.zlm", meta=dict(model=cfg.to_dict(), tokenizer="byte"), hints=hints)
+    records = core.export(transform, params, state)
+    report = pack.pack(transform.apply(params, state), "model.zlm", meta=dict(model=cfg.to_dict()), exported=records)
     meta, params = pack.unpack("model.zlm")        # bit-identical to the packed params
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from tqdm.auto import tqdm
 
-from research import errors, tree
+from research import codes, errors, tree
 from research.coding import container, entropy, floats, found, masks
-from research.compress.share import codebook  # the problem layout of codebooks (tensor / channel / group)
 
 KINDS = ("float", "masked", "grid", "palette", "affine")
 PALETTE_MAX = 256
@@ -48,39 +51,21 @@ def _nonzero(x: np.ndarray) -> np.ndarray:
     return _bits(x) != 0  # +0.0 is the only all-zero bit pattern
 
 
-# --- layouts of scales (grid) and problems (palette) -------------------------------------------------------------
-
-
-def _grid_layout(shape, scale_shape):
-    """("tensor" | "channel" | "group", group size) of a grid whose scales have `scale_shape`, or None."""
-    shape, scale_shape = tuple(shape), tuple(scale_shape)
-    if scale_shape == ():
-        return "tensor", 0
-    if len(shape) >= 2 and scale_shape == shape[1:]:
-        return "channel", 0
-    if len(shape) >= 2 and len(scale_shape) == len(shape) and scale_shape[1:] == shape[1:]:
-        if scale_shape[0] and shape[0] % scale_shape[0] == 0:
-            return "group", shape[0] // scale_shape[0]
-    return None
-
-
-def _expand(a: np.ndarray, shape, layout, group: int) -> np.ndarray:
-    if layout == "tensor":
-        return a
-    if layout == "channel":
-        return a[None]
-    return np.repeat(a, group, axis=0)
-
-
-def _palette_layout(shape, n_problems: int):
+def _palette_layout(shape, n_problems: int) -> codes.Layout | None:
+    """The layout of a found palette of `n_problems` tables (`found.palette_problems`), or None."""
     size = int(np.prod(shape, dtype=np.int64))
     if n_problems == 1:
-        return "tensor", 0
+        return codes.Layout("tensor")
     if len(shape) >= 2 and n_problems == shape[-1]:
-        return "channel", 0
+        return codes.Layout("channel")
     if len(shape) >= 2 and size % n_problems == 0 and (size // shape[-1]) % (size // n_problems) == 0:
-        return "group", size // n_problems
+        return codes.Layout("group", size // n_problems)
     return None
+
+
+def _layout(record) -> codes.Layout:
+    gran = record["layout"]
+    return codes.Layout(gran, record["group"] if gran == "group" else 0)
 
 
 # --- the four kinds ------------------------------------------------------------------------------------------------
@@ -95,45 +80,58 @@ def _enc_masked(x):
     return {}, {"mask": masks.encode(keep), "values": floats.encode(x[keep])}
 
 
-def _with_mask(record, symbols, keep, alphabet):
-    """Two ways to store a symbol stream with zeros in it: joint, or mask + kept symbols; the smaller one."""
-    joint = {"symbols": entropy.encode(symbols.ravel(), alphabet)}
+def _with_mask(record, symbols, keep, alphabet, joint: bool = True):
+    """Two ways to store a symbol stream with zeros in it: joint (when the symbols alone give the zeros), or mask
+    + kept symbols; the smaller one."""
+    joint_sections = {"symbols": entropy.encode(symbols.ravel(), alphabet)} if joint or keep is None else None
     if keep is None or keep.all():
-        return dict(record, masked=False), joint
+        return dict(record, masked=False), joint_sections or {"symbols": entropy.encode(symbols.ravel(), alphabet)}
     split = {"mask": masks.encode(keep), "symbols": entropy.encode(symbols[keep], alphabet)}
-    if sum(map(len, split.values())) < len(joint["symbols"]):
+    if joint_sections is None or sum(map(len, split.values())) < len(joint_sections["symbols"]):
         return dict(record, masked=True), split
-    return dict(record, masked=False), joint
+    return dict(record, masked=False), joint_sections
 
 
-def _enc_grid(x, scale, zero):
-    layout = _grid_layout(x.shape, np.shape(scale))
-    if layout is None or x.dtype != np.float32:
-        return None
-    gran, group = layout
-    s = np.asarray(scale, np.float32)
-    z = np.asarray(zero, np.float32)
-    if not np.all((z == np.round(z)) & (z >= 0) & (z <= 255)):
-        return None  # a float minimum (Q4_1's grid), not integer zero points: left to the structure search
-    se, ze = _expand(s, x.shape, gran, group), _expand(z, x.shape, gran, group)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        codes = np.clip(np.round(x.astype(np.float64) / se + ze), 0, 255)
-    if not np.all(np.isfinite(codes)):
-        return None
-    codes = codes.astype(np.int64)
-    keep = codes != np.broadcast_to(ze, x.shape).astype(np.int64)
-    record, sections = _with_mask(dict(layout=gran, group=group, scale_shape=list(s.shape)), codes, keep, 256)
+def _enc_grid(x, code: codes.Grid):
+    """The sections of an exported grid: its codes (joint, or mask + the codes off the zero code), scales and
+    zero points (integer codes) or float minimums."""
+    c = np.asarray(code.codes).reshape(x.shape).astype(np.int64)
+    s = np.asarray(code.scale, np.float32)
+    lay = code.layout
+    record = dict(lay.to_dict(), scale_shape=list(s.shape), zero="float" if code.float_zero else "integer")
+    if code.float_zero:
+        record, sections = _with_mask(record, c, None, 256)
+        sections["offset"] = floats.encode(np.asarray(code.zero, np.float32))
+    else:
+        z = np.asarray(code.zero).astype(np.int64)
+        keep = c != np.broadcast_to(lay.expand(z, x.shape), x.shape)
+        record, sections = _with_mask(record, c, keep, 256)
+        sections["zero"] = entropy.encode(z.ravel(), 256)
     sections["scale"] = floats.encode(s)
-    sections["zero"] = entropy.encode(np.asarray(zero).astype(np.int64).ravel(), 256)
     return record, sections
 
 
-def _enc_palette(x, n_problems):
-    layout = _palette_layout(x.shape, n_problems)
-    if layout is None:
+def _enc_palette(x, pal: codes.Palette, joint: bool):
+    """The sections of a palette: its indices (joint when `joint`, else or when smaller mask + kept indices) and
+    its tables in the leaf's dtype."""
+    table = np.asarray(pal.table)
+    if table.dtype != x.dtype:
+        table = table.astype(x.dtype)
+    keep = None if pal.keep is None else np.asarray(pal.keep).reshape(x.shape)
+    k = table.shape[1]
+    idx = np.asarray(pal.indices).reshape(x.shape).astype(np.int64)
+    record, sections = _with_mask(dict(pal.layout.to_dict(), k=k), idx, keep, k, joint=joint)
+    sections["entries"] = floats.encode(table)
+    return record, sections
+
+
+def _found_palette(x, n_problems) -> codes.Palette | None:
+    """A palette of the distinct values of each problem (per tensor, channel or block), or None when a problem
+    has more than PALETTE_MAX; `keep` marks the non-zero entries (0.0 is an entry of its table)."""
+    lay = _palette_layout(x.shape, n_problems)
+    if lay is None:
         return None
-    gran, group = layout
-    u = codebook.to_problems(_bits(x), gran, group)  # (P, n) bit patterns
+    u = lay.to_problems(_bits(x))  # (P, n) bit patterns
     s = np.sort(u, axis=1)
     distinct = np.concatenate([np.ones((s.shape[0], 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
     k = int(distinct.sum(1).max())
@@ -146,13 +144,8 @@ def _enc_palette(x, n_problems):
     entries = np.where(
         np.arange(k)[None] < counts[:, None], entries, entries[np.arange(len(entries)), counts - 1, None]
     )
-    idx = _rowwise_search(entries, u)
-    keep = _nonzero(x)
-    record, sections = _with_mask(
-        dict(layout=gran, group=group, k=k), codebook.from_problems(idx, x.shape, gran), keep, k
-    )
-    sections["entries"] = floats.encode(entries.view(x.dtype))
-    return record, sections
+    idx = lay.from_problems(_rowwise_search(entries, u), x.shape)
+    return codes.Palette(idx, entries.view(x.dtype), lay, _nonzero(x))
 
 
 def _rowwise_search(entries, u):
@@ -190,35 +183,33 @@ def decode_leaf(record: dict, sections: dict) -> np.ndarray:
         out[keep] = floats.decode(sections["values"], dtype, (int(keep.sum()),))
         return out
     if kind == "grid":
-        gran, group = record["layout"], record["group"]
+        lay = _layout(record)
         scale = floats.decode(sections["scale"], "float32", tuple(record["scale_shape"]))
-        zero = entropy.decode(sections["zero"]).astype(np.float32).reshape(scale.shape)
-        ze = np.broadcast_to(_expand(zero, shape, gran, group), shape)
+        float_zero = record.get("zero", "integer") == "float"
+        if float_zero:
+            zero = floats.decode(sections["offset"], "float32", scale.shape)
+        else:
+            zero = entropy.decode(sections["zero"]).astype(np.float32).reshape(scale.shape)
         sym, keep = _symbols(record, sections, shape)
         if keep is None:
-            codes = sym.astype(np.float32)
-        else:
-            codes = ze.copy()
-            codes[keep] = sym
-        return ((codes - ze) * _expand(scale, shape, gran, group)).astype(np.float32)
+            c = sym.reshape(shape)
+        else:  # entries off the mask take the zero code
+            c = np.broadcast_to(lay.expand(zero, shape), shape).astype(np.int64)
+            c[keep] = sym
+        values = codes.grid_values(c, scale, zero, lay, float_zero)
+        return values.astype(floats._numpy_dtype(dtype))
     if kind == "palette":
-        gran, group, k = record["layout"], record["group"], record["k"]
-        size = int(np.prod(shape, dtype=np.int64))
-        n_problems = 1 if gran == "tensor" else shape[-1] if gran == "channel" else size // group
-        entries = floats.decode(sections["entries"], dtype, (n_problems, k))
+        lay, k = _layout(record), record["k"]
+        entries = floats.decode(sections["entries"], dtype, (lay.n_problems(shape), k))
         sym, keep = _symbols(record, sections, shape)
         if keep is None:
             idx = sym
         else:
             idx = np.zeros(shape, np.int64)
             idx[keep] = sym
-        rows = codebook.to_problems(idx, gran, group)
-        if rows.size and rows.max() >= k:
+        if idx.size and idx.max() >= k:
             raise errors.CorruptData(f"{record['path']}: a palette index past its table")
-        out = codebook.from_problems(np.take_along_axis(entries, rows, axis=1), shape, gran)
-        if keep is not None:
-            out = np.where(keep, out, np.zeros((), out.dtype))
-        return out
+        return codes.palette_values(idx, entries, lay, keep).astype(entries.dtype)
     if kind == "affine":
         return found.decode(record, sections, shape)
     raise errors.CorruptData(f"{record['path']}: unknown leaf kind {kind!r}")
@@ -227,26 +218,42 @@ def decode_leaf(record: dict, sections: dict) -> np.ndarray:
 # --- choosing ------------------------------------------------------------------------------------------------------
 
 
-def encode_leaf(path: str, x, hint: dict | None = None) -> tuple[dict, dict]:
-    """(record, {section: bytes}) of the smallest exact representation of one leaf (see the module docstring)."""
+def encode_leaf(path: str, x, code: codes.Code | None = None) -> tuple[dict, dict]:
+    """(record, {section: bytes}) of the smallest exact representation of one leaf (see the module docstring).
+
+    Args:
+      path: the leaf's path (for messages and the header).
+      x: the leaf.
+      code: what a transform exported for it (`research.codes`), or None. A grid or palette is stored as it is
+        (no search); a mask, or no code, leaves the values to the search. A code that does not give the leaf's
+        exact bits is ignored with a warning (the leaf is searched as if none had been exported).
+    """
     x = np.asarray(x)
     name = floats.dtype_name(x)
     base = dict(path=path, shape=list(x.shape), dtype=name, crc32=container.crc(np.ascontiguousarray(x).tobytes()))
     x1 = x.reshape(x.shape or (1,))
-    hint = hint or {}
     candidates = [("float", _enc_float(x1))]
     if x1.size and np.any(~_nonzero(x1)):
         candidates.append(("masked", _enc_masked(x1)))
-    if "scale" in hint:
-        candidates.append(("grid", _enc_grid(x1, np.asarray(hint["scale"]), np.asarray(hint["zero"]))))
-    n_problems = hint.get("problems")
-    if n_problems is None and x1.size and len(np.unique(_bits(x1.ravel()[:65536]))) <= PALETTE_MAX:
-        n_problems = 1
-    if n_problems is None:
-        n_problems = found.palette_problems(x1)
-    if n_problems:
-        candidates.append(("palette", _enc_palette(x1, n_problems)))
-    candidates.append(("affine", found.encode(x1)))
+    if isinstance(code, codes.Grid | codes.Palette) and not codes.describes(code, x):
+        warnings.warn(
+            f"{path}: its exported {type(code).__name__} code does not give its values; searched instead", stacklevel=2
+        )
+        code = None
+    if isinstance(code, codes.Grid):
+        candidates.append(("grid", _enc_grid(x1, code)))
+    elif isinstance(code, codes.Palette):
+        candidates.append(("palette", _enc_palette(x1, code, joint=code.keep is None)))
+    else:
+        n_problems = None
+        if x1.size and len(np.unique(_bits(x1.ravel()[:65536]))) <= PALETTE_MAX:
+            n_problems = 1
+        if n_problems is None:
+            n_problems = found.palette_problems(x1)
+        pal = _found_palette(x1, n_problems) if n_problems else None
+        if pal is not None:
+            candidates.append(("palette", _enc_palette(x1, pal, joint=True)))
+        candidates.append(("affine", found.encode(x1)))
     built = [(sum(map(len, b[1].values())), i, kind, b) for i, (kind, b) in enumerate(candidates) if b is not None]
     for _, _, kind, (extra, sections) in sorted(built, key=lambda c: c[:2]):  # smallest first, ties: listed first
         record = dict(base, kind=kind, **extra)
@@ -286,45 +293,25 @@ def _bounds(sections) -> dict:
 # --- trees ---------------------------------------------------------------------------------------------------------
 
 
-def hints(state) -> dict:
-    """{leaf path: hint} from a transform state as `ziplm compress` saves it (nested dicts, a chain's members under
-    "0", "1", ...): {"scale", "zero"} for quantized leaves, {"problems": P} for codebook-shared ones. Later chain
-    members win, as their effective weights are what was saved."""
-    out: dict = {}
-
-    def visit(s):
-        if not isinstance(s, dict):
-            return
-        if "scale" in s and "zero" in s:
-            zeros = tree.flatten(s["zero"])
-            for p, sc in tree.flatten(s["scale"]).items():
-                out[p] = {"scale": np.asarray(sc), "zero": np.asarray(zeros[p])}
-            return
-        if "codebook" in s:
-            for p, cb in tree.flatten(s["codebook"]).items():
-                out[p] = {"problems": int(np.shape(cb)[0])}
-            return
-        for key in sorted((k for k in s if str(k).isdigit()), key=int):
-            visit(s[key])
-
-    visit(state)
-    return out
-
-
-def pack(params, path, *, meta: dict, hints: dict | None = None, overwrite: bool = False, progress=None) -> dict:
+def pack(params, path, *, meta: dict, exported: dict | None = None, overwrite: bool = False, progress=None) -> dict:
     """Packs a parameter tree into one file; returns the report (see `report`).
 
     Args:
-      params: nested dict of float32 / bfloat16 / float16 arrays.
+      params: nested dict of float32 / bfloat16 / float16 arrays: the effective parameters.
       path: the output file (written atomically; an existing one needs `overwrite`).
       meta: JSON-able metadata stored in the header (model config, tokenizer, source, ...).
-      hints: {path: hint} from `hints(state)`.
+      exported: {path: record} of what the compression made of each leaf (`core.export`); None: every leaf
+        searched.
       progress: show a progress bar (None: when attached to a terminal).
     """
     flat = tree.flatten(params)
+    exported = exported or {}
+    unknown = sorted(set(exported) - set(flat))
+    if unknown:
+        raise ValueError(f"codes for leaves the parameters do not have: {unknown[:3]}")
     records, blobs = [], []
     for p, x in tqdm(flat.items(), desc="pack", disable=None if progress is None else not progress, leave=False):
-        record, sections = encode_leaf(p, np.asarray(x), (hints or {}).get(p))
+        record, sections = encode_leaf(p, np.asarray(x), exported.get(p))
         records.append(record)
         blobs.append(sections)
     container.write(path, meta, records, blobs, overwrite=overwrite)

@@ -1,12 +1,13 @@
-"""Models as packed files: `ziplm pack`, `unpack`, `inspect`, and loading a packed file as a model.
+"""Models as packed files: `ziplm pack`, `inspect`, loading a packed file as a model, and the one measure of a
+packed model's bytes (`sizes`) that every table reports.
 
-    report = packed.pack_model("runs/pruned", "pruned.zlm")      # any model source; a compressed directory's
-                                                                 # saved transform state guides the coding
-    m = sources.load("pruned.zlm")                               # evaluates like the directory it came from
-    packed.unpack_model("pruned.zlm", "runs/unpacked")           # a directory `ziplm eval --model` loads
+    report = packed.pack_model(sources.load("runs/demo"), "dense.zlm")  # any loaded model, every leaf searched
+    m = sources.load("dense.zlm")                                       # evaluates like the run it came from
+    packed.sizes(report)                                                # bytes, bits per weight, ratios
 
-The header's meta holds the model config, the tokenizer spec, the source and (for runs of ours) the run config,
-so a packed model evaluates on its own corpus split like the run it came from.
+`ziplm compress` writes its model.zlm with the codes its transforms export (`compress.pipeline`). The header's
+meta holds the model config, the tokenizer spec, the source and (for runs of ours) the run config, so a packed
+model evaluates on its own corpus split like the run it came from.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from research import errors, files
+from research import errors
 from research.coding import container, pack
 
 
@@ -27,34 +28,33 @@ def is_packed(path) -> bool:
         return f.read(len(container.MAGIC)) == container.MAGIC
 
 
-def _state_hints(source) -> dict:
-    """Hints from the transform state of a `ziplm compress` directory (none for other sources)."""
-    from research.compress import pipeline
+def pack_model(m, out, *, exported: dict | None = None, overwrite: bool = False, progress=None) -> dict:
+    """Packs a loaded model (`sources.Model`) into `out`; returns the report of `pack.report` with the source.
 
-    path = Path(source).expanduser().resolve()
-    if not pipeline.is_compressed(path) or not (path / "state").is_dir():
-        return {}
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        return pack.hints(ckptr.restore(path / "state"))
-
-
-def pack_model(source: str, out, *, step: int | None = None, overwrite: bool = False, progress=None) -> dict:
-    """Packs the model `source` names (run, compressed directory, HF directory, hub id) into `out`; returns the
-    report of `pack.report` with the source added."""
-    from research import sources
-
-    m = sources.load(source, step)
+    Args:
+      m: the model (its params, config, tokenizer and provenance).
+      out: the file to write (atomically; an existing one needs `overwrite`).
+      exported: {path: code} a transform exported for these params (`core.export`); None: every leaf searched.
+    """
     rep = pack.pack(
         m.params,
         out,
-        meta=meta(m.cfg, m.tokenizer, source, m.kind, m.step, m.run_config),
-        hints=_state_hints(source),
+        meta=meta(m.cfg, m.tokenizer, m.source, m.kind, m.step, m.run_config),
+        exported=exported,
         overwrite=overwrite,
         progress=progress,
     )
-    return dict(rep, source=str(source))
+    return dict(rep, source=str(m.source))
+
+
+SIZE_KEYS = ("file_bytes", "bits_per_weight", "bound_bits_per_weight", "ratio_vs_fp32", "ratio_vs_bf16", "kinds")
+
+
+def sizes(rep: dict) -> dict:
+    """The size of a packed model as every table reports it (from a `pack.report`): the file's bytes with every
+    header, table and checksum counted, bits per weight, the entropy bound, ratios against float32 and bfloat16,
+    and bytes per leaf kind."""
+    return {k: rep[k] for k in SIZE_KEYS}
 
 
 def meta(cfg, tokenizer, source, kind: str, step, run_config, **extra) -> dict:
@@ -88,33 +88,6 @@ def load(path):
         diff = sorted(set(want) ^ set(got)) or [p for p in want if want[p] != got[p]]
         raise errors.CorruptData(f"{path}: the packed tensors do not match its model config (first: {diff[0]})")
     return meta, cfg, graphdef, jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), abstract, params)
-
-
-def unpack_model(path, out, *, overwrite: bool = False) -> Path:
-    """Writes a packed model as a directory `sources.load` reads (compressed.json + params/), atomically."""
-    import orbax.checkpoint as ocp
-
-    from research.compress import pipeline
-
-    meta, cfg, _, params = load(path)
-    target = Path(out).expanduser().resolve()
-    with files.AtomicDir(target, overwrite) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "params", params)
-            ckptr.wait_until_finished()
-        record = dict(
-            format=pipeline.FORMAT,
-            version=pipeline.VERSION,
-            model=cfg.to_dict(),
-            tokenizer=meta.get("tokenizer"),
-            corpus=None,
-            source=str(Path(path).expanduser().resolve()),
-            source_step=meta.get("source_step"),
-            run_config=meta.get("run_config"),
-            unpacked_from=str(path),
-        )
-        files.write_json(tmp / "compressed.json", record)
-    return target
 
 
 def inspect(path, *, verify: bool = True) -> dict:

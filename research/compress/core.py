@@ -4,6 +4,7 @@
     state = t.init(params, key, calib)            # masks, codebooks, scales...: arrays mirroring params
     effective = t.apply(params, state)            # what the forward pass sees (inside the jitted loss)
     state = t.update(params, state, grads, step)  # schedules, re-clustering; identity when static
+    records = core.export(t, params, state)       # {path: code}: what the packer serialises (`research.codes`)
 
 `chain(a, b)` composes transforms: `b` is initialised on and applied to `a`'s effective parameters. Which leaves
 a method touches is a path regex over `research.tree` paths ("layers/3/attn/q/kernel"), resolved by `select`.
@@ -11,6 +12,10 @@ a method touches is a path regex over `research.tree` paths ("layers/3/attn/q/ke
 Per-leaf state trees mirror the parameter tree and hold `None` at the leaves a method leaves alone (as jaxpruner
 does), so they flatten to just the touched leaves and shardings carry over from the parameters. Use
 `map_touched` to combine such a tree with the parameters.
+
+A transform says what its state is: `export` gives typed records (`research.codes`: a mask, grid codes with their
+scales and zero points, palette indices with their tables) for the leaves it changed, so packing never guesses a
+representation. Mask-only methods need not write one: their masks are exported as `codes.Masked`.
 
 Gradient behaviour (tested): masked weights receive zero gradient through `apply` and `keep_masked` holds them at
 exactly zero through any optax optimizer; `straight_through` gives estimators whose backward pass is the identity.
@@ -26,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from research import errors, tree
+from research import codes, errors, tree
 
 # Linear kernels inside the transformer blocks: the default target of every method.
 BLOCK_KERNELS = r"layers/\d+/(attn|mlp)/\w+/kernel"
@@ -52,6 +57,8 @@ class Transform(NamedTuple):
       learn: None, or (state, state_grads, step) -> state for methods whose state holds trained leaves (LSQ step
         sizes). With it, the train step differentiates the loss w.r.t. the state as well (`allow_int`: integer and
         boolean leaves get float0 gradients, to be ignored) and calls `learn` before `update`.
+      export: (params, state) -> {path: code}, the `research.codes` records of the leaves the method changed,
+        describing `apply(params, state)` there exactly; None: the masks as `codes.Masked` records (see `export`).
     """
 
     init: Callable
@@ -59,12 +66,26 @@ class Transform(NamedTuple):
     update: Callable = _static_update
     masks: Callable = _no_masks
     learn: Callable | None = None
+    export: Callable | None = None
+
+
+def export(t: Transform, params, state) -> dict:
+    """{path: record} of what `t` made of each leaf it changed (concrete arrays; call outside jit).
+
+    Returns the transform's own `export`, or, for a method without one, its masks as `codes.Masked` records.
+    """
+    if t.export is not None:
+        return t.export(params, state)
+    m = t.masks(state)
+    return {} if m is None else {p: codes.Masked(mask) for p, mask in touched(m).items()}
 
 
 def chain(*transforms: Transform) -> Transform:
     """Composes transforms left to right; each sees the previous ones' effective parameters.
 
-    The chained state is a tuple of the members' states; `masks` is the elementwise AND of the members' masks.
+    The chained state is a tuple of the members' states; `masks` is the elementwise AND of the members' masks;
+    `export` composes the members' records leaf by leaf (`codes.compose`: a later member's record of a leaf
+    replaces or refines an earlier one's).
     """
 
     def init(params, key, calib):
@@ -99,7 +120,22 @@ def chain(*transforms: Transform) -> Transform:
     def learn(state, grads, step):
         return tuple(s if t.learn is None else t.learn(s, g, step) for t, s, g in zip(transforms, state, grads))
 
-    return Transform(init, apply, update, masks, learn if any(t.learn for t in transforms) else None)
+    def export_fn(params, state):
+        out: dict = {}
+        for t, s in zip(transforms, state):
+            new = export(t, params, s)
+            after = t.apply(params, s)
+            before_flat, after_flat = tree.flatten(params), tree.flatten(after)
+            for path in [p for p in out if p not in new]:
+                if not codes.same_bits(before_flat[path], after_flat[path]):
+                    del out[path]  # re-valued by a member that says nothing about it: dense floats again
+            for path, code in new.items():
+                c = codes.compose(out.get(path), code)
+                out[path] = c if c is code or codes.describes(c, after_flat[path]) else code
+            params = after
+        return out
+
+    return Transform(init, apply, update, masks, learn if any(t.learn for t in transforms) else None, export_fn)
 
 
 def select(params, pattern: str) -> list[str]:

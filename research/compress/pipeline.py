@@ -11,19 +11,16 @@ Two entries are not parameter transforms: {"finetune": steps} fine-tunes the cha
 evaluation, fine-tuning stage and calibration pass after it runs with quantized activations.
 The output directory, written only when everything succeeded, holds:
 
-    compressed.json   model config, tokenizer, source, the run config of the source, the methods
-    params/           orbax: the effective parameters (what the model runs with; `ziplm eval --model DIR` works)
-    masks/            orbax: the boolean masks of the masked leaves, nested like the parameters (absent when nothing
-                      is masked)
-    state/            orbax: the transform's state (masks, SparseGPT deltas, uint8 codes with scales and zero points,
-                      codebooks with uint8 indices), None leaves dropped, a chain's members under "0", "1", ...
-                      With `shrink`, the smaller dense model of structured pruning is saved, without masks/ or state/.
-    model.zlm         the packed model (`coding.pack`: entropy-coded codes, indices, masks and bit-exact floats; with
-                      `pack`, the default), which `ziplm eval --model` also loads
+    model.zlm         the compressed model, packed (`coding.pack`): every leaf a transform changed stored as the
+                      typed record it exported (`core.export`: masks, grid codes with scales and zero points,
+                      palette indices with their tables), the rest as entropy-coded bit-exact floats; its header
+                      holds the model config, tokenizer, source, the source's run config and this compress config.
+                      `ziplm eval / encode / export / pack --model DIR` read it (DIR or DIR/model.zlm). With
+                      `shrink`, the smaller dense model of structured pruning.
     summary.json      methods, sparsity report, metrics before / after compression / after fine-tuning, seconds
-                      per stage, and the packed sizes (bytes, bits per weight, ratios against float32 and bfloat16)
-                      of the compressed model before fine-tuning ("packed_compressed") and of the saved one
-                      ("packed")
+                      per stage, and the packed sizes (`packed.sizes`: bytes, bits per weight, ratios against
+                      float32 and bfloat16) of the compressed model before fine-tuning ("packed_compressed") and of
+                      the saved one ("packed")
     metrics.jsonl     fine-tuning losses (and W&B offline files under wandb/ when enabled)
 """
 
@@ -31,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -38,8 +36,8 @@ from typing import NamedTuple
 import jax
 import ml_collections as mlc
 import numpy as np
-import orbax.checkpoint as ocp
 
+from research import codes as codes_lib
 from research import config as config_lib
 from research import errors, files, log, models, sources, tree
 from research.coding import pack as coding_pack
@@ -50,9 +48,6 @@ from research.compress import report as compress_report
 from research.data import corpora, dataset, tokenizers
 from research.eval import metrics
 from research.models import act_quant
-
-FORMAT = "ziplm-compressed"
-VERSION = 1
 
 
 def base_config() -> mlc.ConfigDict:
@@ -71,8 +66,6 @@ def base_config() -> mlc.ConfigDict:
     c.compress = [dict(method="magnitude", sparsity=0.5)]
     # After structured pruning: save the physically smaller dense model (prune.structured.shrink) instead of masks.
     c.shrink = False
-    # Pack the result into model.zlm and report real file sizes (see research/coding/pack.py).
-    c.pack = True
     c.finetune = dict(
         steps=0,
         lr=1e-4,
@@ -176,6 +169,8 @@ def validate(cfg: mlc.ConfigDict) -> None:
                 )
         if registry.needs_calibration(spec) and not cfg.calibration.n:
             raise errors.UserError(f"{spec['method']} needs calibration data: set calibration.n > 0")
+    if "pack" in cfg:
+        raise errors.UserError("compress always writes model.zlm now: drop the config's 'pack' entry")
     if cfg.get("shrink") and [dict(x).get("method") for x in cfg.compress] != ["structured"]:
         raise errors.UserError("shrink applies to a compress list holding exactly one 'structured' entry")
 
@@ -280,16 +275,24 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     times["eval_compressed"] = time.time() - t
 
     def pack_meta(model_cfg):
-        methods = [dict(x) for x in cfg.compress]
-        return coding_packed.meta(model_cfg, tok.spec, cfg.model, "compressed", m.step, run_cfg, methods=methods)
+        return coding_packed.meta(
+            model_cfg,
+            tok.spec,
+            cfg.model,
+            m.kind,
+            m.step,
+            run_cfg,
+            methods=[dict(x) for x in cfg.compress],
+            compress_config=json.loads(config_lib.to_json(cfg)),
+        )
 
     packed_at_init = None
-    if cfg.get("pack", True) and (cfg.finetune.steps or cfg.get("shrink")):  # else the saved model is this one
-        import tempfile
-
+    if cfg.finetune.steps or cfg.get("shrink"):  # else the saved model is this one
         t = time.time()
         with tempfile.TemporaryDirectory() as d:  # the same header as model.zlm: sizes comparable to the byte
-            packed_at_init = _pack(effective, cstate, Path(d) / "m.zlm", pack_meta(out_cfg))
+            packed_at_init = _pack(
+                effective, core.export(transform, base, cstate), Path(d) / "m.zlm", pack_meta(out_cfg)
+            )
         times["pack_compressed"] = time.time() - t
 
     with atomic as tmp:
@@ -318,14 +321,12 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
                 logger.log(cfg.finetune.steps, log.numeric(tuned), split="val")
         finally:
             logger.close()
-        masks = transform.masks(cstate)
-        sizes = compress_report.summarize(effective, masks)
+        sizes = compress_report.summarize(effective, transform.masks(cstate))
         shrunk = None
         if cfg.get("shrink"):
             from research.compress.prune import structured
 
             out_cfg, effective = structured.shrink(m.cfg, params, cstate)
-            masks = None
             t = time.time()
             shrunk = evaluate(effective, "eval shrunk", models.abstract(out_cfg)[0])
             times["eval_shrunk"] = time.time() - t
@@ -360,14 +361,12 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "seconds": {**times, "total": time.time() - t0},
             "workdir": str(out),
         }
-        _save(tmp, m, out_cfg, effective, masks, None if shrunk else cstate, tok.spec, corpus, run_cfg, cfg)
-        if cfg.get("pack", True):
-            t = time.time()
-            meta = pack_meta(out_cfg)
-            summary["packed"] = _pack(effective, None if shrunk else cstate, tmp / "model.zlm", meta, progress)
-            summary["packed_compressed"] = packed_at_init or summary["packed"]
-            times["pack"] = time.time() - t
-            summary["seconds"] = {**times, "total": time.time() - t0}
+        t = time.time()
+        exported = {} if shrunk else core.export(transform, params, cstate)
+        summary["packed"] = _pack(effective, exported, tmp / "model.zlm", pack_meta(out_cfg), progress)
+        summary["packed_compressed"] = packed_at_init or summary["packed"]
+        times["pack"] = time.time() - t
+        summary["seconds"] = {**times, "total": time.time() - t0}
         files.write_json(tmp / "summary.json", summary)
     return summary
 
@@ -413,12 +412,12 @@ def _staged(cfg, m, specs, parts, calib, train_tokens, seq_len, evaluate, progre
     return core.chain(*ts), tuple(states), raw, stages, offset
 
 
-def _pack(params, cstate, path, meta: dict | None = None, progress=False) -> dict:
-    """Packs params into `path`, guided by the transform state's hints; returns the report's headline numbers."""
-    hints = {} if cstate is None else coding_pack.hints(_strip_none(jax.tree.map(np.asarray, cstate)))
-    rep = coding_pack.pack(jax.tree.map(np.asarray, params), path, meta=meta or {}, hints=hints, progress=progress)
-    keys = ("file_bytes", "bits_per_weight", "bound_bits_per_weight", "ratio_vs_fp32", "ratio_vs_bf16", "kinds")
-    return {k: rep[k] for k in keys}
+def _pack(params, exported: dict, path, meta: dict, progress=False) -> dict:
+    """Packs params with the transform's exported codes into `path`; returns `packed.sizes` of the file."""
+    rep = coding_pack.pack(
+        jax.tree.map(np.asarray, params), path, meta=meta, exported=codes_lib.to_numpy(exported), progress=progress
+    )
+    return coding_packed.sizes(rep)
 
 
 def _check_finite(params, stage: str) -> None:
@@ -427,63 +426,3 @@ def _check_finite(params, stage: str) -> None:
         raise errors.UserError(
             f"{stage} produced non-finite weights in {bad[0]} (and {len(bad) - 1} more); nothing saved"
         )
-
-
-def _save(directory: Path, m, out_cfg, effective, masks, cstate, tok_spec, corpus, run_cfg, cfg) -> None:
-    record = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": out_cfg.to_dict(),
-        "tokenizer": tok_spec,
-        "corpus": corpus,
-        "source": cfg.model,
-        "source_step": m.step,
-        "run_config": run_cfg.to_dict() if run_cfg is not None else None,
-        "compress_config": json.loads(config_lib.to_json(cfg)),
-    }
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", effective)
-        ckptr.wait_until_finished()
-        for name, tree_ in (("masks", masks), ("state", cstate)):
-            stored = _strip_none(tree_) if tree_ is not None else {}
-            if stored:
-                ckptr.save(directory / name, stored)
-                ckptr.wait_until_finished()
-    files.write_json(directory / "compressed.json", record)
-
-
-def _strip_none(t):
-    """The tree without None leaves and empty dicts; tuples (chained states) become {"0": ..., "1": ...}."""
-    if isinstance(t, tuple | list):
-        t = {str(i): v for i, v in enumerate(t)}
-    if isinstance(t, dict):
-        out = {k: _strip_none(v) for k, v in t.items()}
-        return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}
-    return t
-
-
-def is_compressed(path) -> bool:
-    return (Path(path).expanduser() / "compressed.json").is_file()
-
-
-def load(path):
-    """Loads a compressed directory: (record, model config, graphdef, effective params, masks as nested dicts)."""
-    from research.models import config as model_config
-
-    path = Path(path).expanduser().resolve()
-    record = json.loads((path / "compressed.json").read_text())
-    if record.get("format") != FORMAT or record.get("version") != VERSION:
-        raise errors.UserError(f"{path} is not a ziplm compressed model of version {VERSION}")
-    mcfg = model_config.ModelConfig.from_dict(record["model"])
-    graphdef, abstract = models.abstract(mcfg)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / "params", abstract)
-        masks = _int_keys(ckptr.restore(path / "masks")) if (path / "masks").is_dir() else {}
-    return record, mcfg, graphdef, params, masks
-
-
-def _int_keys(t):
-    """Orbax gives dict keys back as strings: the layer indices become ints again, as in the parameters."""
-    if isinstance(t, dict):
-        return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in t.items()}
-    return t

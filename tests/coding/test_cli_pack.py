@@ -1,4 +1,4 @@
-"""`ziplm pack / inspect / unpack` end to end, and their bad input (one line, exit 2, nothing written)."""
+"""`ziplm pack / inspect` end to end, and their bad input (one line, exit 2, nothing written)."""
 
 import json
 
@@ -22,7 +22,7 @@ def _loss(capsys, tmp_path, model):
     return json.loads(out.read_text())["loss"]
 
 
-def test_pack_inspect_unpack_round_trip(run, tmp_path, capsys):
+def test_pack_inspect_round_trip(run, tmp_path, capsys):
     f = tmp_path / "run.zlm"
     assert cli.main(["pack", "--model", str(run), "--out", str(f), "--json", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out
@@ -34,9 +34,6 @@ def test_pack_inspect_unpack_round_trip(run, tmp_path, capsys):
     assert "layers/0/attn/q/kernel" in text and "checksums verified" in text
     dense = _loss(capsys, tmp_path, run)
     assert _loss(capsys, tmp_path, f) == dense  # a packed file evaluates like its source, on the same split
-    assert cli.main(["unpack", str(f), "--out", str(tmp_path / "u")]) == 0
-    capsys.readouterr()
-    assert _loss(capsys, tmp_path, tmp_path / "u") == dense
 
 
 def test_bad_input_is_one_line(run, tmp_path, capsys):
@@ -44,13 +41,13 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
     assert cli.main(["pack", "--model", str(run), "--out", str(f)]) == 0
     capsys.readouterr()
     _bad(["pack", "--model", str(run), "--out", str(f)], capsys, "exists; pass --overwrite")
-    _bad(["unpack", str(tmp_path / "nope.zlm"), "--out", str(tmp_path / "u")], capsys, "does not exist")
+    _bad(["inspect", str(tmp_path / "nope.zlm")], capsys, "does not exist")
     not_packed = tmp_path / "x.zlm"
     not_packed.write_bytes(b"hello world, not a model at all, but long enough for the header" * 2)
     _bad(["inspect", str(not_packed)], capsys, "not a ziplm packed model")
     damaged = bytearray(f.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     (tmp_path / "d.zlm").write_bytes(bytes(damaged))
-    _bad(["unpack", str(tmp_path / "d.zlm"), "--out", str(tmp_path / "u2")], capsys, "fails its checksum")
-    assert not (tmp_path / "u2").exists()
+    _bad(["pack", "--model", str(tmp_path / "d.zlm"), "--out", str(tmp_path / "u2.zlm")], capsys, "fails its checksum")
+    assert not (tmp_path / "u2.zlm").exists()
     _bad(["eval", "--model", str(tmp_path / "d.zlm")], capsys, "fails its checksum")

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from research import errors, models, tree
+from research import codes, errors, models, tree
 from research.coding import container, pack
-from research.compress import calib, pipeline, registry
+from research.compress import calib, core, pipeline, registry
 from research.models import config as model_config
 from research.train import step as train_step
 
@@ -30,11 +30,6 @@ def _same_bits(a, b):
         x, y = np.asarray(fa[p]), np.asarray(fb[p])
         assert x.shape == y.shape and x.dtype == y.dtype, p
         assert np.array_equal(x.view(f"u{x.dtype.itemsize}"), y.view(f"u{y.dtype.itemsize}")), p
-
-
-def _saved_state(state):
-    """The state as `ziplm compress` saves and restores it: None leaves dropped, chain members as "0", "1"."""
-    return pipeline._strip_none(jax.tree.map(np.asarray, state))
 
 
 METHODS = [
@@ -65,75 +60,104 @@ METHODS = [
 ]
 
 
+@pytest.mark.filterwarnings("error")  # an exported code that does not give the weights warns: a failure here
 @pytest.mark.parametrize("specs", METHODS, ids=lambda s: "+".join(x["method"] for x in s))
-def test_every_transform_unpacks_bit_identically(specs, tmp_path):
+def test_every_transform_exports_codes_that_unpack_bit_identically(specs, tmp_path):
     cfg, graphdef, params = _tiny()
     tokens = np.asarray(jax.random.randint(jax.random.key(0), (4000,), 0, 64), np.int32)
     data = calib.Calibration(graphdef, calib.sample(tokens, 8, 16, 0, 16), 8)
     t = pipeline.build(specs)
     state = t.init(params, jax.random.key(1), data if any(registry.needs_calibration(s) for s in specs) else None)
     effective = jax.tree.map(np.asarray, t.apply(params, state))
+    exported = core.export(t, params, state)
     out = tmp_path / "m.zlm"
-    rep = pack.pack(effective, out, meta={"model": cfg.to_dict()}, hints=pack.hints(_saved_state(state)))
+    rep = pack.pack(effective, out, meta={"model": cfg.to_dict()}, exported=exported)
     meta, back = pack.unpack(out)
     _same_bits(effective, back)
     batch = {"inputs": jnp.asarray(tokens[:64].reshape(4, 16)), "targets": jnp.asarray(tokens[1:65].reshape(4, 16))}
     loss = lambda p: float(train_step.loss_fn(jax.tree.map(jnp.asarray, p), graphdef, batch))  # noqa: E731
     assert loss(back) == loss(effective)
-    kinds = {leaf["kind"] for leaf in container.Reader(out).leaves}
-    last = specs[-1]["method"]
-    if last in ("rtn", "gptq", "qat"):
-        # real integer codes, not floats: the grid's own, or (a float minimum) found by the structure search
-        assert ("affine" if specs[-1].get("zero") == "float" else "grid") in kinds
-    if last == "codebook":
-        assert "palette" in kinds
+    kinds = {leaf["path"]: leaf["kind"] for leaf in container.Reader(out).leaves}
+    want = {"rtn": codes.Grid, "gptq": codes.Grid, "qat": codes.Grid, "codebook": codes.Palette}.get(
+        specs[-1]["method"], codes.Masked
+    )
+    assert exported and all(isinstance(c, want) for c in exported.values())
+    for path in exported:  # a grid or palette is stored as itself (a mask leaves the values searched)
+        if want is codes.Grid:
+            assert kinds[path] == "grid", path
+        if want is codes.Palette:
+            assert kinds[path] == "palette", path
     assert rep["ratio_vs_fp32"] > 1.0
 
 
 @st.composite
 def pytrees(draw):
+    """Leaves of every kind with their codes as a transform would export them, in rectangular shapes with
+    groups that need not divide the inputs (a grid's last group is then shorter)."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    leaves, hints = {}, {}
+    leaves, exported = {}, {}
     for i in range(draw(st.integers(1, 5))):
-        kind = draw(st.sampled_from(["float", "masked", "codebook", "grid", "special"]))
-        shape = (draw(st.sampled_from([4, 8, 16])), draw(st.integers(1, 6)))
+        kind = draw(st.sampled_from(["float", "masked", "codebook", "grid", "float_grid", "special"]))
+        shape = (draw(st.sampled_from([4, 8, 13, 16])), draw(st.integers(1, 6)))
         x = rng.normal(0, 0.05, shape).astype(np.float32)
         if kind == "masked":
             x[rng.random(shape) < draw(st.floats(0.0, 1.0))] = 0.0
         elif kind == "codebook":
             k = draw(st.integers(1, 8))
-            book = rng.normal(0, 0.05, (shape[1], k)).astype(np.float32)
-            x = np.take_along_axis(book, rng.integers(0, k, (shape[1], shape[0])), 1).T.copy()
-            x[rng.random(shape) < 0.3] = 0.0
-            hints[f"l{i}/kernel"] = {"problems": shape[1]}
-        elif kind == "grid":
+            lay = codes.Layout("channel")
+            pal = codes.Palette(
+                rng.integers(0, k, shape).astype(np.uint8),
+                rng.normal(0, 0.05, (shape[1], k)).astype(np.float32),
+                lay,
+                rng.random(shape) > 0.3 if draw(st.booleans()) else None,
+            )
+            x = codes.decode(pal)
+            exported[f"l{i}/kernel"] = pal
+        elif kind in ("grid", "float_grid"):
             g = draw(st.sampled_from(["tensor", "channel", "group"]))
-            sshape = {"tensor": (), "channel": (shape[1],), "group": (shape[0] // 4, shape[1])}[g]
-            scale = rng.uniform(0.001, 0.1, sshape).astype(np.float32)
-            zero = rng.integers(0, 16, sshape).astype(np.uint8)
-            codes = rng.integers(0, 16, shape)
-            se = scale if g == "tensor" else scale[None] if g == "channel" else np.repeat(scale, 4, 0)
-            ze = zero if g == "tensor" else zero[None] if g == "channel" else np.repeat(zero, 4, 0)
-            x = ((codes.astype(np.float32) - ze.astype(np.float32)) * se).astype(np.float32)
-            hints[f"l{i}/kernel"] = {"scale": scale, "zero": zero}
+            lay = codes.Layout(g, 3 if g == "group" else 0)
+            pshape = lay.param_shape(shape)
+            scale = rng.uniform(0.001, 0.1, pshape).astype(np.float32)
+            if kind == "grid":
+                zero = rng.integers(0, 16, pshape).astype(np.uint8)
+            else:
+                zero = rng.normal(0, 0.1, pshape).astype(np.float32)
+            code = codes.Grid(rng.integers(0, 16, shape).astype(np.uint8), scale, zero, lay, kind == "float_grid")
+            x = codes.decode(code)
+            exported[f"l{i}/kernel"] = code
         elif kind == "special":
             bits = rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32)
             bits.ravel()[:3] = [0x80000000, 0x7FC00001, 0x00000001][: bits.size]  # -0.0, a NaN payload, a subnormal
             x = bits.view(np.float32)
         leaves[f"l{i}"] = {"kernel": x}
-    return leaves, hints
+    return leaves, exported
 
 
+@pytest.mark.filterwarnings("error")
 @given(pytrees())
 @settings(max_examples=40, deadline=None)
 def test_random_pytrees_round_trip(tmp_path_factory, case):
-    params, hints = case
+    params, exported = case
     out = tmp_path_factory.mktemp("p") / "r.zlm"
-    pack.pack(params, out, meta={}, hints=hints)
+    pack.pack(params, out, meta={}, exported=exported)
     _, back = pack.unpack(out)
     _same_bits(params, back)
-    for leaf in container.Reader(out).leaves:  # a hinted grid is always stored as codes when it is smaller
-        assert leaf["kind"] in pack.KINDS
+    kinds = {leaf["path"]: leaf["kind"] for leaf in container.Reader(out).leaves}
+    for path, code in exported.items():  # an exported code is stored as itself unless plain floats are smaller
+        assert kinds[path] in (("grid" if isinstance(code, codes.Grid) else "palette"), "float", "masked")
+
+
+def test_a_code_that_does_not_give_the_weights_is_searched_with_a_warning(tmp_path):
+    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(16, 4)
+    wrong = codes.Grid(
+        np.zeros((16, 4), np.uint8), np.ones((4,), np.float32), np.zeros((4,), np.float32), codes.Layout("channel")
+    )
+    with pytest.warns(UserWarning, match="l/kernel: its exported Grid code does not give its values"):
+        pack.pack({"l": {"kernel": x}}, tmp_path / "w.zlm", meta={}, exported={"l/kernel": wrong})
+    _, back = pack.unpack(tmp_path / "w.zlm")
+    _same_bits({"l": {"kernel": x}}, back)
+    with pytest.raises(ValueError, match="codes for leaves the parameters do not have"):
+        pack.pack({"l": {"kernel": x}}, tmp_path / "u.zlm", meta={}, exported={"m/kernel": wrong})
 
 
 @pytest.fixture
@@ -143,7 +167,7 @@ def packed_file(tmp_path):
     state = t.init(params, jax.random.key(0), None)
     effective = jax.tree.map(np.asarray, t.apply(params, state))
     out = tmp_path / "m.zlm"
-    pack.pack(effective, out, meta={"note": "test"}, hints=pack.hints(_saved_state(state)))
+    pack.pack(effective, out, meta={"note": "test"}, exported=core.export(t, params, state))
     return out, effective
 
 

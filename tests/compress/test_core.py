@@ -138,3 +138,45 @@ def test_masked_weights_stay_exactly_zero_through_100_adamw_steps():
         assert np.abs(w[np.asarray(mask)]).min() > 0, path  # kept weights still train
     before = np.asarray(params["layers"][0]["mlp"]["up"]["kernel"])
     assert not np.allclose(np.asarray(p["layers"][0]["mlp"]["up"]["kernel"]), before)
+
+
+def _exported(t, params):
+    state = t.init(params, jax.random.key(0), None)
+    effective = core.touched(t.apply(params, state))
+    return core.export(t, params, state), effective
+
+
+def test_a_chain_exports_the_composition_of_its_members_records():
+    from research import codes
+    from research.compress.quant import rtn
+    from research.compress.share import codebook
+
+    _, params = tiny_params()
+    q = "layers/0/attn/q/kernel"
+    # prune -> quantize: the grid (its zero code holds the pruned zeros); quantize -> prune: the grid, pruned.
+    for t in (
+        core.chain(magnitude.magnitude(0.5), rtn.rtn(4)),
+        core.chain(rtn.rtn(4), magnitude.magnitude(0.5)),
+        core.chain(codebook.codebook(3, iters=5), magnitude.magnitude(0.5)),
+    ):
+        exported, effective = _exported(t, params)
+        assert set(exported) == set(core.select(params, core.BLOCK_KERNELS))
+        assert isinstance(exported[q], codes.Grid | codes.Palette)
+        assert all(codes.describes(c, effective[p]) for p, c in exported.items())
+        assert (effective[q] == 0).mean() >= 0.5
+    # A mask alone is a Masked record (its kept values are the leaf's own floats).
+    exported, _ = _exported(magnitude.magnitude(0.5), params)
+    assert isinstance(exported[q], codes.Masked) and np.asarray(exported[q].mask).mean() == pytest.approx(0.5)
+
+
+def test_a_member_that_re_values_a_leaf_without_a_record_drops_the_earlier_one():
+    from research.compress.quant import rtn
+
+    _, params = tiny_params()
+
+    def shift(params, state):  # changes every kernel's values and says nothing about them
+        return jax.tree.map(lambda x: x + 1.0, params)
+
+    t = core.chain(rtn.rtn(4), core.Transform(lambda p, k, c: (), shift))
+    exported, _ = _exported(t, params)
+    assert exported == {}  # the grid no longer describes the values: dense floats, searched by the packer

@@ -105,4 +105,4 @@ def test_a_shorter_last_group_is_fitted_on_its_own_inputs(zero):
     np.testing.assert_array_equal(np.asarray(z[2]), np.asarray(z_last))
     back = qgrid.dequantize(qgrid.quantize(w, s, z, grid), s, z, grid)
     assert back.shape == w.shape
-    assert np.all(np.abs(np.asarray(back - w)) <= np.asarray(qgrid.expand(s, w.shape, grid)) / 2 + 1e-6)
+    assert np.all(np.abs(np.asarray(back - w)) <= np.asarray(grid.layout.expand(s, w.shape)) / 2 + 1e-6)

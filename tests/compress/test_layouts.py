@@ -39,17 +39,18 @@ def test_group_scales_cover_consecutive_inputs_of_one_column(group):
         np.testing.assert_allclose(scale[j], (hi - lo) / 15, rtol=1e-6)
     back = grid_lib.dequantize(grid_lib.quantize(w, scale, zero, g), scale, zero, g)
     err = np.abs(np.asarray(back) - w)
-    step = np.asarray(grid_lib.expand(scale, w.shape, g))
+    step = np.asarray(g.layout.expand(scale, w.shape))
     assert (err <= step / 2 + 1e-6).all()  # each weight within half a step of its own group's grid
 
 
 @pytest.mark.parametrize("granularity, group", [("channel", 1), ("group", IN)])
 def test_codebook_problems_are_columns(granularity, group):
     w = _kernel(2, (IN, 2 * OUT))
-    rows = np.asarray(codebook.to_problems(w, granularity, group))
+    lay = codebook.layout(granularity, group)
+    rows = np.asarray(lay.to_problems(w))
     assert rows.shape == (2 * OUT, IN)
     np.testing.assert_array_equal(rows[3], w[:, 3])
-    np.testing.assert_array_equal(np.asarray(codebook.from_problems(rows, w.shape, granularity)), w)
+    np.testing.assert_array_equal(np.asarray(lay.from_problems(rows, w.shape)), w)
 
 
 @pytest.mark.parametrize(
@@ -71,3 +72,34 @@ def test_transforms_keep_each_columns_values_on_its_own_grid(spec):
     for c in range(OUT):  # a column's values are few and within its own range
         assert len(np.unique(out[:, c])) <= 2 ** spec["bits"]
         assert np.abs(out[:, c]).max() <= np.abs(w[:, c]).max() * 1.5 + 1e-6
+
+
+@pytest.mark.filterwarnings("error")  # an export the packer cannot reproduce warns
+@pytest.mark.parametrize(
+    "spec, kind",
+    [
+        (dict(method="rtn", bits=4, granularity="group", group_size=5), "grid"),  # a shorter last group
+        (dict(method="rtn", bits=4, granularity="group", group_size=5, zero="float"), "grid"),
+        (dict(method="qat", bits=3, granularity="channel"), "grid"),
+        (dict(method="codebook", bits=2, granularity="channel"), "palette"),
+    ],
+    ids=["rtn-group", "rtn-float-minimum", "qat-channel", "codebook-channel"],
+)
+def test_exported_codes_pack_in_the_transforms_own_layout(spec, kind, tmp_path):
+    from research import codes
+    from research.coding import container, pack
+
+    params = {"layers": {0: {"mlp": {"up": {"kernel": _kernel(4)}}}}}
+    t = registry.make(spec.pop("method"), **spec)
+    state = t.init(params, jax.random.key(0), None)
+    exported = codes.to_numpy(core.export(t, params, state))
+    effective = jax.tree.map(np.asarray, t.apply(params, state))
+    path = "layers/0/mlp/up/kernel"
+    assert codes.describes(exported[path], core.touched(effective)[path])
+    pack.pack(effective, tmp_path / "m.zlm", meta={}, exported=exported)
+    leaf = container.Reader(tmp_path / "m.zlm").leaves[0]
+    assert leaf["kind"] == kind and leaf["shape"] == [IN, OUT]
+    _, back = pack.unpack(tmp_path / "m.zlm")
+    np.testing.assert_array_equal(
+        back["layers"][0]["mlp"]["up"]["kernel"].view(np.uint32), core.touched(effective)[path].view(np.uint32)
+    )

@@ -2,12 +2,14 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from research import cli, errors, models
+from research import cli, errors, files, models, sources
+from research.coding import container
 from research.compress import core, pipeline
 from tests.test_cli import TINY, _bad
 
@@ -23,6 +25,19 @@ def run(tmp_path_factory):
 
 def _compress(run, out, *extra):
     return ["compress", "--model", str(run), "--workdir", str(out), *SMALL, *extra]
+
+
+def _leaves(out) -> dict:
+    """{path: header record} of the leaves of a compress directory's model.zlm."""
+    return {leaf["path"]: leaf for leaf in container.Reader(out / "model.zlm").leaves}
+
+
+def _kernel(out, path="layers/0/mlp/up/kernel"):
+    m = sources.load(str(out))
+    node = m.params
+    for k in path.split("/"):
+        node = node[int(k) if k.isdigit() else k]
+    return m, np.asarray(node)
 
 
 def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
@@ -50,11 +65,14 @@ def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
     assert s["packed"]["file_bytes"] == (out / "model.zlm").stat().st_size
     assert s["packed"]["ratio_vs_fp32"] == pytest.approx(4 * s["params"] / s["packed"]["file_bytes"])
     assert s["packed_compressed"]["file_bytes"] > 0
-    record, _, _, params, masks = pipeline.load(out)
-    assert record["source"] == str(run)
-    kernel = np.asarray(params["layers"][0]["mlp"]["up"]["kernel"])
-    mask = np.asarray(masks["layers"][0]["mlp"]["up"]["kernel"])
-    assert mask.dtype == bool and (kernel[~mask] == 0).all() and mask.mean() == pytest.approx(0.5)
+    # One artifact: the packed model, its summary and the run log.
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.zlm", "summary.json"]
+    meta = container.Reader(out / "model.zlm").meta
+    assert meta["source"] == str(run) and meta["source_kind"] == "run" and meta["methods"] == s["methods"]
+    assert meta["compress_config"]["finetune"]["steps"] == 6
+    m, kernel = _kernel(out)
+    assert m.kind == "packed" and (kernel == 0).mean() == pytest.approx(0.5, abs=0.01)
+    assert _leaves(out)["layers/0/mlp/up/kernel"]["kind"] == "masked"
 
     _bad(args, capsys, "--overwrite")  # an existing result is never replaced silently
     assert cli.main([*args, "--overwrite"]) == 0
@@ -104,13 +122,22 @@ def test_non_finite_weights_are_never_saved(run, tmp_path, monkeypatch):
     assert not (tmp_path / "nan").exists()
 
 
-def test_saved_masks_round_trip_through_orbax(tmp_path):
-    tree = {"layers": {0: {"a": {"kernel": jnp.asarray([[True, False]])}, "b": None}}, "c": None}
+def test_old_compressed_directories_load_with_a_deprecation_message(run, tmp_path, capsys):
+    old = tmp_path / "old"
+    m = sources.load(str(run))
+    old.mkdir()
     with ocp.StandardCheckpointer() as ck:
-        ck.save(tmp_path / "m", pipeline._strip_none(tree))
+        ck.save(old / "params", m.params)
         ck.wait_until_finished()
-        back = ck.restore(tmp_path / "m")
-    np.testing.assert_array_equal(back["layers"]["0"]["a"]["kernel"], [[True, False]])
+    record = dict(format="ziplm-compressed", version=1, model=m.cfg.to_dict(), tokenizer=m.tokenizer)
+    files.write_json(old / "compressed.json", dict(record, run_config=m.run_config.to_dict()))
+    back = sources.load(str(old))
+    assert "old format" in capsys.readouterr().err and back.kind == "compressed"
+    for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(back.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert cli.main(["pack", "--model", str(old), "--out", str(old / "model.zlm")]) == 0  # the conversion
+    capsys.readouterr()
+    assert sources.load(str(old)).kind == "packed"
 
 
 def test_structured_shrink_saves_a_smaller_model_that_evaluates_the_same(run, tmp_path, capsys):
@@ -121,7 +148,7 @@ def test_structured_shrink_saves_a_smaller_model_that_evaluates_the_same(run, tm
     s = json.loads((out / "summary.json").read_text())
     assert s["shrunk"]["loss"] == pytest.approx(s["compressed"]["loss"], abs=1e-5)
     assert s["shrunk"]["params"] < s["params"] and s["shrunk"]["model"]["n_head"] == 1
-    assert not (out / "masks").exists()
+    assert sum(int(np.prod(x["shape"])) for x in _leaves(out).values()) == s["shrunk"]["params"]
     assert cli.main(["eval", "--model", str(out), "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["loss"] == pytest.approx(s["shrunk"]["loss"], rel=1e-6)
     _bad(_compress(run, tmp_path / "y", "--config.shrink=true"), capsys, "exactly one 'structured' entry")
@@ -138,7 +165,7 @@ def test_report_counts_masked_sparsity_from_the_masks():
     assert s["dense_bytes_fp32"] == 24 and "effective_bytes" not in s
 
 
-def test_prune_then_quantize_saves_codes_in_the_state(run, tmp_path, capsys):
+def test_prune_then_quantize_packs_the_exported_codes(run, tmp_path, capsys):
     out = tmp_path / "pq"
     gptq = '{"method": "gptq", "bits": 4, "group_size": 16, "granularity": "group"}'
     spec = f'[{{"method": "magnitude", "sparsity": 0.5}}, {gptq}]'
@@ -147,15 +174,11 @@ def test_prune_then_quantize_saves_codes_in_the_state(run, tmp_path, capsys):
     s = json.loads((out / "summary.json").read_text())
     assert s["packed_compressed"] == s["packed"]  # no fine-tuning: the saved model is the compressed one
     assert s["packed"]["kinds"]["grid"]["leaves"] == 6  # every quantized kernel stored as integer codes
-    with ocp.StandardCheckpointer() as ck:
-        state = ck.restore(out / "state")
-    codes = state["1"]["codes"]["layers"]["0"]["mlp"]["up"]["kernel"]
-    scale = state["1"]["scale"]["layers"]["0"]["mlp"]["up"]["kernel"]
-    assert codes.dtype == np.uint8 and codes.shape == (32, 128) and scale.shape == (2, 128)
-    mask = state["0"]["masks"]["layers"]["0"]["mlp"]["up"]["kernel"]
-    _, _, _, params, _ = pipeline.load(out)
-    kernel = np.asarray(params["layers"][0]["mlp"]["up"]["kernel"])
-    assert (kernel[~mask] == 0).all()  # quantization kept the pruned zeros
+    up = _leaves(out)["layers/0/mlp/up/kernel"]
+    assert up["kind"] == "grid" and up["layout"] == "group" and up["group"] == 16 and up["scale_shape"] == [2, 128]
+    assert up["masked"]  # the pruned half as a mask + the codes of the kept weights
+    _, kernel = _kernel(out)
+    assert (kernel == 0).mean() >= 0.5  # quantization kept the pruned zeros
 
 
 def test_prune_finetune_quantize_in_one_list(run, tmp_path, capsys):
@@ -166,14 +189,9 @@ def test_prune_finetune_quantize_in_one_list(run, tmp_path, capsys):
     s = json.loads((out / "summary.json").read_text())
     assert len(s["stages"]) == 1 and s["stages"][0]["after"] == ["magnitude"]
     assert s["stages"][0]["finetune"]["steps"] == 4
-    with ocp.StandardCheckpointer() as ck:
-        state = ck.restore(out / "state")
-    mask = state["0"]["masks"]["layers"]["0"]["attn"]["q"]["kernel"]
-    codes = state["1"]["codes"]["layers"]["0"]["attn"]["q"]["kernel"]
-    zero = state["1"]["zero"]["layers"]["0"]["attn"]["q"]["kernel"]
-    assert (codes[~mask] == np.broadcast_to(zero, codes.shape)[~mask]).all()  # pruned weights hold the zero code
-    _, _, _, params, _ = pipeline.load(out)
-    assert (np.asarray(params["layers"][0]["attn"]["q"]["kernel"])[~mask] == 0).all()
+    assert _leaves(out)["layers/0/attn/q/kernel"]["kind"] == "grid"
+    _, kernel = _kernel(out, "layers/0/attn/q/kernel")
+    assert (kernel == 0).mean() >= 0.5  # pruned weights hold the zero code
 
 
 def test_w4a4_lsq_quantizes_activations_through_fine_tuning_and_saving(run, tmp_path, capsys):
@@ -183,12 +201,12 @@ def test_w4a4_lsq_quantizes_activations_through_fine_tuning_and_saving(run, tmp_
     assert cli.main(_compress(run, out, f"--config.compress={spec}")) == 0
     capsys.readouterr()
     s = json.loads((out / "summary.json").read_text())
-    with ocp.StandardCheckpointer() as ck:
-        state = ck.restore(out / "state")
-    assert state["0"]["scale"]["layers"]["0"]["attn"]["q"]["kernel"].shape == (32,)  # the learned scales are saved
-    assert s["act_bits"] == 4 and json.loads((out / "compressed.json").read_text())["model"]["act_bits"] == 4
+    q = _leaves(out)["layers/0/attn/q/kernel"]
+    assert q["kind"] == "grid" and q["scale_shape"] == [32]  # the learned scales are saved with the codes
+    assert s["act_bits"] == 4 and container.Reader(out / "model.zlm").meta["model"]["act_bits"] == 4
     # The same weights without activation quantization score differently: the activations were quantized.
-    record, mcfg, _, params, _ = pipeline.load(out)
+    m = sources.load(str(out))
+    mcfg, params = m.cfg, m.params
     plain = models.abstract(mcfg.replace(act_bits=None))[0]
     tokens = jnp.arange(32)[None] % 200
     quantized = models.merge(models.abstract(mcfg)[0], params)(tokens)
@@ -249,7 +267,7 @@ def test_the_final_finetune_continues_the_batch_stream_after_the_stages(run, mon
     cfg = pipeline.base_config()
     cfg.model = str(run)
     cfg.compress = [dict(method="magnitude", sparsity=0.5), {"finetune": 3}]
-    cfg.finetune.steps, cfg.pack = 3, False
+    cfg.finetune.steps = 3
     cfg.eval.max_windows = 2
     pipeline.run(cfg, run.parent / "stream", overwrite=True)
     stage, final = seen

@@ -37,8 +37,8 @@ def test_codes_lie_on_the_grid_and_round_trip_within_half_a_step(grid):
     assert int(codes.min()) >= 0 and int(codes.max()) <= 2**grid.bits - 1
     np.testing.assert_array_equal(zero, np.round(zero))  # integer zero points
     deq = np.asarray(qgrid.dequantize(codes, scale, zero, grid))
-    s = np.asarray(qgrid.expand(scale, w.shape, grid)) * np.ones(w.shape, np.float32)
-    z = np.asarray(qgrid.expand(zero, w.shape, grid)) * np.ones(w.shape, np.float32)
+    s = np.asarray(grid.layout.expand(scale, w.shape)) * np.ones(w.shape, np.float32)
+    z = np.asarray(grid.layout.expand(zero, w.shape)) * np.ones(w.shape, np.float32)
     np.testing.assert_array_equal(deq, (codes.astype(np.float32) - z) * s)
     assert np.all(np.abs(deq - np.asarray(w)) <= s / 2 * (1 + 1e-5))
 

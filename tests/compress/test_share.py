@@ -180,14 +180,15 @@ def test_codebook_shapes_and_sharing(granularity, rows):
     assert idx.shape == (64, 8) and idx.dtype == jnp.uint8
     assert state["codebook"]["layers"][0]["mlp"]["up"]["bias"] is None
     eff = t.apply(params, state)["layers"][0]["mlp"]["up"]["kernel"]
-    problems = codebook.to_problems(eff, granularity, 16)
+    lay = codebook.layout(granularity, 16)
+    problems = lay.to_problems(eff)
     for r in range(rows):
         assert set(np.asarray(problems[r]).tolist()) <= set(np.asarray(cb[r]).tolist())
     np.testing.assert_array_equal(
-        codebook.from_problems(codebook.to_problems(w, granularity, 16), w.shape, granularity), w
+        lay.from_problems(lay.to_problems(w), w.shape), w
     )
     if granularity == "group":  # row o * (in / g) + j holds kernel[j*g:(j+1)*g, o]
-        np.testing.assert_array_equal(codebook.to_problems(w, "group", 16)[1 * 4 + 2], w[32:48, 1])
+        np.testing.assert_array_equal(lay.to_problems(w)[1 * 4 + 2], w[32:48, 1])
 
 
 def test_centroid_gradient_is_segment_sum():

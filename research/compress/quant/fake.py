@@ -47,8 +47,8 @@ def _fq_fwd(w, scale, zero, grid):
 def _fq_bwd(grid, res, g):
     w, scale, zero = res
     wf = w.astype(jnp.float32)
-    s = qgrid.expand(scale, w.shape, grid)
-    z = qgrid.expand(zero, w.shape, grid)
+    s = grid.layout.expand(scale, w.shape)
+    z = grid.layout.expand(zero, w.shape)
     v = wf / s + z  # position on the code axis
     below, above = v < 0, v > grid.maxq
     inside = ~(below | above)

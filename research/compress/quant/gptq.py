@@ -153,8 +153,8 @@ def quantize_layer(
     bs = max(g, blocksize // g * g) if g else min(blocksize, din)
     # Scales fixed before the sweep: whole-weight fits, or act-order's static groups; per weight, (in, out).
     s0, z0 = qgrid.fit(kernel, grid)
-    s_full = jnp.broadcast_to(qgrid.expand(s0, kernel.shape, grid), kernel.shape)
-    z_full = jnp.broadcast_to(qgrid.expand(z0, kernel.shape, grid), kernel.shape)
+    s_full = jnp.broadcast_to(grid.layout.expand(s0, kernel.shape), kernel.shape)
+    z_full = jnp.broadcast_to(grid.layout.expand(z0, kernel.shape), kernel.shape)
     perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(din)
     h = h[perm][:, perm]
     u = hessian_lib.inverse_factor(h, float(percdamp), name, "gptq")
@@ -244,4 +244,4 @@ def gptq(
         calib.walk(calib_data, params, paths, visit, stat="hessian", desc="gptq")
         return rtn_lib.codes_state(params, leaves, grid)
 
-    return core.Transform(init, rtn_lib.dequantizer(grid))
+    return core.Transform(init, rtn_lib.dequantizer(grid), export=rtn_lib.exporter(grid))

@@ -21,7 +21,8 @@ Conventions (one for every grid, so packing sees one format):
   dequantized Q4_1 tensor with `Grid(4, False, "group", 32, zero="float", param_dtype="float16")` is exact.
 - A group whose weights are all equal gets scale 1 (any scale represents it exactly).
 
-Kernels are (in, *out). Scale and zero shapes by granularity (they broadcast through `expand`):
+Kernels are (in, *out). Scale and zero shapes by granularity are `research.codes.Layout`'s (`Grid.layout`; they
+broadcast through `layout.expand`):
   "tensor":  ()              one scale for the leaf
   "channel": (*out,)         one per output column (reduced over the input dimension)
   "group":   (ceil(in / g), *out) one per g consecutive inputs of each output column; when g does not divide
@@ -36,6 +37,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from research import codes as codes_lib
 from research import errors
 
 GRANULARITIES = ("tensor", "channel", "group")
@@ -83,6 +85,11 @@ class Grid:
         g = self.group_size
         if self.granularity == "group" and (isinstance(g, bool) or not isinstance(g, int | np.integer) or g < 1):
             raise errors.UserError(f"group_size must be a positive integer, got {g!r}")
+
+    @property
+    def layout(self) -> codes_lib.Layout:
+        """Where the scales and zero points lie (`research.codes.Layout`)."""
+        return codes_lib.Layout(self.granularity, self.group_size if self.granularity == "group" else 0)
 
     @property
     def maxq(self) -> int:
@@ -141,15 +148,6 @@ def reduce(x, grid: Grid, op):
     return op(x.reshape(x.shape[0] // g, g, *x.shape[1:]), axis=1)  # (ceil(in / g), *out)
 
 
-def expand(s, shape, grid: Grid):
-    """A scale-shaped array broadcastable against a weight of `shape`."""
-    if grid.granularity == "tensor":
-        return s
-    if grid.granularity == "channel":
-        return s[None]  # (1, *out)
-    return jnp.repeat(s, grid.group_size, axis=0)[: shape[0]]  # (in, *out)
-
-
 def fit(w, grid: Grid):
     """Min/max fit of a grid to weights (traceable; validate with `check_finite` beforehand).
 
@@ -192,20 +190,19 @@ def to_codes(w, s, z, grid: Grid):
 
 def from_codes(c, s, z, grid: Grid):
     """Elementwise dequantization of float or integer codes c given broadcastable scale s and zero z (float32)."""
-    c = c.astype(jnp.float32)
-    return c * s + z if grid.zero == "float" else (c - z) * s
+    return codes_lib.grid_values(c, s, z, codes_lib.Layout("tensor"), grid.zero == "float")
 
 
 def quantize(w, scale, zero, grid: Grid):
     """Round-to-nearest codes (see the module docstring) as uint8, the shape of w."""
     w = jnp.asarray(w, jnp.float32)
-    s = expand(jnp.asarray(scale, jnp.float32), w.shape, grid)
-    z = expand(jnp.asarray(zero, jnp.float32), w.shape, grid)
+    s = grid.layout.expand(jnp.asarray(scale, jnp.float32), w.shape)
+    z = grid.layout.expand(jnp.asarray(zero, jnp.float32), w.shape)
     return to_codes(w, s, z, grid).astype(jnp.uint8)
 
 
 def dequantize(codes, scale, zero, grid: Grid):
     """The values of `codes` as float32 ((code - zero) * scale, or code * scale + zero for a float minimum)."""
-    s = expand(jnp.asarray(scale, jnp.float32), codes.shape, grid)
-    z = expand(jnp.asarray(zero, jnp.float32), codes.shape, grid)
-    return from_codes(codes, s, z, grid)
+    return codes_lib.grid_values(
+        codes, jnp.asarray(scale, jnp.float32), jnp.asarray(zero, jnp.float32), grid.layout, grid.zero == "float"
+    )

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from research import errors
+from research import codes, errors
 from research.compress import core
 from research.compress.quant import fake
 from research.compress.quant import grid as qgrid
@@ -93,4 +93,11 @@ def qat(
         scale = jax.tree.map(lambda sc, u: sc * jnp.exp(u), state["scale"], steps)
         return {**state, "scale": scale, "scale_opt": opt}
 
-    return core.Transform(init, apply, update, learn=learn if learn_scale else None)
+    def export(params, state):
+        flat, scales, zeros = core.touched(params), core.touched(state["scale"]), core.touched(state["zero"])
+        return {
+            p: codes.Grid(qgrid.quantize(flat[p], s, zeros[p], grid), s, zeros[p], grid.layout)
+            for p, s in scales.items()
+        }
+
+    return core.Transform(init, apply, update, learn=learn if learn_scale else None, export=export)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from research import codes
 from research.compress import core
 from research.compress.quant import grid as qgrid
 
@@ -63,7 +64,17 @@ def rtn(
         leaves = {p: (qgrid.quantize(w, s, z, grid), s, z) for p, (w, s, z) in fitted.items()}
         return codes_state(params, leaves, grid)
 
-    return core.Transform(init, dequantizer(grid))
+    return core.Transform(init, dequantizer(grid), export=exporter(grid))
+
+
+def exporter(grid: qgrid.Grid):
+    """The `export` of a code-based quantizer: its codes, scales and zero points as `codes.Grid` records."""
+
+    def export(params, state):
+        c, s, z = (core.touched(state[k]) for k in ("codes", "scale", "zero"))
+        return {p: codes.Grid(c[p], s[p], z[p], grid.layout, grid.zero == "float") for p in c}
+
+    return export
 
 
 def codes_state(params, leaves: dict, grid: qgrid.Grid) -> dict:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from research import errors
+from research import codes, errors
 from research.compress import calib as calib_lib
 from research.compress import core
 from research.compress.share import kmeans
@@ -38,21 +38,9 @@ ENTRY_DTYPES = ("float32", "float16", "bfloat16", "int8")
 WEIGHTINGS = ("none", "fisher")
 
 
-def to_problems(w, granularity: str, group_size: int):
-    """A kernel as (P, n) rows of independent problems (see the module docstring)."""
-    if granularity == "tensor":
-        return w.reshape(1, -1)
-    cols = w.reshape(-1, w.shape[-1]).T  # (out, in)
-    if granularity == "channel":
-        return cols
-    return cols.reshape(-1, group_size)  # (out * in / g, g)
-
-
-def from_problems(x, shape, granularity: str):
-    """Inverse of `to_problems`: (P, n) rows back to the kernel's shape."""
-    if granularity == "tensor":
-        return x.reshape(shape)
-    return x.reshape(shape[-1], -1).T.reshape(shape)
+def layout(granularity: str, group_size: int) -> codes.Layout:
+    """The problems' layout (`research.codes.Layout`: one table per tensor, output column or group)."""
+    return codes.Layout(granularity, group_size if granularity == "group" else 0)
 
 
 def _check_leaf(path, w, granularity, group_size):
@@ -119,6 +107,8 @@ def codebook(
     if reassign_every is not None and (not isinstance(reassign_every, int) or reassign_every < 1):
         raise errors.UserError(f"reassign_every must be a positive integer or None, got {reassign_every!r}")
 
+    lay = layout(granularity, group_size)
+
     def init_fn(params, key, calib):
         flat = core.touched(params)
         books, idxs, keeps = {}, {}, {}
@@ -132,17 +122,17 @@ def codebook(
             weights = None
             if sens is not None:  # normalised per leaf; a small floor keeps every problem's total weight positive
                 f = sens[path] / jnp.maximum(jnp.mean(sens[path]), 1e-30)
-                weights = to_problems(f + 1e-6, granularity, group_size)
+                weights = lay.to_problems(f + 1e-6)
             cb, idx, _ = kmeans.fit(
-                to_problems(w, granularity, group_size),
+                lay.to_problems(w),
                 k,
                 weights=weights,
-                valid=to_problems(keep, granularity, group_size),
+                valid=lay.to_problems(keep),
                 init=init,
                 iters=iters,
                 key=jax.random.fold_in(key, i),
             )
-            books[path], idxs[path], keeps[path] = cb, from_problems(idx, w.shape, granularity), keep
+            books[path], idxs[path], keeps[path] = cb, lay.from_problems(idx, w.shape), keep
         return {
             "codebook": core.touched_tree(params, books),
             "indices": core.touched_tree(params, idxs),
@@ -150,10 +140,7 @@ def codebook(
         }
 
     def shared(cb, idx, keep, dtype):
-        cb = stored_entries(cb, entry_dtype)
-        rows = to_problems(idx, granularity, group_size).astype(jnp.int32)  # (P, n)
-        w = from_problems(jnp.take_along_axis(cb, rows, axis=1), idx.shape, granularity)
-        return jnp.where(keep, w, 0.0).astype(dtype)
+        return codes.palette_values(idx, stored_entries(cb, entry_dtype), lay, keep).astype(dtype)
 
     def apply(params, state):
         def one(cb, p, idx, keep):
@@ -176,8 +163,8 @@ def codebook(
             return new
 
         def reassign(cb, p, keep):
-            idx = jax.vmap(kmeans.assign)(cb, to_problems(p.astype(jnp.float32), granularity, group_size))
-            idx = from_problems(idx, p.shape, granularity)
+            idx = jax.vmap(kmeans.assign)(cb, lay.to_problems(p.astype(jnp.float32)))
+            idx = lay.from_problems(idx, p.shape)
             return jnp.where(keep, idx, 0).astype(jnp.uint8)
 
         moved = core.map_touched(lambda cb, p, keep: reassign(cb, p, keep), books, params, state["keep"])
@@ -185,7 +172,13 @@ def codebook(
         indices = jax.lax.cond(step % reassign_every == 0, lambda: moved, lambda: state["indices"])
         return dict(new, indices=indices)
 
-    return core.Transform(init_fn, apply, update, lambda state: state["keep"])
+    def export(params, state):
+        books, idxs, keeps = (core.touched(state[k]) for k in ("codebook", "indices", "keep"))
+        # apply's straight-through term adds (p - p) = +0.0, which turns an entry of -0.0 into +0.0
+        tables = {p: stored_entries(cb, entry_dtype) + (0.0 if trained else -0.0) for p, cb in books.items()}
+        return {p: codes.Palette(idxs[p], tables[p], lay, keeps[p]) for p in books}
+
+    return core.Transform(init_fn, apply, update, lambda state: state["keep"], export=export)
 
 
 def _none(x):
@@ -216,6 +209,7 @@ def centroid_grads(cb, g, idx, keep, granularity: str, group_size: int):
       (P, k) float32.
     """
     n_problems, k = cb.shape
-    g = to_problems(jnp.where(keep, g, 0).astype(jnp.float32), granularity, group_size)  # (P, n)
-    seg = to_problems(idx, granularity, group_size).astype(jnp.int32) + k * jnp.arange(n_problems)[:, None]
+    lay = layout(granularity, group_size)
+    g = lay.to_problems(jnp.where(keep, g, 0).astype(jnp.float32))  # (P, n)
+    seg = lay.to_problems(idx).astype(jnp.int32) + k * jnp.arange(n_problems)[:, None]
     return jax.ops.segment_sum(g.ravel(), seg.ravel(), n_problems * k).reshape(n_problems, k)

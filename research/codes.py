@@ -1,0 +1,232 @@
+"""What a compressed leaf is: the typed records `Transform.export` returns and `coding.pack` serialises, and the
+one layout convention (tensor / channel / group) that quantization grids, codebooks and the packer share.
+
+A transform's export is {path: code} for the leaves it changed; a leaf absent from it is dense floats, which the
+packer searches for structure of its own. A record describes the leaf's *effective* values (what `apply` gives):
+
+    Masked(mask)                              the entries where mask is False are exactly 0.0; the kept entries are
+                                              the leaf's own floats (the packer codes them bit-exactly)
+    Grid(codes, scale, zero, layout)          value = (code - zero) * scale, or code * scale + zero with
+                                              `float_zero` (a float minimum, GGUF Q4_1's parametrisation)
+    Palette(indices, table, layout, keep)     value = table[problem, index], and 0.0 where keep is False
+
+`decode` gives a record's values as float32 (NumPy), as the forward pass computes them; the packer checks them
+against the leaf bit for bit before it writes a byte. `compose` is how a chain's later member refines an earlier
+member's record of the same leaf (pruning after quantization keeps the grid; see `core.chain`).
+
+Layouts, for a kernel (in, *out); "tensor" applies to any shape:
+
+    granularity  grid parameters (scale, zero)   palette problems (P, n) of `to_problems`
+    "tensor"     ()                              P = 1: the whole leaf
+    "channel"    (*out,)                         P = out (the last axis): row o is the column kernel[:, o]
+    "group"      (ceil(in / g), *out)            P = out * in / g: row o * (in / g) + j is kernel[j*g:(j+1)*g, o]
+
+A grid's last group may be shorter (ceil; SmolLM2's 576 inputs in groups of 128), a palette's groups must divide
+the inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+def _xp(a):
+    return np if isinstance(a, np.ndarray | np.generic) else jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How per-problem parameters map onto a leaf (see the module docstring).
+
+    Attributes:
+      granularity: "tensor", "channel" or "group".
+      group_size: inputs per group (granularity "group" only; 0 otherwise).
+    """
+
+    granularity: str = "tensor"
+    group_size: int = 0
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if (self.granularity == "group") != (self.group_size > 0):
+            raise ValueError(f"group_size {self.group_size} does not fit granularity {self.granularity!r}")
+
+    def param_shape(self, shape) -> tuple:
+        """The shape of a grid's scales and zero points for a leaf of `shape`."""
+        shape = tuple(shape)
+        if self.granularity == "tensor":
+            return ()
+        if self.granularity == "channel":
+            return shape[1:]
+        return (-(-shape[0] // self.group_size), *shape[1:])
+
+    def expand(self, a, shape):
+        """Grid parameters (`param_shape`) broadcastable against a leaf of `shape` (NumPy or JAX, traceable)."""
+        if self.granularity == "tensor":
+            return a
+        if self.granularity == "channel":
+            return a[None]  # (1, *out)
+        return _xp(a).repeat(a, self.group_size, axis=0)[: shape[0]]  # (in, *out)
+
+    def n_problems(self, shape) -> int:
+        """P, the number of palette problems of a leaf of `shape`."""
+        size = int(np.prod(shape, dtype=np.int64))
+        if self.granularity == "tensor":
+            return 1
+        if self.granularity == "channel":
+            return shape[-1]
+        return size // self.group_size
+
+    def to_problems(self, w):
+        """A leaf as (P, n) rows of independent palette problems."""
+        if self.granularity == "tensor":
+            return w.reshape(1, -1)
+        cols = w.reshape(-1, w.shape[-1]).T  # (out, in)
+        if self.granularity == "channel":
+            return cols
+        return cols.reshape(-1, self.group_size)  # (out * in / g, g)
+
+    def from_problems(self, x, shape):
+        """Inverse of `to_problems`: (P, n) rows back to the leaf's shape."""
+        if self.granularity == "tensor":
+            return x.reshape(shape)
+        return x.reshape(shape[-1], -1).T.reshape(shape)
+
+    def to_dict(self) -> dict:
+        return dict(layout=self.granularity, group=self.group_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Masked:
+    """A leaf whose entries are exactly 0.0 where `mask` (bool, the leaf's shape) is False."""
+
+    mask: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Integer codes on a quantization grid.
+
+    Attributes:
+      codes: uint8, the leaf's shape.
+      scale: float32, `layout.param_shape(leaf shape)`.
+      zero: float32 of the same shape: integer-valued zero-point codes, or float minimums with `float_zero`.
+      layout: the grid's layout.
+      float_zero: value = code * scale + zero (a float minimum) instead of (code - zero) * scale.
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    layout: Layout
+    float_zero: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Palette:
+    """Indices into one table of values per problem.
+
+    Attributes:
+      indices: uint8, the leaf's shape.
+      table: (P, k) float32, the values the forward pass uses (entries already rounded to their storage type).
+      layout: how the P problems tile the leaf.
+      keep: bool, the leaf's shape, False where the value is 0.0 whatever its index (None: all kept).
+    """
+
+    indices: np.ndarray
+    table: np.ndarray
+    layout: Layout
+    keep: np.ndarray | None = None
+
+
+Code = Masked | Grid | Palette
+
+
+def grid_values(codes, scale, zero, layout: Layout, float_zero: bool = False):
+    """Dequantized float32 values of grid codes (NumPy or JAX, traceable): the one formula every user shares."""
+    s = layout.expand(scale.astype(np.float32), codes.shape)
+    z = layout.expand(zero.astype(np.float32), codes.shape)
+    c = codes.astype(np.float32)
+    return c * s + z if float_zero else (c - z) * s
+
+
+def palette_values(indices, table, layout: Layout, keep=None):
+    """The float32 values of palette indices (NumPy or JAX); 0.0 where `keep` is False."""
+    xp = _xp(table)
+    rows = layout.to_problems(indices).astype(np.int32)  # (P, n)
+    out = layout.from_problems(xp.take_along_axis(table.astype(np.float32), rows, axis=1), indices.shape)
+    return out if keep is None else xp.where(keep, out, xp.zeros((), out.dtype))
+
+
+def decode(code: Code, like: np.ndarray | None = None) -> np.ndarray:
+    """A record's values as a NumPy array: float32 for grids and palettes, the dtype of `like` (the leaf it
+    masks, which a Masked record needs) for masks."""
+    if isinstance(code, Grid):
+        return grid_values(*map(np.asarray, (code.codes, code.scale, code.zero)), code.layout, code.float_zero)
+    if isinstance(code, Palette):
+        keep = None if code.keep is None else np.asarray(code.keep)
+        return palette_values(np.asarray(code.indices), np.asarray(code.table), code.layout, keep)
+    if isinstance(code, Masked):
+        x = np.asarray(like)
+        return np.where(np.asarray(code.mask), x, np.zeros((), x.dtype))
+    raise TypeError(f"not a code record: {type(code).__name__}")
+
+
+def same_bits(a, b) -> bool:
+    """Whether two arrays hold the same bits (so -0.0 differs from +0.0 and a NaN equals itself)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    u = f"u{a.dtype.itemsize}" if a.dtype.kind == "f" else a.dtype
+    return bool(np.array_equal(np.ascontiguousarray(a).view(u), np.ascontiguousarray(b).view(u)))
+
+
+def describes(code: Code, leaf) -> bool:
+    """Whether `code` gives exactly the values of `leaf` (bit for bit, in the leaf's dtype)."""
+    leaf = np.asarray(leaf)
+    values = decode(code, leaf)
+    if values.shape != leaf.shape:
+        return False
+    return same_bits(values.astype(leaf.dtype), leaf)
+
+
+def compose(earlier: Code | None, later: Code) -> Code:
+    """The record of a leaf that `later` re-coded after `earlier` (a chain's members, in order).
+
+    A mask over a grid with a zero code keeps the grid (the pruned entries take the zero code); a mask over a
+    palette narrows its `keep`; otherwise the later record describes the values alone.
+    """
+    if not isinstance(later, Masked) or earlier is None:
+        return later
+    mask = np.asarray(later.mask)
+    if isinstance(earlier, Grid) and not earlier.float_zero:
+        zero = np.broadcast_to(earlier.layout.expand(np.asarray(earlier.zero), mask.shape), mask.shape)
+        codes = np.where(mask, np.asarray(earlier.codes), zero.astype(np.uint8))
+        return dataclasses.replace(earlier, codes=codes)
+    if isinstance(earlier, Palette):
+        keep = mask if earlier.keep is None else mask & np.asarray(earlier.keep)
+        return dataclasses.replace(earlier, keep=keep)
+    return later
+
+
+def to_numpy(codes: dict) -> dict:
+    """{path: record} with every array of every record as NumPy (records from device arrays)."""
+
+    def one(c):
+        return dataclasses.replace(
+            c,
+            **{
+                f.name: np.asarray(getattr(c, f.name))
+                for f in dataclasses.fields(c)
+                if isinstance(getattr(c, f.name), np.ndarray | jax.Array)
+            },
+        )
+
+    return {p: one(c) for p, c in codes.items()}
