@@ -191,7 +191,7 @@ def test_codebook_shapes_and_sharing(granularity, rows):
         np.testing.assert_array_equal(lay.to_problems(w)[1 * 4 + 2], w[32:48, 1])
 
 
-def test_centroid_gradient_is_segment_sum():
+def test_centroid_gradient_is_the_sum_over_its_kept_weights():
     w = jnp.array([[1.0, -1.0], [1.1, 0.0], [-0.9, 2.0]])  # (in 3, out 2); w[1, 1] is pruned
     params = _kernel_params(w)
     t = codebook.codebook(1, lr=0.5)
@@ -202,14 +202,14 @@ def test_centroid_gradient_is_segment_sum():
     np.testing.assert_array_equal(idx, [[1, 0], [1, 0], [0, 1]])
     target = jnp.arange(6.0).reshape(3, 2)
 
-    def loss(p):
-        eff = t.apply(p, state)["layers"][0]["mlp"]["up"]["kernel"]
+    def loss(p, s):
+        eff = t.apply(p, s)["layers"][0]["mlp"]["up"]["kernel"]
         return jnp.sum(target * eff)
 
-    grads = jax.grad(loss)(params)
+    grads, sgrads = jax.grad(loss, argnums=(0, 1), allow_int=True)(params, state)
     g = grads["layers"][0]["mlp"]["up"]["kernel"]
     np.testing.assert_allclose(g, target * jnp.array([[1, 1], [1, 0], [1, 1]]))  # dL/d(effective), 0 where pruned
-    new = t.update(params, state, grads, 1)
+    new = t.learn(state, sgrads, 1)
     # centroid 0 holds w[0,1], w[2,0] (grads 1 + 4); centroid 1 holds w[0,0], w[1,0], w[2,1] (0 + 2 + 5).
     np.testing.assert_allclose(
         new["codebook"]["layers"][0]["mlp"]["up"]["kernel"][0], cb[0] - 0.5 * jnp.array([5.0, 7.0])
@@ -217,7 +217,7 @@ def test_centroid_gradient_is_segment_sum():
     np.testing.assert_array_equal(new["indices"]["layers"][0]["mlp"]["up"]["kernel"], idx)
     static = codebook.codebook(1, trained=False)
     s = static.init(params, jax.random.key(0), None)
-    assert static.update(params, s, grads, 1) is s
+    assert static.learn is None and static.update(params, s, grads, 1) is s
 
 
 def test_prune_then_share_finetune_keeps_zeros_and_indices():

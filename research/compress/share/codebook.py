@@ -17,9 +17,11 @@ Problems (P) by granularity, for a kernel (in, out):
   "group":   P = out * in // group_size, row o * (in // group_size) + j holds kernel[j*g:(j+1)*g, o].
 
 Gradients (trained=True): apply is `codebook[indices] + (params - stop_gradient(params))`, so the train step's
-gradient w.r.t. a raw weight is dL/d(its effective weight); `update` sums them per centroid (`segment_sum`) and
-takes a plain SGD step on the codebook, indices fixed, as Deep Compression does. With `reassign_every=n`, every
-n-th step also re-assigns each kept weight to the centroid nearest its raw (straight-through trained) value.
+gradient w.r.t. a raw weight is dL/d(its effective weight), and its gradient w.r.t. the codebook (the trained state,
+differentiated by the train step like LSQ's scales) is, through the gather, the sum of those over the kept weights
+sharing each centroid; `learn` takes a plain SGD step of `lr` on the codebook, indices fixed, as Deep Compression
+does. Entries rounded to their storage type pass the gradient straight through. With `reassign_every=n`, every n-th
+step's `update` also re-assigns each kept weight to the centroid nearest its raw (straight-through trained) value.
 trained=False: the codebook is static and no gradient reaches the raw weights.
 """
 
@@ -139,38 +141,34 @@ def codebook(
             "keep": core.touched_tree(params, keeps),
         }
 
-    def shared(cb, idx, keep, dtype):
-        return codes.palette_values(idx, stored_entries(cb, entry_dtype), lay, keep).astype(dtype)
+    def entries(cb):
+        """The entries the forward pass uses; trained, their gradient reaches the float32 entries unchanged."""
+        if trained:
+            return core.straight_through(lambda c: stored_entries(c, entry_dtype), cb)
+        return stored_entries(cb, entry_dtype)
 
     def apply(params, state):
         def one(cb, p, idx, keep):
-            w = shared(cb, idx, keep, p.dtype)
+            w = codes.palette_values(idx, entries(cb), lay, keep).astype(p.dtype)
             return w + jnp.where(keep, p - jax.lax.stop_gradient(p), 0) if trained else w
 
         return core.map_touched(one, state["codebook"], params, state["indices"], state["keep"])
 
+    def learn(state, grads, step):
+        books = jax.tree.map(lambda cb, g: cb - lr * g, state["codebook"], grads["codebook"])
+        return dict(state, codebook=books)
+
     def update(params, state, grads, step):
-        if not trained:
-            return state
+        def reassign():
+            def one(cb, p, keep):
+                idx = jax.vmap(kmeans.assign)(cb, lay.to_problems(p.astype(jnp.float32)))
+                return jnp.where(keep, lay.from_problems(idx, p.shape), 0).astype(jnp.uint8)
 
-        def step_book(cb, g, idx, keep):
-            return cb - lr * centroid_grads(cb, g, idx, keep, granularity, group_size)
+            moved = core.map_touched(one, state["codebook"], params, state["keep"])
+            return jax.tree.map(lambda m, s: None if s is None else m, moved, state["codebook"], is_leaf=_none)
 
-        books = core.map_touched(step_book, state["codebook"], grads, state["indices"], state["keep"])
-        books = jax.tree.map(lambda b, s: None if s is None else b, books, state["codebook"], is_leaf=_none)
-        new = dict(state, codebook=books)
-        if reassign_every is None:
-            return new
-
-        def reassign(cb, p, keep):
-            idx = jax.vmap(kmeans.assign)(cb, lay.to_problems(p.astype(jnp.float32)))
-            idx = lay.from_problems(idx, p.shape)
-            return jnp.where(keep, idx, 0).astype(jnp.uint8)
-
-        moved = core.map_touched(lambda cb, p, keep: reassign(cb, p, keep), books, params, state["keep"])
-        moved = jax.tree.map(lambda m, s: None if s is None else m, moved, books, is_leaf=_none)
-        indices = jax.lax.cond(step % reassign_every == 0, lambda: moved, lambda: state["indices"])
-        return dict(new, indices=indices)
+        indices = jax.lax.cond(step % reassign_every == 0, reassign, lambda: state["indices"])
+        return dict(state, indices=indices)
 
     def export(params, state):
         books, idxs, keeps = (core.touched(state[k]) for k in ("codebook", "indices", "keep"))
@@ -178,7 +176,10 @@ def codebook(
         tables = {p: stored_entries(cb, entry_dtype) + (0.0 if trained else -0.0) for p, cb in books.items()}
         return {p: codes.Palette(idxs[p], tables[p], lay, keeps[p]) for p in books}
 
-    return core.Transform(init_fn, apply, update, lambda state: state["keep"], export=export)
+    reassigns = dict(update=update) if trained and reassign_every is not None else {}
+    return core.Transform(
+        init_fn, apply, masks=lambda state: state["keep"], learn=learn if trained else None, export=export, **reassigns
+    )
 
 
 def _none(x):
@@ -194,22 +195,3 @@ def stored_entries(cb, entry_dtype: str):
     amax = jnp.max(jnp.abs(cb), axis=1, keepdims=True)  # (P, 1)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
     return jnp.clip(jnp.round(cb / scale), -127, 127) * scale
-
-
-def centroid_grads(cb, g, idx, keep, granularity: str, group_size: int):
-    """The gradient of every centroid: the sum of the kept weights' gradients g over the weights sharing it.
-
-    Args:
-      cb: (P, k) codebook.
-      g: gradients of the kernel's effective weights, the kernel's shape.
-      idx: uint8 indices, the kernel's shape.
-      keep: bool, the kernel's shape.
-
-    Returns:
-      (P, k) float32.
-    """
-    n_problems, k = cb.shape
-    lay = layout(granularity, group_size)
-    g = lay.to_problems(jnp.where(keep, g, 0).astype(jnp.float32))  # (P, n)
-    seg = lay.to_problems(idx).astype(jnp.int32) + k * jnp.arange(n_problems)[:, None]
-    return jax.ops.segment_sum(g.ravel(), seg.ravel(), n_problems * k).reshape(n_problems, k)
