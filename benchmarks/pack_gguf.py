@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from research import files, hardware, sources, tree  # noqa: E402
-from research.coding import container, found, pack, packed  # noqa: E402
+from research.coding import artifact, container, found, pack  # noqa: E402
 
 DEFAULT = Path("~/.cache/ziplm/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 GGUF_BITS = {"F32": 32.0, "F16": 16.0, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0}
@@ -69,7 +69,7 @@ def run(m, source: str, detect: bool = True) -> dict:
     """Packs and unpacks the loaded model; sizes, seconds and the bit-exactness check."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "m.zlm"
-        meta = packed.meta(m.cfg, m.tokenizer, source, m.kind, m.step, m.run_config)
+        meta = artifact.meta(m.cfg, m.tokenizer, source, m.kind, m.step, m.run_config)
         params = {k: np.asarray(v) for k, v in tree.flatten(m.params).items()}
         with mock.patch.object(found, "encode", found.encode if detect else (lambda x, tries=2: None)):
             t = time.perf_counter()

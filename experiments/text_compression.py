@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from research import config as config_lib  # noqa: E402
 from research import sources  # noqa: E402
-from research.coding import compare, packed  # noqa: E402
+from research.coding import artifact, compare  # noqa: E402
 from research.compress import pipeline  # noqa: E402
 from research.data import corpora, dataset  # noqa: E402
 from research.train import loop  # noqa: E402
@@ -57,7 +57,7 @@ def models(base: Path) -> dict[str, Path]:
     out = {}
     dense = base.parent / "text-dense.zlm"
     if not dense.exists():
-        packed.pack_model(sources.load(base), dense)
+        artifact.pack_model(sources.load(base), dense)
     out["dense"] = dense
     for name, (cfg_file, compress) in CONFIGS.items():
         workdir = base.parent / f"text-{name}"

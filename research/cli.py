@@ -178,11 +178,11 @@ def _compress(args, overrides) -> int:
 
 def _pack(args, overrides) -> int:
     from research import files, sources
-    from research.coding import packed
+    from research.coding import artifact
 
     _no_extra(overrides, "pack")
-    rep = packed.pack_model(sources.load(args.model, args.step), args.out, overwrite=args.overwrite)
-    print(packed.table(rep))
+    rep = artifact.pack_model(sources.load(args.model, args.step), args.out, overwrite=args.overwrite)
+    print(artifact.table(rep))
     print(f"packed {args.model} into {rep['file']}")
     if args.json:
         files.write_json(Path(args.json), rep)
@@ -191,17 +191,17 @@ def _pack(args, overrides) -> int:
 
 def _inspect(args, overrides) -> int:
     from research import files
-    from research.coding import packed
+    from research.coding import artifact
 
     _no_extra(overrides, "inspect")
-    rep = packed.inspect(args.file)
+    rep = artifact.inspect(args.file)
     m = rep["meta"]
     model = m.get("model", {})
     print(
         f"{args.file}: format version {rep['version']}, source {m.get('source')} ({m.get('source_kind')}), tokenizer "
         f"{m.get('tokenizer')}, {model.get('n_layer')} layers x {model.get('d_model')}, checksums verified"
     )
-    print(packed.table(rep, leaves=args.leaves))
+    print(artifact.table(rep, leaves=args.leaves))
     if args.json:
         files.write_json(Path(args.json), rep)
     return 0

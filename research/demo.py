@@ -25,7 +25,7 @@ from pathlib import Path
 
 from research import config as config_lib
 from research import errors, files, report, sources
-from research.coding import compare, packed
+from research.coding import artifact, compare
 from research.compress import pipeline
 from research.data import corpora, dataset
 from research.models import zoo
@@ -85,7 +85,7 @@ def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None, 
     dense_bpb = summary["val"]["bits_per_byte"]
     # The dense model packed once: its file is the dense row's size and the dense coder's model, the same bytes.
     dense_file = run_dir / "model.zlm"
-    dense_pack = packed.sizes(packed.pack_model(sources.load(run_dir), dense_file, overwrite=True, progress=False))
+    dense_pack = artifact.sizes(artifact.pack_model(sources.load(run_dir), dense_file, overwrite=True, progress=False))
     rows[0][5:7] = [round(dense_pack["file_bytes"] / 1e3), dense_pack["ratio_vs_fp32"]]
     saved = {}  # the model each compress directory keeps, by its table row
     for name, spec, steps in ROWS:
@@ -149,7 +149,7 @@ def code_held_out(cfg, run_dir: Path, saved: dict, llm: str | None = None) -> di
     zstd; writes coding_table.json and coding.png into the run directory."""
     dense = run_dir / "model.zlm"  # packed by `main` (whose table row it is)
     if not dense.is_file():
-        packed.pack_model(sources.load(run_dir), dense, overwrite=True, progress=False)
+        artifact.pack_model(sources.load(run_dir), dense, overwrite=True, progress=False)
     data = dataset.split_text(corpora.load(cfg.data.corpus).text, cfg.data.val_fraction)[1].encode("utf-8")
     data = data[:CODE_BYTES] if CODE_BYTES else data
     rows = compare.rows(data, {"dense": dense, **saved}, batch_size=64, progress=None)

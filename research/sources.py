@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from research import errors
-from research.coding import packed
+from research.coding import artifact
 from research.models import config as model_config
 
 
@@ -54,7 +54,7 @@ def packed_file(path) -> Path | None:
     p = Path(path).expanduser()
     if p.is_dir() and not is_run(p):
         p = p / "model.zlm"
-    return p if packed.is_packed(p) else None
+    return p if artifact.is_packed(p) else None
 
 
 def load(source: str, step: int | None = None, dtype: str | None = None) -> Model:
@@ -80,7 +80,7 @@ def load(source: str, step: int | None = None, dtype: str | None = None) -> Mode
             raise errors.UserError(f"--step applies to run directories; {source} is a packed model")
         from research import config as run_config
 
-        meta, cfg, graphdef, params = packed.load(file)
+        meta, cfg, graphdef, params = artifact.load(file)
         run_cfg = run_config.from_dict(meta["run_config"]) if meta.get("run_config") else None
         return Model(cfg, graphdef, params, meta.get("tokenizer"), "packed", source, None, run_cfg)
     if (Path(source).expanduser() / "compressed.json").is_file():

@@ -85,20 +85,37 @@ def varints(values) -> bytes:
     return out.tobytes()
 
 
-def from_varints(data, count: int) -> np.ndarray:
-    """The first `count` varints of `data` (uint64), and nothing else may follow (CorruptData otherwise)."""
-    b = np.frombuffer(data, np.uint8)
-    ends = np.flatnonzero(b < 0x80)
-    if len(ends) != count or (count and ends[-1] != len(b) - 1):
-        raise errors.CorruptData(f"a coded stream's table holds {len(ends)} counts, expected {count}")
+def read_varints(data, pos: int, count: int) -> tuple[np.ndarray, int]:
+    """`count` varints of `data` from byte `pos` on: (their values as uint64, the position after the last).
+
+    Raises:
+      CorruptData: the data ends inside them, or one is longer than 9 bytes (no `varints` output is).
+    """
+    if count == 0:
+        return np.zeros(0, np.uint64), pos
+    b = np.frombuffer(data, np.uint8)[pos : pos + 10 * count]  # 9 bytes at most per varint: no scan past them
+    ends = np.flatnonzero(b < 0x80)[:count]
+    if len(ends) < count:
+        raise errors.CorruptData(f"the data ends inside a varint ({len(ends)} of {count} read)")
     starts = np.concatenate([[0], ends[:-1] + 1])
     lengths = ends - starts + 1
-    if count and lengths.max() > 9:
-        raise errors.CorruptData("a coded stream's table has an oversized count")
+    if lengths.max() > 9:
+        raise errors.CorruptData("an oversized varint (more than 9 bytes)")
     out = np.zeros(count, np.uint64)
-    for k in range(int(lengths.max()) if count else 0):
+    for k in range(int(lengths.max())):
         has = lengths > k
         out[has] |= (b[starts[has] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    return out, pos + int(ends[-1]) + 1
+
+
+def from_varints(data, count: int) -> np.ndarray:
+    """The `count` varints that make up all of `data` (uint64); CorruptData when they do not."""
+    try:
+        out, end = read_varints(data, 0, count)
+    except errors.CorruptData as e:
+        raise errors.CorruptData(f"a coded stream's table is damaged: {e}") from None
+    if end != len(data):
+        raise errors.CorruptData(f"a coded stream's table holds more than the {count} counts expected")
     return out
 
 

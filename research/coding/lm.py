@@ -370,16 +370,11 @@ def encode(
 
 
 def _varint(mv, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if pos >= len(mv) or shift > 63:
-            raise errors.CorruptData("the coded file is truncated inside its header")
-        byte = mv[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
+    try:
+        values, pos = entropy.read_varints(mv, pos, 1)
+    except errors.CorruptData:
+        raise errors.CorruptData("the coded file is truncated inside its header") from None
+    return int(values[0]), pos
 
 
 # A coded file never claims more than this many output bytes per byte of its own (plus 1 MiB): LM coding of real

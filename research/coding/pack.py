@@ -34,10 +34,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from flax import traverse_util
 from tqdm.auto import tqdm
 
 from research import codes, errors, tree
-from research.coding import container, entropy, floats, found, masks
+from research.coding import container, entropy, floats, found, maskcode
 
 KINDS = ("float", "masked", "grid", "palette", "affine")
 PALETTE_MAX = 256
@@ -77,7 +78,7 @@ def _enc_float(x):
 
 def _enc_masked(x):
     keep = _nonzero(x)
-    return {}, {"mask": masks.encode(keep), "values": floats.encode(x[keep])}
+    return {}, {"mask": maskcode.encode(keep), "values": floats.encode(x[keep])}
 
 
 def _with_mask(record, symbols, keep, alphabet, joint: bool = True):
@@ -86,7 +87,7 @@ def _with_mask(record, symbols, keep, alphabet, joint: bool = True):
     joint_sections = {"symbols": entropy.encode(symbols.ravel(), alphabet)} if joint or keep is None else None
     if keep is None or keep.all():
         return dict(record, masked=False), joint_sections or {"symbols": entropy.encode(symbols.ravel(), alphabet)}
-    split = {"mask": masks.encode(keep), "symbols": entropy.encode(symbols[keep], alphabet)}
+    split = {"mask": maskcode.encode(keep), "symbols": entropy.encode(symbols[keep], alphabet)}
     if joint_sections is None or sum(map(len, split.values())) < len(joint_sections["symbols"]):
         return dict(record, masked=True), split
     return dict(record, masked=False), joint_sections
@@ -166,7 +167,7 @@ def _symbols(record, sections, shape):
         if sym.size != n:
             raise errors.CorruptData(f"{record['path']}: {sym.size} symbols for {n} values")
         return sym.reshape(shape), None
-    keep = masks.decode(sections["mask"], shape)
+    keep = maskcode.decode(sections["mask"], shape)
     if sym.size != int(keep.sum()):
         raise errors.CorruptData(f"{record['path']}: {sym.size} symbols for {int(keep.sum())} kept values")
     return sym, keep
@@ -178,7 +179,7 @@ def decode_leaf(record: dict, sections: dict) -> np.ndarray:
     if kind == "float":
         return floats.decode(sections["values"], dtype, shape)
     if kind == "masked":
-        keep = masks.decode(sections["mask"], shape)
+        keep = maskcode.decode(sections["mask"], shape)
         out = np.zeros(shape, floats._numpy_dtype(dtype))
         out[keep] = floats.decode(sections["values"], dtype, (int(keep.sum()),))
         return out
@@ -337,12 +338,8 @@ def unpack(path, *, verify: bool = True) -> tuple[dict, dict]:
             ) from None
         if container.crc(np.ascontiguousarray(x).tobytes()) != leaf["crc32"]:
             raise errors.CorruptData(f"{r.path}: {leaf['path']} decodes to the wrong values (checksum mismatch)")
-        node = out
-        keys = [int(k) if k.isdigit() else k for k in leaf["path"].split("/")]
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = x
-    return r.meta, out
+        out[tuple(int(k) if k.isdigit() else k for k in leaf["path"].split("/"))] = x
+    return r.meta, traverse_util.unflatten_dict(out)
 
 
 def report(reader: container.Reader) -> dict:

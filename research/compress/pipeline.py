@@ -18,7 +18,7 @@ The output directory, written only when everything succeeded, holds:
                       `ziplm eval / encode / export / pack --model DIR` read it (DIR or DIR/model.zlm). With
                       `shrink`, the smaller dense model of structured pruning.
     summary.json      methods, sparsity report, metrics before / after compression / after fine-tuning, seconds
-                      per stage, and the packed sizes (`packed.sizes`: bytes, bits per weight, ratios against
+                      per stage, and the packed sizes (`artifact.sizes`: bytes, bits per weight, ratios against
                       float32 and bfloat16) of the compressed model before fine-tuning ("packed_compressed") and of
                       the saved one ("packed")
     metrics.jsonl     fine-tuning losses (and W&B offline files under wandb/ when enabled)
@@ -40,8 +40,8 @@ import numpy as np
 from research import codes as codes_lib
 from research import config as config_lib
 from research import errors, files, log, models, sources, tree
+from research.coding import artifact
 from research.coding import pack as coding_pack
-from research.coding import packed as coding_packed
 from research.compress import calib as calib_lib
 from research.compress import core, finetune, registry
 from research.compress import report as compress_report
@@ -275,7 +275,7 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     times["eval_compressed"] = time.time() - t
 
     def pack_meta(model_cfg):
-        return coding_packed.meta(
+        return artifact.meta(
             model_cfg,
             tok.spec,
             cfg.model,
@@ -413,11 +413,11 @@ def _staged(cfg, m, specs, parts, calib, train_tokens, seq_len, evaluate, progre
 
 
 def _pack(params, exported: dict, path, meta: dict, progress=False) -> dict:
-    """Packs params with the transform's exported codes into `path`; returns `packed.sizes` of the file."""
+    """Packs params with the transform's exported codes into `path`; returns `artifact.sizes` of the file."""
     rep = coding_pack.pack(
         jax.tree.map(np.asarray, params), path, meta=meta, exported=codes_lib.to_numpy(exported), progress=progress
     )
-    return coding_packed.sizes(rep)
+    return artifact.sizes(rep)
 
 
 def _check_finite(params, stage: str) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from research import errors
-from research.coding import entropy, floats, masks
+from research.coding import entropy, floats, maskcode
 
 
 @given(
@@ -122,8 +122,8 @@ def _n_m(shape, n, m, seed=0):
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
 def test_unstructured_masks_cost_about_h2_bits(sparsity):
     mask = np.random.default_rng(0).random((256, 256)) >= sparsity
-    data = masks.encode(mask)
-    np.testing.assert_array_equal(masks.decode(data, mask.shape), mask)
+    data = maskcode.encode(mask)
+    np.testing.assert_array_equal(maskcode.decode(data, mask.shape), mask)
     h2 = -(sparsity * math.log2(sparsity) + (1 - sparsity) * math.log2(1 - sparsity))
     assert 8 * len(data) / mask.size == pytest.approx(h2, abs=0.02)
 
@@ -131,8 +131,8 @@ def test_unstructured_masks_cost_about_h2_bits(sparsity):
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
 def test_n_m_masks_cost_about_their_pattern_entropy(n, m):
     mask = _n_m((1024, 256), n, m)
-    data = masks.encode(mask)
-    np.testing.assert_array_equal(masks.decode(data, mask.shape), mask)
+    data = maskcode.encode(mask)
+    np.testing.assert_array_equal(maskcode.decode(data, mask.shape), mask)
     bound = math.log2(math.comb(m, n)) / m
     assert bound <= 8 * len(data) / mask.size <= bound * 1.02 + 0.01
 
@@ -140,4 +140,4 @@ def test_n_m_masks_cost_about_their_pattern_entropy(n, m):
 @given(hnp.arrays(bool, hnp.array_shapes(min_dims=1, max_dims=3, max_side=17)))
 @settings(max_examples=60, deadline=None)
 def test_any_mask_round_trips(mask):
-    np.testing.assert_array_equal(masks.decode(masks.encode(mask), mask.shape), mask)
+    np.testing.assert_array_equal(maskcode.decode(maskcode.encode(mask), mask.shape), mask)

@@ -184,9 +184,7 @@ def test_codebook_shapes_and_sharing(granularity, rows):
     problems = lay.to_problems(eff)
     for r in range(rows):
         assert set(np.asarray(problems[r]).tolist()) <= set(np.asarray(cb[r]).tolist())
-    np.testing.assert_array_equal(
-        lay.from_problems(lay.to_problems(w), w.shape), w
-    )
+    np.testing.assert_array_equal(lay.from_problems(lay.to_problems(w), w.shape), w)
     if granularity == "group":  # row o * (in / g) + j holds kernel[j*g:(j+1)*g, o]
         np.testing.assert_array_equal(lay.to_problems(w)[1 * 4 + 2], w[32:48, 1])
 

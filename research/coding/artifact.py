@@ -1,9 +1,9 @@
 """Models as packed files: `ziplm pack`, `inspect`, loading a packed file as a model, and the one measure of a
 packed model's bytes (`sizes`) that every table reports.
 
-    report = packed.pack_model(sources.load("runs/demo"), "dense.zlm")  # any loaded model, every leaf searched
+    report = artifact.pack_model(sources.load("runs/demo"), "dense.zlm")  # any loaded model, every leaf searched
     m = sources.load("dense.zlm")                                       # evaluates like the run it came from
-    packed.sizes(report)                                                # bytes, bits per weight, ratios
+    artifact.sizes(report)                                                # bytes, bits per weight, ratios
 
 `ziplm compress` writes its model.zlm with the codes its transforms export (`compress.pipeline`). The header's
 meta holds the model config, the tokenizer spec, the source and (for runs of ours) the run config, so a packed
