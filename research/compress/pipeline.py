@@ -26,6 +26,7 @@ The output directory, written only when everything succeeded, holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -175,19 +176,87 @@ def validate(cfg: mlc.ConfigDict) -> None:
         raise errors.UserError("shrink applies to a compress list holding exactly one 'structured' entry")
 
 
-def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, progress: bool | None = None) -> dict:
-    """Runs a compress config; returns the summary (also written to `workdir/summary.json`).
+@dataclasses.dataclass
+class _Job:
+    """What `run` works on, every input checked before anything is computed: the loaded model, its tokenizer, the
+    token streams (training split, evaluation, calibration), the protocol, the parsed compress list (`parts`) and
+    the model config the result runs with (`out_cfg`: with the act_quant entry's activation bits)."""
 
-    Raises:
-      UserError: bad config, model or data, a non-empty `workdir` without `overwrite`, or non-finite weights
-        after compression (nothing is written then).
-    """
-    times: dict = {}
-    t0 = time.time()
-    validate(cfg)
-    members(cfg.compress)  # every entry checked before the model is loaded
-    out = Path(workdir).expanduser().resolve()
-    atomic = files.AtomicDir(out, overwrite)
+    cfg: mlc.ConfigDict
+    m: sources.Model
+    tok: tokenizers.Tokenizer
+    corpus: str
+    train_tokens: np.ndarray
+    eval_tokens: np.ndarray
+    calib_tokens: np.ndarray
+    seq_len: int
+    protocol: metrics.Protocol
+    specs: list
+    parts: list
+    out_cfg: object
+    out_graphdef: object
+    progress: bool | None
+    times: dict = dataclasses.field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t = time.time()
+        yield
+        self.times[name] = time.time() - t
+
+    def evaluate(self, params, desc: str, graphdef=None) -> dict:
+        """The metrics of `params` on the evaluation tokens (with agreement against the dense model if asked)."""
+        graphdef = self.m.graphdef if graphdef is None else graphdef
+        dense = params is self.m.params and graphdef is self.m.graphdef
+        return metrics.evaluate(
+            graphdef,
+            params,
+            self.eval_tokens,
+            self.tok.token_bytes,
+            self.protocol,
+            batch_size=self.cfg.eval.batch_size,
+            max_windows=self.cfg.eval.max_windows,
+            progress=self.progress,
+            desc=desc,
+            reference=(self.m.graphdef, self.m.params) if self.cfg.eval.get("agreement") and not dense else None,
+        )
+
+    def batches(self) -> dataset.Batches:
+        """The fine-tuning batches: step -> batch, a pure function of (seed, step)."""
+        return dataset.Batches(self.train_tokens, self.cfg.data.batch_size, self.seq_len, self.cfg.seed, "random")
+
+    def finetune(self, graphdef, params, transform, cstate, steps: int, offset: int, log=None):
+        """Fine-tunes `steps` steps under `transform`, on the batch stream from step `offset` on."""
+        batches = self.batches()
+        t_cfg = mlc.ConfigDict({**self.cfg.finetune.to_dict(), "steps": steps})
+        return finetune.finetune(
+            graphdef,
+            params,
+            transform,
+            cstate,
+            lambda s: batches(s + offset),
+            t_cfg,
+            seed=self.cfg.seed,
+            log=log,
+            progress=self.progress,
+        )
+
+    def pack_meta(self, model_cfg) -> dict:
+        """The header of the packed result: model config, tokenizer, provenance and this compress config."""
+        return artifact.meta(
+            model_cfg,
+            self.tok.spec,
+            self.cfg.model,
+            self.m.kind,
+            self.m.step,
+            self.m.run_config,
+            methods=[dict(x) for x in self.cfg.compress],
+            compress_config=json.loads(config_lib.to_json(self.cfg)),
+        )
+
+
+def _prepare(cfg: mlc.ConfigDict, progress) -> _Job:
+    """Loads the model and the data a compress config names, and checks what only they can tell."""
     m = sources.load(cfg.model, cfg.step)
     run_cfg = m.run_config
     tok_spec = cfg.data.tokenizer or m.tokenizer
@@ -202,136 +271,102 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     # A pretrained model's context can be far longer than its evaluation protocol needs (SmolLM2: 8,192).
     seq_len = cfg.data.seq_len or (run_cfg.data.seq_len if run_cfg else min(m.cfg.max_seq_len, 2048))
     window = cfg.eval.window or seq_len
-    eval_tokens = splits.val
-    if cfg.eval.get("corpus"):
-        eval_tokens = np.asarray(dataset.tokenize_cached(corpora.load(cfg.eval.corpus).text, tok), np.int32)
-    style = cfg.eval.get("protocol", "windows")
-    if style not in ("windows", "gptq"):
-        raise errors.UserError(f"eval.protocol must be 'windows' or 'gptq', got {style!r}")
-    if style == "gptq":  # as `tokenizer(text)` in the reference code: the tokenizer's default prefix first
-        eval_tokens = np.concatenate([tok.added_prefix, eval_tokens]).astype(np.int32)
-    calib_tokens = splits.train
-    if cfg.calibration.get("corpus"):
-        calib_tokens = np.asarray(dataset.tokenize_cached(corpora.load(cfg.calibration.corpus).text, tok), np.int32)
     for name, value in (("data.seq_len", seq_len), ("eval.window", window)):
         if value > m.cfg.max_seq_len:
             raise errors.UserError(f"{name} ({value}) exceeds the model's context ({m.cfg.max_seq_len})")
+
+    def text(spec):
+        return np.asarray(dataset.tokenize_cached(corpora.load(spec).text, tok), np.int32)
+
+    eval_tokens = text(cfg.eval.corpus) if cfg.eval.get("corpus") else splits.val
+    style = cfg.eval.get("protocol", "windows")
+    if style not in ("windows", "gptq"):
+        raise errors.UserError(f"eval.protocol must be 'windows' or 'gptq', got {style!r}")
+    if style == "gptq":
+        if cfg.eval.stride not in (None, window):
+            raise errors.UserError("eval.stride does not apply to the gptq protocol (its windows are disjoint)")
+        # as `tokenizer(text)` in the reference code: the tokenizer's default prefix first
+        eval_tokens = np.concatenate([tok.added_prefix, eval_tokens]).astype(np.int32)
+        protocol = metrics.Protocol.gptq(window)
+    else:
+        protocol = metrics.Protocol(window, cfg.eval.stride or window)
+    calib_tokens = text(cfg.calibration.corpus) if cfg.calibration.get("corpus") else splits.train
     # The list, parsed once, with what only the model knows filled in: heads are units of its head width.
     specs = [dict(x) for x in cfg.compress]
     specs = [{"head_dim": m.cfg.dim_head, **x} if x.get("method") == "structured" else x for x in specs]
     parts = members(specs)
-    transforms = [x for x in parts if isinstance(x, core.Transform)]
-    transform = transforms[0] if len(transforms) == 1 else core.chain(*transforms)
-    if style == "gptq":
-        if cfg.eval.stride not in (None, window):
-            raise errors.UserError("eval.stride does not apply to the gptq protocol (its windows are disjoint)")
-        protocol = metrics.Protocol.gptq(window)
-    else:
-        protocol = metrics.Protocol(window, cfg.eval.stride or window)
     bits = next((x.bits for x in parts if isinstance(x, ActQuant)), None)
     out_cfg = m.cfg if bits is None else m.cfg.replace(act_bits=bits)
     out_graphdef = m.graphdef if bits is None else models.abstract(out_cfg)[0]
-    times["load"] = time.time() - t0
+    return _Job(
+        cfg, m, tok, corpus, splits.train, eval_tokens, calib_tokens, seq_len, protocol, specs, parts, out_cfg,
+        out_graphdef, progress,
+    )  # fmt: skip
 
-    def evaluate(params, desc, graphdef=m.graphdef):
-        dense = params is m.params and graphdef is m.graphdef
-        return metrics.evaluate(
-            graphdef,
-            params,
-            eval_tokens,
-            tok.token_bytes,
-            protocol,
-            batch_size=cfg.eval.batch_size,
-            max_windows=cfg.eval.max_windows,
-            progress=progress,
-            desc=desc,
-            reference=(m.graphdef, m.params) if cfg.eval.get("agreement") and not dense else None,
-        )
 
-    t = time.time()
-    before = evaluate(m.params, "eval dense") if cfg.eval.get("dense", True) else None
-    times["eval_dense"] = time.time() - t
+def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, progress: bool | None = None) -> dict:
+    """Runs a compress config; returns the summary (also written to `workdir/summary.json`).
 
+    Raises:
+      UserError: bad config, model or data, a non-empty `workdir` without `overwrite`, or non-finite weights
+        after compression (nothing is written then).
+    """
+    t0 = time.time()
+    validate(cfg)
+    members(cfg.compress)  # every entry checked before the model is loaded
+    out = Path(workdir).expanduser().resolve()
+    atomic = files.AtomicDir(out, overwrite)
+    job = _prepare(cfg, progress)
+    job.times["load"] = time.time() - t0
+    with job.timed("eval_dense"):
+        before = job.evaluate(job.m.params, "eval dense") if cfg.eval.get("dense", True) else None
     calib = None
-    if any(registry.needs_calibration(x) for x in specs):
-        inputs = calib_lib.sample(
-            calib_tokens, cfg.calibration.n, cfg.calibration.length, cfg.calibration.seed, m.cfg.max_seq_len
-        )
-        calib = calib_lib.Calibration(m.graphdef, inputs, cfg.calibration.batch_size)
-    t = time.time()
-    base, stages, staged_steps = m.params, [], 0
-    if any(isinstance(x, int | ActQuant) for x in parts):
-        transform, cstate, base, stages, staged_steps = _staged(
-            cfg, m, specs, parts, calib, splits.train, seq_len, evaluate, progress, out_graphdef
-        )
-    else:
-        cstate = transform.init(m.params, jax.random.key(cfg.seed), calib)
-    effective = jax.block_until_ready(transform.apply(base, cstate))
-    times["compress"] = time.time() - t
+    if any(registry.needs_calibration(x) for x in job.specs):
+        c = cfg.calibration
+        inputs = calib_lib.sample(job.calib_tokens, c.n, c.length, c.seed, job.m.cfg.max_seq_len)
+        calib = calib_lib.Calibration(job.m.graphdef, inputs, c.batch_size)
+    with job.timed("compress"):
+        transform, cstate, base, stages, offset = _staged(job, calib)
+        effective = jax.block_until_ready(transform.apply(base, cstate))
     _check_finite(effective, "compression")
     at_init = compress_report.summarize(effective, transform.masks(cstate))
-    t = time.time()
-    after = evaluate(effective, "eval compressed", out_graphdef)
-    times["eval_compressed"] = time.time() - t
-
-    def pack_meta(model_cfg):
-        return artifact.meta(
-            model_cfg,
-            tok.spec,
-            cfg.model,
-            m.kind,
-            m.step,
-            run_cfg,
-            methods=[dict(x) for x in cfg.compress],
-            compress_config=json.loads(config_lib.to_json(cfg)),
-        )
-
+    with job.timed("eval_compressed"):
+        after = job.evaluate(effective, "eval compressed", job.out_graphdef)
     packed_at_init = None
     if cfg.finetune.steps or cfg.get("shrink"):  # else the saved model is this one
-        t = time.time()
-        with tempfile.TemporaryDirectory() as d:  # the same header as model.zlm: sizes comparable to the byte
-            packed_at_init = _pack(
-                effective, core.export(transform, base, cstate), Path(d) / "m.zlm", pack_meta(out_cfg)
-            )
-        times["pack_compressed"] = time.time() - t
+        with job.timed("pack_compressed"), tempfile.TemporaryDirectory() as d:  # model.zlm's header: same bytes
+            exported = core.export(transform, base, cstate)
+            packed_at_init = _pack(effective, exported, Path(d) / "m.zlm", job.pack_meta(job.out_cfg))
 
     with atomic as tmp:
-        logger = log.Logger(tmp, cfg.to_dict(), cfg.wandb.to_dict())
         tuned, ft, params = None, None, base
+        logger = log.Logger(tmp, cfg.to_dict(), cfg.wandb.to_dict())
         try:
-            if cfg.finetune.steps:
-                batches = dataset.Batches(splits.train, cfg.data.batch_size, seq_len, cfg.seed, "random")
-                params, cstate, ft = finetune.finetune(
-                    out_graphdef,
-                    base,
-                    transform,
-                    cstate,
-                    lambda s: batches(s + staged_steps),  # the stream continues after the stages' batches
-                    cfg.finetune,
-                    seed=cfg.seed,
-                    log=logger.log,
-                    progress=progress,
+            if cfg.finetune.steps:  # the batch stream continues after the stages' batches
+                params, cstate, ft = job.finetune(
+                    job.out_graphdef, base, transform, cstate, cfg.finetune.steps, offset, logger.log
                 )
                 effective = jax.block_until_ready(transform.apply(params, cstate))
-                times["finetune"] = ft["seconds"]
+                job.times["finetune"] = ft["seconds"]
                 _check_finite(effective, "fine-tuning")
-                t = time.time()
-                tuned = evaluate(effective, "eval fine-tuned", out_graphdef)
-                times["eval_finetuned"] = time.time() - t
+                with job.timed("eval_finetuned"):
+                    tuned = job.evaluate(effective, "eval fine-tuned", job.out_graphdef)
                 logger.log(cfg.finetune.steps, log.numeric(tuned), split="val")
         finally:
             logger.close()
         sizes = compress_report.summarize(effective, transform.masks(cstate))
-        shrunk = None
+        out_cfg, shrunk, exported = job.out_cfg, None, None
         if cfg.get("shrink"):
             from research.compress.prune import structured
 
-            out_cfg, effective = structured.shrink(m.cfg, params, cstate)
-            t = time.time()
-            shrunk = evaluate(effective, "eval shrunk", models.abstract(out_cfg)[0])
-            times["eval_shrunk"] = time.time() - t
+            out_cfg, effective = structured.shrink(job.m.cfg, params, cstate)
+            with job.timed("eval_shrunk"):
+                shrunk = job.evaluate(effective, "eval shrunk", models.abstract(out_cfg)[0])
             shrunk["params"] = sum(int(np.size(x)) for x in tree.flatten(effective).values())
             shrunk["model"] = out_cfg.to_dict()
+        with job.timed("pack"):
+            exported = {} if shrunk else core.export(transform, params, cstate)
+            packed = _pack(effective, exported, tmp / "model.zlm", job.pack_meta(out_cfg), progress)
         summary = {
             "source": cfg.model,
             "methods": [dict(s) for s in cfg.compress],
@@ -340,71 +375,57 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             "sparsity_compressed": at_init["masked_sparsity"],
             "nonzero_compressed": at_init["nonzero"],
             "sparsity_all_params": sizes["sparsity"],
-            "masked_params": sizes["masked_params"],
-            "params": sizes["params"],
-            "nonzero": sizes["nonzero"],
-            "dense_bytes_fp32": sizes["dense_bytes_fp32"],
-            "dense_bytes_bf16": sizes["dense_bytes_bf16"],
+            **{k: sizes[k] for k in ("masked_params", "params", "nonzero", "dense_bytes_fp32", "dense_bytes_bf16")},
             "leaves": sizes["leaves"],
             "calibration": {
                 "n": cfg.calibration.n,
                 "length": None if calib is None else calib.inputs.shape[1],
-                "corpus": cfg.calibration.get("corpus") or f"{corpus} (training split)",
+                "corpus": cfg.calibration.get("corpus") or f"{job.corpus} (training split)",
             },
-            "eval_corpus": cfg.eval.get("corpus") or f"{corpus} (validation split)",
+            "eval_corpus": cfg.eval.get("corpus") or f"{job.corpus} (validation split)",
             "stages": stages,
             "dense": before,
             "compressed": after,
             "finetuned": tuned,
             "shrunk": shrunk,
             "finetune": ft,
-            "seconds": {**times, "total": time.time() - t0},
+            "seconds": {**job.times, "total": time.time() - t0},
             "workdir": str(out),
+            "packed": packed,
+            "packed_compressed": packed_at_init or packed,
         }
-        t = time.time()
-        exported = {} if shrunk else core.export(transform, params, cstate)
-        summary["packed"] = _pack(effective, exported, tmp / "model.zlm", pack_meta(out_cfg), progress)
-        summary["packed_compressed"] = packed_at_init or summary["packed"]
-        times["pack"] = time.time() - t
-        summary["seconds"] = {**times, "total": time.time() - t0}
         files.write_json(tmp / "summary.json", summary)
     return summary
 
 
-def _staged(cfg, m, specs, parts, calib, train_tokens, seq_len, evaluate, progress, quantized_graphdef):
-    """Initialises the members in order, fine-tuning the chain so far at each {"finetune": steps} entry; from an
-    act_quant entry on, calibration, fine-tuning and evaluation run on `quantized_graphdef`.
+def _staged(job: _Job, calib):
+    """Initialises the members in order (as one chain when the list has no stages), fine-tuning the chain so far at
+    each {"finetune": steps} entry; from an act_quant entry on, calibration, fine-tuning and evaluation run on the
+    model with quantized activations.
 
     Returns (the whole chain, its state, the raw parameters after the last fine-tuning, per-stage records, the
     stages' fine-tuning steps in all: the batch stream's position for a fine-tune after them).
     """
-    key = jax.random.key(cfg.seed)
-    batches = dataset.Batches(train_tokens, cfg.data.batch_size, seq_len, cfg.seed, "random")
-    ts, states, raw, stages, offset, graphdef = [], [], m.params, [], 0, m.graphdef
-    for i, part in enumerate(parts):
+    key = jax.random.key(job.cfg.seed)
+    if not any(isinstance(x, int | ActQuant) for x in job.parts):  # one step: the chain of every member
+        transform = job.parts[0] if len(job.parts) == 1 else core.chain(*job.parts)
+        return transform, transform.init(job.m.params, key, calib), job.m.params, [], 0
+    ts, states, raw, stages, offset, graphdef = [], [], job.m.params, [], 0, job.m.graphdef
+    for i, part in enumerate(job.parts):
         if isinstance(part, ActQuant):
-            graphdef = quantized_graphdef
+            graphdef = job.out_graphdef
             if calib is not None:
                 calib = dataclasses.replace(calib, graphdef=graphdef)
             continue
         if isinstance(part, int):
-            t_cfg = mlc.ConfigDict({**cfg.finetune.to_dict(), "steps": part})
             chain = core.chain(*ts)
-            raw, st, info = finetune.finetune(
-                graphdef,
-                raw,
-                chain,
-                tuple(states),
-                lambda s, o=offset: batches(s + o),
-                t_cfg,
-                seed=cfg.seed,
-                progress=progress,
-            )
+            raw, st, info = job.finetune(graphdef, raw, chain, tuple(states), part, offset)
             states, offset = list(st), offset + part
             effective = chain.apply(raw, tuple(states))
             _check_finite(effective, "fine-tuning")
-            before = [x["method"] for x in specs[:i] if "method" in x]
-            stages.append({"after": before, "finetune": info, "val": evaluate(effective, f"eval stage {i}", graphdef)})
+            before = [x["method"] for x in job.specs[:i] if "method" in x]
+            val = job.evaluate(effective, f"eval stage {i}", graphdef)
+            stages.append({"after": before, "finetune": info, "val": val})
             continue
         effective = core.chain(*ts).apply(raw, tuple(states)) if ts else raw
         states.append(part.init(effective, jax.random.fold_in(key, len(ts)), calib))

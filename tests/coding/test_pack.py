@@ -426,3 +426,20 @@ def test_a_damaged_affine_record_is_refused():
         pack.decode_leaf(record, dict(sections, codes=sections["codes"][:-1]))
     with pytest.raises(errors.CorruptData, match="does not tile"):
         pack.decode_leaf(dict(record, block=48), sections)
+
+
+@pytest.mark.parametrize("form", ["levels", "codes"])
+def test_integer_grids_store_levels_or_codes_whichever_is_smaller(form, tmp_path):
+    rng = np.random.default_rng(0)
+    lay = codes.Layout("group", 64)
+    if form == "levels":  # one zero point: the levels code the same, and need no zero points
+        c, z = rng.integers(0, 16, (256, 8)), np.full((4, 8), 8)
+    else:  # every code 7, zero points all over: the codes are one symbol, their levels are not
+        c, z = np.full((256, 8), 7), rng.integers(0, 16, (4, 8))
+    code = codes.Grid(c.astype(np.uint8), rng.uniform(0.01, 0.1, (4, 8)).astype(np.float32), z.astype(np.uint8), lay)
+    x = codes.decode(code)
+    pack.pack({"k": x}, tmp_path / "g.zlm", meta={}, exported={"k": code})
+    (leaf,) = container.Reader(tmp_path / "g.zlm").leaves
+    assert leaf["kind"] == "grid" and bool(leaf.get("centered")) == (form == "levels")
+    assert ("zero" in leaf["sections"]) == (form == "codes")
+    _same_bits({"k": x}, pack.unpack(tmp_path / "g.zlm")[1])
