@@ -7,6 +7,13 @@ the demo's setting and the starting point of the files in `experiments/configs/`
 
 loads the file, calls its `get_config()` (or `get_config(arg)` for `file.py:arg`), and applies the overrides. An
 override of an unknown key, or of a value with the wrong type, is a one-line error.
+
+Why not `ml_collections.config_flags`: it defines absl flags on absl's global flag registry and parses
+`sys.argv` through `absl.app`, while ziplm's command line is argparse with sub-commands (`ziplm compress
+--config ... --config.KEY=V`), several configs per process (the demo, sweeps, tests) and one-line errors with
+"did you mean" suggestions; its override parser is not public API. The lines here (`override`) parse each
+value by the type of the entry it replaces (`ast.literal_eval` / JSON for lists, so a whole compress list is one
+override) and also reach into the plain lists and dicts of a config (`--config.compress.0.sparsity=0.6`).
 """
 
 from __future__ import annotations

@@ -230,6 +230,11 @@ def tap_inputs():
     Yields a dict that fills with {tap name: input array}, names relative to the block ("attn/q", "attn/o",
     "mlp/up", "mlp/down", ...), as calibration-based compression (Wanda, SparseGPT, GPTQ) needs. Works under
     tracing: read the dict inside the traced function and return what you need.
+
+    Why a context variable and not `nnx.Module.sow(nnx.Intermediate, ...)`: every forward pass here is the pure
+    function `models.merge(graphdef, params)(x)` under `jax.jit`; sown values would live in the module's state,
+    so the functional call would have to split them back out (and every non-calibration caller would carry the
+    collection), while the context variable is read only inside a trace that set it and costs nothing otherwise.
     """
     taps: dict = {}
     token = _TAPS.set(taps)
