@@ -73,6 +73,13 @@ def test_compress_finetune_save_and_evaluate(run, tmp_path, capsys):
     m, kernel = _kernel(out)
     assert m.kind == "packed" and (kernel == 0).mean() == pytest.approx(0.5, abs=0.01)
     assert _leaves(out)["layers/0/mlp/up/kernel"]["kind"] == "masked"
+    # export, encode and pack read the directory as they read any model.
+    assert cli.main(["export", "--model", str(out), "--out", str(tmp_path / "hf")]) == 0
+    assert cli.main(["pack", "--model", str(out), "--out", str(tmp_path / "again.zlm")]) == 0
+    (tmp_path / "t.txt").write_text("a little text to code")
+    assert cli.main(["encode", "--model", str(out), str(tmp_path / "t.txt"), str(tmp_path / "t.zlmt")]) == 0
+    capsys.readouterr()
+    assert sources.load(str(tmp_path / "hf")).kind == "hf"
 
     _bad(args, capsys, "--overwrite")  # an existing result is never replaced silently
     assert cli.main([*args, "--overwrite"]) == 0
