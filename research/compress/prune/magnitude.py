@@ -35,14 +35,11 @@ def magnitude(
       group: "tensor" or "output".
       pattern: "N:M" for semi-structured sparsity (e.g. "2:4"), overriding sparsity.
     """
-    sparsity = masks.check_sparsity(sparsity)
-    masks.parse_pattern(pattern)
-    masks.check_allocation(distribution, group, where)
-
-    def compute(params, key, calib):
-        paths = core.select(params, where)
-        return masks.from_scores(
-            scores(params, paths), sparsity, distribution=distribution, group=group, pattern=pattern
-        )
-
-    return masks.transform(compute)
+    return masks.scored(
+        lambda params, paths, key, calib: scores(params, paths),
+        sparsity,
+        where=where,
+        distribution=distribution,
+        group=group,
+        pattern=pattern,
+    )

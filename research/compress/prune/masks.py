@@ -167,6 +167,24 @@ def transform(compute: callable) -> core.Transform:
     return core.Transform(init, lambda params, state: core.apply_masks(params, state["masks"]), masks=_masks)
 
 
+def scored(score: callable, sparsity, *, where: str, distribution: str, group: str, pattern) -> core.Transform:
+    """A static mask transform that keeps the highest-scoring weights, its settings checked when it is built.
+
+    Args:
+      score: (params, paths, key, calib) -> {path: scores of the leaf's shape}, run once, in init.
+      sparsity, where, distribution, group, pattern: as `magnitude.magnitude` (see `from_scores`).
+    """
+    sparsity = check_sparsity(sparsity)
+    parse_pattern(pattern)
+    check_allocation(distribution, group, where)
+
+    def compute(params, key, calib):
+        s = score(params, core.select(params, where), key, calib)
+        return from_scores(s, sparsity, distribution=distribution, group=group, pattern=pattern)
+
+    return transform(compute)
+
+
 def _masks(state):
     return state["masks"]
 

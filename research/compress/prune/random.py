@@ -17,15 +17,9 @@ def random(
     pattern: str | None = None,
 ) -> core.Transform:
     """Random pruning as a static mask transform (arguments as `magnitude.magnitude`); the init key decides."""
-    sparsity = masks.check_sparsity(sparsity)
-    masks.parse_pattern(pattern)
-    masks.check_allocation(distribution, group, where)
 
-    def compute(params, key, calib):
-        paths = core.select(params, where)
+    def score(params, paths, key, calib):
         flat = core.touched(params)
-        keys = jax.random.split(key, len(paths))
-        scores = {p: jax.random.uniform(k, flat[p].shape) for p, k in zip(paths, keys)}
-        return masks.from_scores(scores, sparsity, distribution=distribution, group=group, pattern=pattern)
+        return {p: jax.random.uniform(k, flat[p].shape) for p, k in zip(paths, jax.random.split(key, len(paths)))}
 
-    return masks.transform(compute)
+    return masks.scored(score, sparsity, where=where, distribution=distribution, group=group, pattern=pattern)

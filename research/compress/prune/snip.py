@@ -29,14 +29,8 @@ def snip(
     pattern: str | None = None,
 ) -> core.Transform:
     """Gradient x weight pruning as a static mask transform (arguments as `magnitude.magnitude`); needs calibration."""
-    sparsity = masks.check_sparsity(sparsity)
-    masks.parse_pattern(pattern)
-    masks.check_allocation(distribution, group, where)
 
-    def compute(params, key, calib):
-        calib = calib_lib.require(calib, "snip")
-        paths = core.select(params, where)
-        s = scores(calib, params, paths)
-        return masks.from_scores(s, sparsity, distribution=distribution, group=group, pattern=pattern)
+    def score(params, paths, key, calib):
+        return scores(calib_lib.require(calib, "snip"), params, paths)
 
-    return masks.transform(compute)
+    return masks.scored(score, sparsity, where=where, distribution=distribution, group=group, pattern=pattern)
