@@ -19,27 +19,16 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections as mlc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from research import config as config_lib  # noqa: E402
-from research import files, sources  # noqa: E402
-from research.compress import calib, finetune, registry  # noqa: E402
+from experiments import study  # noqa: E402
+from research import files  # noqa: E402
+from research.compress import registry  # noqa: E402
 from research.compress.prune import masks as masks_lib  # noqa: E402
-from research.data import dataset, tokenizers  # noqa: E402
-from research.eval import metrics  # noqa: E402
-from research.train import loop  # noqa: E402
 
 LEVELS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, "2:4", "4:8"]
-
-
-def _model(path: Path):
-    if not sources.is_run(path):
-        print(f"training the study model into {path} (experiments/configs/shakespeare_char_cpu.py)", flush=True)
-        loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), path)
-    return sources.load(str(path))
 
 
 def main(argv=None) -> int:
@@ -49,45 +38,24 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--out", default=str(ROOT / "experiments/results/prune_study.json"))
     args = p.parse_args(argv)
-    m = _model(Path(args.model))
-    run = m.run_config
-    tok = tokenizers.load(m.tokenizer)
-    splits = dataset.prepare(run.data.corpus, tok, run.data.val_fraction)
-    protocol = metrics.Protocol(run.data.seq_len, run.data.seq_len)
-    cal = calib.Calibration(m.graphdef, calib.sample(splits.train, 128, 2048, 0, m.cfg.max_seq_len), 32)
-    batches = dataset.Batches(splits.train, run.data.batch_size, run.data.seq_len, 0, "random")
-    ft = mlc.ConfigDict(
-        dict(steps=args.finetune_steps, lr=3e-4, min_lr=3e-5, warmup_steps=10, weight_decay=0.0, b1=0.9, b2=0.99)
-    )
-    ft.grad_clip, ft.log_every = 1.0, max(args.finetune_steps, 1)
-
-    def evaluate(params):
-        r = metrics.evaluate(m.graphdef, params, splits.val, tok.token_bytes, protocol, batch_size=256)
-        return {k: r[k] for k in ("loss", "bits_per_byte", "accuracy")}
-
+    st = study.setup(Path(args.model), args.finetune_steps)
+    m, evaluate = st.m, st.evaluate
     dense = evaluate(m.params)
     rows = []
-    if args.finetune_steps:  # the control: the dense model fine-tuned with the same steps
-        t = registry.make("magnitude", sparsity=0.0)
-        params, state, _ = finetune.finetune(
-            m.graphdef, m.params, t, t.init(m.params, jax.random.key(0), None), batches, ft
-        )
-        dense_ft = evaluate(t.apply(params, state))
-    else:
-        dense_ft = None
+    dense_ft = st.dense_control()
     print(f"dense: {dense}; dense fine-tuned {args.finetune_steps} steps: {dense_ft}", flush=True)
     for method in args.methods.split(","):
         for level in LEVELS:
             kw = dict(pattern=level) if isinstance(level, str) else dict(sparsity=level)
             t = registry.make(method, **kw)
             t0 = time.time()
-            state = t.init(m.params, jax.random.key(0), cal)
+            state = t.init(m.params, jax.random.key(0), st.cal)
             effective = jax.block_until_ready(t.apply(m.params, state))
             seconds = time.time() - t0
             row = dict(method=method, level=level, sparsity=masks_lib.sparsity_of(t.masks(state))["total"])
             row.update(prune_seconds=seconds, oneshot=evaluate(effective))
             if args.finetune_steps:
-                params, state, info = finetune.finetune(m.graphdef, m.params, t, state, batches, ft)
+                params, state, info = st.finetune(t, state)
                 row.update(finetuned=evaluate(t.apply(params, state)), finetune_seconds=info["seconds"])
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -96,9 +64,9 @@ def main(argv=None) -> int:
     result = dict(
         model=args.model,
         model_config=m.cfg.to_dict(),
-        protocol=f"Tiny Shakespeare validation split, {protocol.describe()}, loss in nats/char",
+        protocol=f"Tiny Shakespeare validation split, {st.protocol.describe()}, loss in nats/char",
         calibration="128 x 64 training windows, seed 0",
-        finetune=dict(ft.to_dict()),
+        finetune=dict(st.ft.to_dict()),
         dense=dense,
         dense_finetuned=dense_ft,
         rows=rows,

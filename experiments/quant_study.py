@@ -47,28 +47,17 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections as mlc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from research import config as config_lib  # noqa: E402
-from research import files, models, sources  # noqa: E402
-from research.compress import calib, core, finetune, registry  # noqa: E402
-from research.data import dataset, tokenizers  # noqa: E402
-from research.eval import metrics  # noqa: E402
-from research.train import loop  # noqa: E402
+from experiments import study  # noqa: E402
+from research import files, models  # noqa: E402
+from research.compress import core, registry  # noqa: E402
 
 GROUP_SIZE = 32  # divides d_model 128 and d_ff 512, the input dims of every block kernel
 LSQ_LR = 1e-3  # Adam on log(scale): about 0.1% per step, so up to ~20% over the 200 fine-tuning steps
-
-
-def _model(path: Path):
-    if not sources.is_run(path):
-        print(f"training the study model into {path} (experiments/configs/shakespeare_char_cpu.py)", flush=True)
-        loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), path)
-    return sources.load(str(path))
 
 
 def _sizes(tree_) -> dict:
@@ -125,33 +114,12 @@ def main(argv=None) -> int:
     bits_list = [int(b) for b in args.bits.split(",")]
     ft_bits = {int(b) for b in args.finetune_bits.split(",")}
     t_start = time.time()
-    m = _model(Path(args.model))
-    run = m.run_config
-    tok = tokenizers.load(m.tokenizer)
-    splits = dataset.prepare(run.data.corpus, tok, run.data.val_fraction)
-    protocol = metrics.Protocol(run.data.seq_len, run.data.seq_len)
-    cal = calib.Calibration(m.graphdef, calib.sample(splits.train, 128, 2048, 0, m.cfg.max_seq_len), 32)
-    batches = dataset.Batches(splits.train, run.data.batch_size, run.data.seq_len, 0, "random")
-    ft = mlc.ConfigDict(
-        dict(steps=args.finetune_steps, lr=3e-4, min_lr=3e-5, warmup_steps=10, weight_decay=0.0, b1=0.9, b2=0.99)
-    )
-    ft.grad_clip, ft.log_every = 1.0, max(args.finetune_steps, 1)
+    st = study.setup(Path(args.model), args.finetune_steps)
+    m, evaluate, cal, protocol, ft = st.m, st.evaluate, st.cal, st.protocol, st.ft
     flat = core.touched(m.params)
     shapes = [tuple(flat[p].shape) for p in core.select(m.params, core.BLOCK_KERNELS)]
-
-    def evaluate(params, graphdef=m.graphdef):
-        r = metrics.evaluate(graphdef, params, splits.val, tok.token_bytes, protocol, batch_size=256)
-        return {k: r[k] for k in ("loss", "bits_per_byte", "accuracy")}
-
     dense = evaluate(m.params)
-    if args.finetune_steps:  # the control: the dense model fine-tuned with the same steps
-        t = registry.make("magnitude", sparsity=0.0)
-        params, state, _ = finetune.finetune(
-            m.graphdef, m.params, t, t.init(m.params, jax.random.key(0), None), batches, ft
-        )
-        dense_ft = evaluate(t.apply(params, state))
-    else:
-        dense_ft = None
+    dense_ft = st.dense_control()
     print(f"dense: {dense}; dense fine-tuned {args.finetune_steps} steps: {dense_ft}", flush=True)
 
     # (label, registry method, granularity, kwargs, fine-tune?, activation bits)
@@ -228,12 +196,12 @@ def main(argv=None) -> int:
             if a_bits is not None:
                 row["act_bits"] = a_bits
             if tune and args.finetune_steps and bits in ft_bits:
-                params, st, info = finetune.finetune(graphdef, m.params, t, state, batches, ft)
-                row.update(finetuned=evaluate(t.apply(params, st), graphdef), finetune_seconds=info["seconds"])
+                params, st_, info = st.finetune(t, state, graphdef)
+                row.update(finetuned=evaluate(t.apply(params, st_), graphdef), finetune_seconds=info["seconds"])
                 if method == "codebook":  # the control: the same fine-tuning with the codebook held fixed
                     static = registry.make(method, bits=bits, **{**kw, "trained": False})
-                    params, st, _ = finetune.finetune(graphdef, m.params, static, state, batches, ft)
-                    row["finetuned_static"] = evaluate(static.apply(params, st), graphdef)
+                    params, st_, _ = st.finetune(static, state, graphdef)
+                    row["finetuned_static"] = evaluate(static.apply(params, st_), graphdef)
             rows.append(row)
             brief = {k: v for k, v in row.items() if k != "size"}
             print(json.dumps(brief), flush=True)

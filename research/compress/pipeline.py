@@ -184,7 +184,7 @@ class _Job:
 
     cfg: mlc.ConfigDict
     m: sources.Model
-    tok: tokenizers.Tokenizer
+    tok: tokenizers.ByteTokenizer | tokenizers.HFTokenizer
     corpus: str
     train_tokens: np.ndarray
     eval_tokens: np.ndarray
