@@ -13,10 +13,8 @@ ratio is of the medians over all timed steps (each synchronised, after one compi
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -24,8 +22,11 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+RESULTS = Path(__file__).resolve().parent / "results"
 
-from research import files, hardware, models  # noqa: E402
+import common  # noqa: E402
+
+from research import models  # noqa: E402
 from research.compress import core  # noqa: E402
 from research.compress.prune import magnitude  # noqa: E402
 from research.models import config as mc  # noqa: E402
@@ -43,18 +44,6 @@ SIZES = {
 TRAIN = dict(steps=1000, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip=1.0)
 
 
-def _timed(step, state, batch, n):
-    state, m = step(state, batch)  # compile
-    jax.block_until_ready(m["loss"])
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def case(name, steps, rounds):
     cfg, b, t = SIZES[name]
     graphdef, params = models.init(cfg)
@@ -69,12 +58,12 @@ def case(name, steps, rounds):
     dense, masked = [], []
     for _ in range(rounds):
         state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx)
-        dense += _timed(dense_step, state, batch, steps)
+        dense += common.timed_steps(dense_step, state, batch, steps)
         state = {
             **step_lib.init_state(jax.tree.map(jnp.copy, params), masked_tx),
             "compress": jax.tree.map(jnp.copy, cstate),
         }
-        masked += _timed(masked_step, state, batch, steps)
+        masked += common.timed_steps(masked_step, state, batch, steps)
     d, m = statistics.median(dense), statistics.median(masked)
     return dict(
         size=name,
@@ -101,19 +90,12 @@ def main(argv=None) -> int:
         d, m = r["dense_step_s"] * 1e3, r["masked_step_s"] * 1e3
         print(f"{name}: dense {d:.1f} ms, masked {m:.1f} ms, ratio {r['ratio']:.3f}")
         results.append(r)
-    device = jax.devices()[0].platform
-    out = Path(__file__).parent / "results" / f"masked_step_{device}.json"
-    files.write_json(
-        out,
-        dict(
-            benchmark="masked fine-tuning step vs dense step (50% magnitude masks, AdamW, fp32)",
-            command="python benchmarks/masked_step.py",
-            devices=hardware.describe(),
-            python=platform.python_version(),
-            results=results,
-        ),
+    result = dict(
+        benchmark="masked fine-tuning step vs dense step (50% magnitude masks, AdamW, fp32)",
+        **common.environment("masked_step"),
+        results=results,
     )
-    print(f"wrote {out}")
+    common.write("masked_step", result, RESULTS / f"masked_step_{jax.devices()[0].platform}.json")
     return 0
 
 

@@ -32,7 +32,6 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy / jax load OpenBLAS
 
 import argparse  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -45,7 +44,9 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from research import files, hardware, models, sources  # noqa: E402
+import common  # noqa: E402
+
+from research import models, sources  # noqa: E402
 from research.compress import calib, core  # noqa: E402
 from research.compress.quant import gptq, qat  # noqa: E402
 from research.compress.quant import grid as qgrid  # noqa: E402
@@ -139,18 +140,6 @@ def gptq_case(size: str, model_dir: str | None, n: int, length: int) -> dict:
     return out
 
 
-def _timed(step, state, batch, n):
-    state, m = step(state, batch)  # compile
-    jax.block_until_ready(m["loss"])
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def qat_case(name: str, steps: int, rounds: int) -> dict:
     kw, b, t = QAT_SIZES[name]
     cfg = mc.gpt2_style(**kw)
@@ -165,9 +154,9 @@ def qat_case(name: str, steps: int, rounds: int) -> dict:
     dense, fq = [], []
     for _ in range(rounds):
         state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx)
-        dense += _timed(dense_step, state, batch, steps)
+        dense += common.timed_steps(dense_step, state, batch, steps)
         state = {**step_lib.init_state(jax.tree.map(jnp.copy, params), tx), "compress": jax.tree.map(jnp.copy, cstate)}
-        fq += _timed(qat_step, state, batch, steps)
+        fq += common.timed_steps(qat_step, state, batch, steps)
     d, q = statistics.median(dense), statistics.median(fq)
     print(f"qat {name}: dense {d * 1e3:.1f} ms, qat {q * 1e3:.1f} ms, ratio {q / d:.3f}", flush=True)
     return dict(
@@ -200,24 +189,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="result file (default benchmarks/results/quant_cost_<device>.json)")
     args = p.parse_args(argv)
     model_dir = args.model or (str(DEFAULT_RUN) if DEFAULT_RUN.is_dir() and not args.random_init else None)
-    load = os.getloadavg()
     result = {
         "benchmark": "quant_cost: GPTQ per-layer/total time; QAT (fake-quant) train step vs dense",
-        "command": "python " + " ".join(["benchmarks/quant_cost.py", *sys.argv[1:]]),
-        "devices": hardware.describe(),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-        "load_average_at_start": load,
+        **common.environment("quant_cost"),
     }
     if "gptq" in args.parts:
         result["gptq"] = {s: gptq_case(s, model_dir, args.n, args.length) for s in args.gptq_sizes}
     if "qat" in args.parts:
         result["qat"] = [qat_case(s, args.steps, args.rounds) for s in args.qat_sizes]
-    out = Path(args.out or Path(__file__).parent / "results" / f"quant_cost_{hardware.slug()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    files.write_json(out, result)
-    print(f"wrote {out}")
+    common.write("quant_cost", result, args.out)
     return 0
 
 
