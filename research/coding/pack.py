@@ -69,7 +69,7 @@ def _layout(record) -> codes.Layout:
     return codes.Layout(gran, record["group"] if gran == "group" else 0)
 
 
-# --- the four kinds ------------------------------------------------------------------------------------------------
+# --- the kinds ----------------------------------------------------------------------------------------------------
 
 
 def _enc_float(x):
@@ -82,15 +82,16 @@ def _enc_masked(x):
 
 
 def _with_mask(record, symbols, keep, alphabet, joint: bool = True):
-    """Two ways to store a symbol stream with zeros in it: joint (when the symbols alone give the zeros), or mask
-    + kept symbols; the smaller one."""
-    joint_sections = {"symbols": entropy.encode(symbols.ravel(), alphabet)} if joint or keep is None else None
+    """Two ways to store a symbol stream with zeros in it: joint (allowed when the symbols alone give the zeros),
+    or mask + kept symbols; the smaller one (joint on a tie)."""
     if keep is None or keep.all():
-        return dict(record, masked=False), joint_sections or {"symbols": entropy.encode(symbols.ravel(), alphabet)}
+        return dict(record, masked=False), {"symbols": entropy.encode(symbols.ravel(), alphabet)}
     split = {"mask": maskcode.encode(keep), "symbols": entropy.encode(symbols[keep], alphabet)}
-    if joint_sections is None or sum(map(len, split.values())) < len(joint_sections["symbols"]):
-        return dict(record, masked=True), split
-    return dict(record, masked=False), joint_sections
+    if joint:
+        together = {"symbols": entropy.encode(symbols.ravel(), alphabet)}
+        if len(together["symbols"]) <= sum(map(len, split.values())):
+            return dict(record, masked=False), together
+    return dict(record, masked=True), split
 
 
 CENTER = 255  # integer-zero grid codes are stored as code - zero + CENTER (0..510)
