@@ -33,15 +33,17 @@ def timed_steps(step, state, batch, n: int) -> list[float]:
     return times
 
 
-def environment(name: str) -> dict:
-    """The command, device, versions and load a result was measured under."""
+def environment(name: str, load=None) -> dict:
+    """The command, device, versions and load (`load`: the load average taken when the run started; default: now)
+    a result was measured under."""
     return {
         "command": "python " + " ".join([f"benchmarks/{name}.py", *sys.argv[1:]]),
         "device": hardware.describe(),
         "jax": jax.__version__,
         "python": platform.python_version(),
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-        "load_average_at_start": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg() if load is None else load,
     }
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
 
 from research import files, hardware  # noqa: E402
 from research.compress.share import kmeans  # noqa: E402
@@ -234,13 +235,8 @@ def main(argv=None) -> int:
         out,
         dict(
             benchmark="1-D k-means codebook fit: research kmeans.fit vs sklearn KMeans (lloyd, n_init=1)",
-            command="python " + " ".join(["benchmarks/kmeans_vs_sklearn.py", *sys.argv[1:]]),
-            devices=hardware.describe(),
-            jax=jax.__version__,
+            **common.environment("kmeans_vs_sklearn", load=load),
             sklearn=sklearn.__version__,
-            python=platform.python_version(),
-            cpu_count=os.cpu_count(),
-            load_average_at_start=load,
             target="ours >= 5x faster than sklearn at equal or lower inertia",
             results=results,
         ),

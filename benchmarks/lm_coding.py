@@ -21,8 +21,6 @@ benchmarks/results/lm_coding_<device>[_<tag>].json.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import sys
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 from research import files, hardware, sources  # noqa: E402
@@ -177,11 +176,7 @@ def main(argv=None) -> int:
         out,
         dict(
             benchmark="coding data with a model: encode/decode tokens/s vs the same model's eval tokens/s, memory",
-            command="python " + " ".join(["benchmarks/lm_coding.py", *sys.argv[1:]]),
-            devices=hardware.describe(),
-            python=platform.python_version(),
-            cpu_count=os.cpu_count(),
-            load_average_at_start=os.getloadavg(),
+            **common.environment("lm_coding"),
             data=what,
             model=args.model,
             model_context=m.cfg.max_seq_len,

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,6 +38,8 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
 
 from research import files, hardware, models, sources, tree  # noqa: E402
 from research.coding import floats, pack  # noqa: E402
@@ -187,11 +187,7 @@ def main(argv=None) -> int:
         out,
         dict(
             benchmark="bit-exact float coding vs zstd/gzip/zipnn; pack/unpack throughput and size vs entropy bound",
-            command="python " + " ".join(["benchmarks/pack_bench.py", *sys.argv[1:]]),
-            devices=hardware.describe(),
-            python=platform.python_version(),
-            cpu_count=os.cpu_count(),
-            load_average_at_start=os.getloadavg(),
+            **common.environment("pack_bench"),
             target="bit-exact float size at most the best peer's on the same weights",
             model=cfg.to_dict(),
             results=results,

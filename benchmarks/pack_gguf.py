@@ -21,8 +21,6 @@ Writes benchmarks/results/pack_gguf_<device>.json.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +30,8 @@ from unittest import mock
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
 
 from research import files, hardware, sources, tree  # noqa: E402
 from research.coding import artifact, container, found, pack  # noqa: E402
@@ -150,11 +150,7 @@ def main(argv=None) -> int:
         out,
         dict(
             benchmark="bit-exact packing of a dequantized GGUF model vs the GGUF file",
-            command="python " + " ".join(["benchmarks/pack_gguf.py", *sys.argv[1:]]),
-            devices=hardware.describe(),
-            python=platform.python_version(),
-            cpu_count=os.cpu_count(),
-            load_average_at_start=os.getloadavg(),
+            **common.environment("pack_gguf"),
             target="the dense model packs bit-exactly into fewer bytes than its own GGUF file",
             gguf=dict(path=str(path), **g),
             params=n,
