@@ -108,10 +108,15 @@ def _enc_grid(x, code: codes.Grid):
     c = np.asarray(code.codes).reshape(x.shape).astype(np.int64)
     s = np.asarray(code.scale, np.float32)
     lay = code.layout
+    params = [s, np.asarray(code.zero, np.float32)] if code.float_zero else [s]
+    half = all(_fp16_exact(a) for a in params)  # GGUF-style fp16 scales and minimums: stored in 2 bytes
+    store = (lambda a: floats.encode(a.astype(np.float16))) if half else floats.encode
     record = dict(lay.to_dict(), scale_shape=list(s.shape), zero="float" if code.float_zero else "integer")
+    if half:
+        record["param_dtype"] = "float16"
     if code.float_zero:
         record, sections = _with_mask(record, c, None, 256)
-        sections["offset"] = floats.encode(np.asarray(code.zero, np.float32))
+        sections["offset"] = store(params[1])
     else:
         z = np.asarray(code.zero).astype(np.int64)
         z_full = np.broadcast_to(lay.expand(z, x.shape), x.shape)
@@ -121,8 +126,13 @@ def _enc_grid(x, code: codes.Grid):
         record, sections = _with_mask(dict(record, centered=True), levels, levels != CENTER, 2 * CENTER + 1)
         if sum(map(len, raw.values())) <= sum(map(len, sections.values())):
             record, sections = raw_record, raw
-    sections["scale"] = floats.encode(s)
+    sections["scale"] = store(s)
     return record, sections
+
+
+def _fp16_exact(a: np.ndarray) -> bool:
+    """Whether every float32 value of `a` is a float16 value (bit for bit back)."""
+    return bool(np.array_equal(_bits(a.astype(np.float16).astype(np.float32)), _bits(a)))
 
 
 def _enc_palette(x, pal: codes.Palette, joint: bool):
@@ -198,7 +208,8 @@ def decode_leaf(record: dict, sections: dict) -> np.ndarray:
         return out
     if kind == "grid":
         lay = _layout(record)
-        scale = floats.decode(sections["scale"], "float32", tuple(record["scale_shape"]))
+        pdtype = record.get("param_dtype", "float32")
+        scale = floats.decode(sections["scale"], pdtype, tuple(record["scale_shape"])).astype(np.float32)
         float_zero = record.get("zero", "integer") == "float"
         sym, keep = _symbols(record, sections, shape)
         if record.get("centered"):  # levels code - zero: value = level * scale, no zero points stored
@@ -210,7 +221,7 @@ def decode_leaf(record: dict, sections: dict) -> np.ndarray:
             values = codes.grid_values(levels, scale, np.zeros_like(scale), lay)
             return values.astype(floats._numpy_dtype(dtype))
         if float_zero:
-            zero = floats.decode(sections["offset"], "float32", scale.shape)
+            zero = floats.decode(sections["offset"], pdtype, scale.shape).astype(np.float32)
         else:
             zero = entropy.decode(sections["zero"]).astype(np.float32).reshape(scale.shape)
         if keep is None:

@@ -1,6 +1,7 @@
 """Packing: every Transform type and chains of them unpack to bit-identical effective parameters (and the same
 loss); random pytrees round-trip; damaged files fail with a clear error, never with wrong weights."""
 
+import dataclasses
 import struct
 
 import jax
@@ -443,3 +444,21 @@ def test_integer_grids_store_levels_or_codes_whichever_is_smaller(form, tmp_path
     assert leaf["kind"] == "grid" and bool(leaf.get("centered")) == (form == "levels")
     assert ("zero" in leaf["sections"]) == (form == "codes")
     _same_bits({"k": x}, pack.unpack(tmp_path / "g.zlm")[1])
+
+
+def test_grid_parameters_that_are_float16_values_are_stored_in_two_bytes(tmp_path):
+    rng = np.random.default_rng(1)
+    lay = codes.Layout("group", 32)
+    scale = rng.uniform(0.01, 0.1, (4, 64)).astype(np.float16).astype(np.float32)  # GGUF Q4_1: fp16 d and m
+    minimum = rng.normal(0, 0.1, (4, 64)).astype(np.float16).astype(np.float32)
+    code = codes.Grid(rng.integers(0, 16, (128, 64)).astype(np.uint8), scale, minimum, lay, float_zero=True)
+    x = codes.decode(code)
+    sizes = {}
+    for name, c in (("half", code), ("full", dataclasses.replace(code, scale=scale * np.float32(1 + 2**-20)))):
+        xc = codes.decode(c)
+        pack.pack({"k": xc}, tmp_path / f"{name}.zlm", meta={}, exported={"k": c})
+        (leaf,) = container.Reader(tmp_path / f"{name}.zlm").leaves
+        sizes[name] = sum(s["length"] for n, s in leaf["sections"].items() if n in ("scale", "offset"))
+        assert leaf.get("param_dtype", "float32") == ("float16" if name == "half" else "float32")
+        _same_bits({"k": xc}, pack.unpack(tmp_path / f"{name}.zlm")[1])
+    assert sizes["half"] < sizes["full"] and x.dtype == np.float32
