@@ -178,10 +178,13 @@ def _compress(args, overrides) -> int:
 
 def _pack(args, overrides) -> int:
     from research import files, sources
-    from research.coding import artifact
+    from research.coding import artifact, pack
 
     _no_extra(overrides, "pack")
-    rep = artifact.pack_model(sources.load(args.model, args.step), args.out, overwrite=args.overwrite)
+    m = sources.load(args.model, args.step)
+    file = sources.packed_file(args.model) if m.kind == "packed" else None
+    exported = pack.codes_of(file) if file else None  # a packed model packs again as it was
+    rep = artifact.pack_model(m, args.out, exported=exported, overwrite=args.overwrite)
     print(artifact.table(rep))
     print(f"packed {args.model} into {rep['file']}")
     if args.json:

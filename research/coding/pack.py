@@ -196,6 +196,65 @@ def _symbols(record, sections, shape):
     return sym, keep
 
 
+def leaf_code(record: dict, sections: dict) -> codes.Grid | codes.Palette:
+    """The code record a grid or palette leaf stores (what a transform exported; a levels-only grid gets the
+    smallest zero points that make its codes non-negative), so a packed model packs again as it was."""
+    shape = tuple(record["shape"])
+    lay = _layout(record)
+    sym, keep = _symbols(record, sections, shape)
+    if record["kind"] == "palette":
+        k = record["k"]
+        entries = floats.decode(sections["entries"], record["dtype"], (lay.n_problems(shape), k))
+        idx = sym if keep is None else np.zeros(shape, np.int64)
+        if keep is not None:
+            idx[keep] = sym
+        if idx.size and idx.max() >= k:
+            raise errors.CorruptData(f"{record['path']}: a palette index past its table")
+        return codes.Palette(idx.astype(np.uint8), entries, lay, keep)
+    pdtype = record.get("param_dtype", "float32")
+    scale = floats.decode(sections["scale"], pdtype, tuple(record["scale_shape"])).astype(np.float32)
+    float_zero = record.get("zero", "integer") == "float"
+    if record.get("centered"):  # levels code - zero alone: value = level * scale
+        levels = sym.reshape(shape) - CENTER if keep is None else np.zeros(shape, np.int64)
+        if keep is not None:
+            levels[keep] = sym - CENTER
+        zero = np.maximum(-_group_min(levels, lay, scale.shape), 0)
+        c = levels + np.broadcast_to(lay.expand(zero, shape), shape)
+    else:
+        if float_zero:
+            zero = floats.decode(sections["offset"], pdtype, scale.shape).astype(np.float32)
+        else:
+            zero = entropy.decode(sections["zero"]).astype(np.int64).reshape(scale.shape)
+        c = sym.reshape(shape) if keep is None else np.broadcast_to(lay.expand(zero, shape), shape).astype(np.int64)
+        if keep is not None:  # entries off the mask take the zero code
+            c[keep] = sym
+    if c.size and (c.min() < 0 or c.max() > 255):
+        raise errors.CorruptData(f"{record['path']}: grid codes outside 0..255")
+    return codes.Grid(c.astype(np.uint8), scale, np.asarray(zero, np.float32), lay, float_zero)
+
+
+def _group_min(levels: np.ndarray, lay: codes.Layout, pshape) -> np.ndarray:
+    """The smallest level of every group of a grid's layout (the grid parameters' shape `pshape`)."""
+    if lay.granularity == "tensor":
+        return np.asarray(levels.min() if levels.size else 0).reshape(pshape)
+    if lay.granularity == "channel":
+        return levels.min(axis=0)
+    g, n_in = lay.group_size, levels.shape[0]
+    pad = -n_in % g
+    padded = np.pad(levels, ((0, pad),) + ((0, 0),) * (levels.ndim - 1), mode="edge") if pad else levels
+    return padded.reshape(-1, g, *levels.shape[1:]).min(axis=1)
+
+
+def codes_of(path) -> dict:
+    """{leaf path: code record} of the grid and palette leaves of a packed file (see `leaf_code`)."""
+    r = container.Reader(path)
+    return {
+        leaf["path"]: leaf_code(leaf, {name: r.section(leaf, name) for name in leaf["sections"]})
+        for leaf in r.leaves
+        if leaf["kind"] in ("grid", "palette")
+    }
+
+
 def decode_leaf(record: dict, sections: dict) -> np.ndarray:
     """A leaf from its header record and section bytes (CorruptData when they do not fit together)."""
     shape, dtype, kind = tuple(record["shape"]), record["dtype"], record["kind"]
@@ -206,43 +265,8 @@ def decode_leaf(record: dict, sections: dict) -> np.ndarray:
         out = np.zeros(shape, floats._numpy_dtype(dtype))
         out[keep] = floats.decode(sections["values"], dtype, (int(keep.sum()),))
         return out
-    if kind == "grid":
-        lay = _layout(record)
-        pdtype = record.get("param_dtype", "float32")
-        scale = floats.decode(sections["scale"], pdtype, tuple(record["scale_shape"])).astype(np.float32)
-        float_zero = record.get("zero", "integer") == "float"
-        sym, keep = _symbols(record, sections, shape)
-        if record.get("centered"):  # levels code - zero: value = level * scale, no zero points stored
-            if keep is None:
-                levels = sym.reshape(shape) - CENTER
-            else:
-                levels = np.zeros(shape, np.int64)
-                levels[keep] = sym - CENTER
-            values = codes.grid_values(levels, scale, np.zeros_like(scale), lay)
-            return values.astype(floats._numpy_dtype(dtype))
-        if float_zero:
-            zero = floats.decode(sections["offset"], pdtype, scale.shape).astype(np.float32)
-        else:
-            zero = entropy.decode(sections["zero"]).astype(np.float32).reshape(scale.shape)
-        if keep is None:
-            c = sym.reshape(shape)
-        else:  # entries off the mask take the zero code
-            c = np.broadcast_to(lay.expand(zero, shape), shape).astype(np.int64)
-            c[keep] = sym
-        values = codes.grid_values(c, scale, zero, lay, float_zero)
-        return values.astype(floats._numpy_dtype(dtype))
-    if kind == "palette":
-        lay, k = _layout(record), record["k"]
-        entries = floats.decode(sections["entries"], dtype, (lay.n_problems(shape), k))
-        sym, keep = _symbols(record, sections, shape)
-        if keep is None:
-            idx = sym
-        else:
-            idx = np.zeros(shape, np.int64)
-            idx[keep] = sym
-        if idx.size and idx.max() >= k:
-            raise errors.CorruptData(f"{record['path']}: a palette index past its table")
-        return codes.palette_values(idx, entries, lay, keep).astype(entries.dtype)
+    if kind in ("grid", "palette"):
+        return codes.decode(leaf_code(record, sections)).astype(floats._numpy_dtype(dtype))
     if kind == "affine":
         return found.decode(record, sections, shape)
     raise errors.CorruptData(f"{record['path']}: unknown leaf kind {kind!r}")

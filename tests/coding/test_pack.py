@@ -462,3 +462,29 @@ def test_grid_parameters_that_are_float16_values_are_stored_in_two_bytes(tmp_pat
         assert leaf.get("param_dtype", "float32") == ("float16" if name == "half" else "float32")
         _same_bits({"k": xc}, pack.unpack(tmp_path / f"{name}.zlm")[1])
     assert sizes["half"] < sizes["full"] and x.dtype == np.float32
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [dict(method="codebook", bits=3, granularity="channel")],
+        [dict(method="rtn", bits=3, granularity="group", group_size=16, symmetric=False)],
+        [dict(method="magnitude", sparsity=0.5), dict(method="rtn", bits=4)],
+        [dict(method="rtn", bits=4, granularity="group", group_size=32, zero="float", param_dtype="float16")],
+    ],
+    ids=["codebook", "rtn-group", "magnitude+rtn", "q4_1"],
+)
+def test_a_packed_file_gives_back_its_codes_and_packs_again_as_it_was(specs, tmp_path):
+    _, _, params = _tiny()
+    t = pipeline.build(specs)
+    state = t.init(params, jax.random.key(0), None)
+    effective = jax.tree.map(np.asarray, t.apply(params, state))
+    pack.pack(effective, tmp_path / "a.zlm", meta={}, exported=core.export(t, params, state))
+    back = pack.codes_of(tmp_path / "a.zlm")
+    assert back and all(isinstance(c, codes.Grid | codes.Palette) for c in back.values())
+    pack.pack(pack.unpack(tmp_path / "a.zlm")[1], tmp_path / "b.zlm", meta={}, exported=back)
+    a, b = (container.Reader(tmp_path / f).leaves for f in ("a.zlm", "b.zlm"))
+    for x, y in zip(a, b):
+        assert (x["kind"], x["sections"].keys()) == (y["kind"], y["sections"].keys()), x["path"]
+        assert [s["length"] for s in x["sections"].values()] == [s["length"] for s in y["sections"].values()]

@@ -185,6 +185,15 @@ def test_prune_then_quantize_packs_the_exported_codes(run, tmp_path, capsys):
     assert up["kind"] == "grid" and up["layout"] == "group" and up["group"] == 16 and up["scale_shape"] == [2, 128]
     _, kernel = _kernel(out)
     assert (kernel == 0).mean() >= 0.5  # quantization kept the pruned zeros
+    # Packing the compressed model again keeps its codes: the same leaves, kinds and section bytes.
+    assert cli.main(["pack", "--model", str(out), "--out", str(tmp_path / "again.zlm")]) == 0
+    capsys.readouterr()
+    again = {leaf["path"]: leaf for leaf in container.Reader(tmp_path / "again.zlm").leaves}
+    for path, leaf in _leaves(out).items():
+        assert again[path]["kind"] == leaf["kind"], path
+        assert {k: v["length"] for k, v in again[path]["sections"].items()} == {
+            k: v["length"] for k, v in leaf["sections"].items()
+        }, path
 
 
 def test_prune_finetune_quantize_in_one_list(run, tmp_path, capsys):
