@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-RESULTS = Path(__file__).resolve().parent / "results"
 
 import common  # noqa: E402
 
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
         **common.environment("masked_step"),
         results=results,
     )
-    common.write("masked_step", result, RESULTS / f"masked_step_{jax.devices()[0].platform}.json")
+    common.write("masked_step", result, common.RESULTS / f"masked_step_{jax.devices()[0].platform}.json")
     return 0
 
 

@@ -58,6 +58,11 @@ class Layout:
         if (self.granularity == "group") != (self.group_size > 0):
             raise ValueError(f"group_size {self.group_size} does not fit granularity {self.granularity!r}")
 
+    @classmethod
+    def of(cls, granularity: str, group_size: int) -> Layout:
+        """The layout of a granularity; `group_size` counts only for "group" (methods carry one regardless)."""
+        return cls(granularity, group_size if granularity == "group" else 0)
+
     def param_shape(self, shape) -> tuple:
         """The shape of a grid's scales and zero points for a leaf of `shape`."""
         shape = tuple(shape)

@@ -65,8 +65,7 @@ def _palette_layout(shape, n_problems: int) -> codes.Layout | None:
 
 
 def _layout(record) -> codes.Layout:
-    gran = record["layout"]
-    return codes.Layout(gran, record["group"] if gran == "group" else 0)
+    return codes.Layout.of(record["layout"], record["group"])
 
 
 # --- the kinds ----------------------------------------------------------------------------------------------------
@@ -132,7 +131,7 @@ def _enc_grid(x, code: codes.Grid):
 
 def _fp16_exact(a: np.ndarray) -> bool:
     """Whether every float32 value of `a` is a float16 value (bit for bit back)."""
-    return bool(np.array_equal(_bits(a.astype(np.float16).astype(np.float32)), _bits(a)))
+    return codes.same_bits(a.astype(np.float16).astype(np.float32), a)
 
 
 def _enc_palette(x, pal: codes.Palette, joint: bool):
@@ -185,7 +184,7 @@ def _rowwise_search(entries, u):
 
 def _symbols(record, sections, shape):
     n = int(np.prod(shape, dtype=np.int64))
-    sym = entropy.decode(sections["symbols"])
+    sym = entropy.decode(sections["symbols"]).astype(np.int64, copy=False)  # raw streams come back unsigned
     if not record["masked"]:
         if sym.size != n:
             raise errors.CorruptData(f"{record['path']}: {sym.size} symbols for {n} values")
@@ -292,16 +291,21 @@ def encode_leaf(path: str, x, code: codes.Code | None = None) -> tuple[dict, dic
     candidates = [("float", _enc_float(x1))]
     if x1.size and np.any(~_nonzero(x1)):
         candidates.append(("masked", _enc_masked(x1)))
-    if isinstance(code, codes.Grid | codes.Palette) and not codes.describes(code, x):
-        warnings.warn(
-            f"{path}: its exported {type(code).__name__} code does not give its values; searched instead", stacklevel=2
-        )
-        code = None
-    if isinstance(code, codes.Grid):
-        candidates.append(("grid", _enc_grid(x1, code)))
-    elif isinstance(code, codes.Palette):
-        candidates.append(("palette", _enc_palette(x1, code, joint=code.keep is None)))
-    else:
+    checked = None  # the exported grid / palette, checked once from its own bytes
+    if isinstance(code, codes.Grid | codes.Palette):
+        kind = "grid" if isinstance(code, codes.Grid) else "palette"
+        symbols = code.codes if kind == "grid" else code.indices
+        if np.shape(symbols) == x.shape:
+            built = _enc_grid(x1, code) if kind == "grid" else _enc_palette(x1, code, joint=code.keep is None)
+            if _gives(dict(base, kind=kind, **built[0]), built[1], x1):
+                checked = len(candidates)
+                candidates.append((kind, built))
+        if checked is None:
+            warnings.warn(
+                f"{path}: its exported {type(code).__name__} code does not give its values; searched instead",
+                stacklevel=2,
+            )
+    if checked is None:  # no code, a mask (the kept values are the leaf's own floats), or a code that failed
         n_problems = None
         if x1.size and len(np.unique(_bits(x1.ravel()[:65536]))) <= PALETTE_MAX:
             n_problems = 1
@@ -312,18 +316,22 @@ def encode_leaf(path: str, x, code: codes.Code | None = None) -> tuple[dict, dic
             candidates.append(("palette", _enc_palette(x1, pal, joint=True)))
         candidates.append(("affine", found.encode(x1)))
     built = [(sum(map(len, b[1].values())), i, kind, b) for i, (kind, b) in enumerate(candidates) if b is not None]
-    for _, _, kind, (extra, sections) in sorted(built, key=lambda c: c[:2]):  # smallest first, ties: listed first
+    for _, i, kind, (extra, sections) in sorted(built, key=lambda c: c[:2]):  # smallest first, ties: listed first
         record = dict(base, kind=kind, **extra)
-        try:
-            back = decode_leaf(record, sections)
-        except errors.CorruptData:
-            continue
-        if back.shape == x1.shape and np.array_equal(_bits(back), _bits(x1)):
+        if i == checked or _gives(record, sections, x1):
             break
     else:
         raise RuntimeError(f"{path}: no representation decodes to the leaf's bits")  # float always does
     record["bounds"] = _bounds(sections)
     return record, sections
+
+
+def _gives(record: dict, sections: dict, x: np.ndarray) -> bool:
+    """Whether the record and its sections decode to exactly the bits of `x`."""
+    try:
+        return codes.same_bits(decode_leaf(record, sections), x)
+    except errors.CorruptData:
+        return False
 
 
 def _bounds(sections) -> dict:

@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
+from research import codes
 from research.compress import core, registry
 from research.compress.quant import grid as grid_lib
-from research.compress.share import codebook
 
 IN, OUT = 13, 7  # primes: no reshape of one into the other lines up by accident
 
@@ -46,7 +46,7 @@ def test_group_scales_cover_consecutive_inputs_of_one_column(group):
 @pytest.mark.parametrize("granularity, group", [("channel", 1), ("group", IN)])
 def test_codebook_problems_are_columns(granularity, group):
     w = _kernel(2, (IN, 2 * OUT))
-    lay = codebook.layout(granularity, group)
+    lay = codes.Layout.of(granularity, group)
     rows = np.asarray(lay.to_problems(w))
     assert rows.shape == (2 * OUT, IN)
     np.testing.assert_array_equal(rows[3], w[:, 3])
@@ -86,7 +86,6 @@ def test_transforms_keep_each_columns_values_on_its_own_grid(spec):
     ids=["rtn-group", "rtn-float-minimum", "qat-channel", "codebook-channel"],
 )
 def test_exported_codes_pack_in_the_transforms_own_layout(spec, kind, tmp_path):
-    from research import codes
     from research.coding import container, pack
 
     params = {"layers": {0: {"mlp": {"up": {"kernel": _kernel(4)}}}}}

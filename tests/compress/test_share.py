@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from research import errors, models
+from research import codes, errors, models
 from research.compress import core
 from research.compress.prune import magnitude
 from research.compress.share import codebook, kmeans
@@ -180,7 +180,7 @@ def test_codebook_shapes_and_sharing(granularity, rows):
     assert idx.shape == (64, 8) and idx.dtype == jnp.uint8
     assert state["codebook"]["layers"][0]["mlp"]["up"]["bias"] is None
     eff = t.apply(params, state)["layers"][0]["mlp"]["up"]["kernel"]
-    lay = codebook.layout(granularity, 16)
+    lay = codes.Layout.of(granularity, 16)
     problems = lay.to_problems(eff)
     for r in range(rows):
         assert set(np.asarray(problems[r]).tolist()) <= set(np.asarray(cb[r]).tolist())

@@ -40,7 +40,7 @@ import numpy as np
 from research import codes as codes_lib
 from research import errors
 
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = codes_lib.GRANULARITIES
 ZEROS = ("integer", "float")
 SYM_SCALES = ("full", "reference")
 PARAM_DTYPES = ("float32", "float16")
@@ -89,7 +89,7 @@ class Grid:
     @property
     def layout(self) -> codes_lib.Layout:
         """Where the scales and zero points lie (`research.codes.Layout`)."""
-        return codes_lib.Layout(self.granularity, self.group_size if self.granularity == "group" else 0)
+        return codes_lib.Layout.of(self.granularity, self.group_size)
 
     @property
     def maxq(self) -> int:

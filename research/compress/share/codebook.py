@@ -35,14 +35,9 @@ from research.compress import calib as calib_lib
 from research.compress import core
 from research.compress.share import kmeans
 
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = codes.GRANULARITIES
 ENTRY_DTYPES = ("float32", "float16", "bfloat16", "int8")
 WEIGHTINGS = ("none", "fisher")
-
-
-def layout(granularity: str, group_size: int) -> codes.Layout:
-    """The problems' layout (`research.codes.Layout`: one table per tensor, output column or group)."""
-    return codes.Layout(granularity, group_size if granularity == "group" else 0)
 
 
 def _check_leaf(path, w, granularity, group_size):
@@ -109,7 +104,7 @@ def codebook(
     if reassign_every is not None and (not isinstance(reassign_every, int) or reassign_every < 1):
         raise errors.UserError(f"reassign_every must be a positive integer or None, got {reassign_every!r}")
 
-    lay = layout(granularity, group_size)
+    lay = codes.Layout.of(granularity, group_size)
 
     def init_fn(params, key, calib):
         flat = core.touched(params)
