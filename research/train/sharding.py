@@ -101,7 +101,11 @@ def named(specs, mesh):
 
 
 def mirror(target, params, param_shardings, mesh):
-    """Shardings for a tree (e.g. optimizer state) whose leaves end with parameter paths, by suffix match."""
+    """Shardings for a tree whose leaves end with parameter paths (optimizer state, a compression transform's
+    state), by suffix match: a leaf of its parameter's shape (Adam's moments, a mask, integer codes) is sharded
+    like it; a leaf of the same rank but other sizes (per-channel or per-group scales and zero points) keeps the
+    parameter's mesh axis on each dimension whose size equals the parameter's; everything else (codebooks,
+    scalars, schedules) is replicated."""
     by_path = {
         p: (leaf.shape, s)
         for (p, leaf), s in zip(
@@ -112,11 +116,17 @@ def mirror(target, params, param_shardings, mesh):
     replicated = NamedSharding(mesh, P())
 
     def pick(path, leaf):
-        parts = path.split("/")
+        parts, shape = path.split("/"), getattr(leaf, "shape", None)
         for i in range(len(parts)):
             hit = by_path.get("/".join(parts[i:]))
-            if hit is not None and hit[0] == getattr(leaf, "shape", None):
+            if hit is None or shape is None:
+                continue
+            if hit[0] == shape:
                 return hit[1]
+            if len(hit[0]) == len(shape):
+                spec = tuple(hit[1].spec) + (None,) * (len(shape) - len(hit[1].spec))
+                kept = [a if d == pd else None for d, pd, a in zip(shape, hit[0], spec)]
+                return NamedSharding(mesh, P(*kept))
         return replicated
 
     return tree.map_with_path(pick, target)
