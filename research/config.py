@@ -64,6 +64,12 @@ def base_config() -> mlc.ConfigDict:
     # W&B: "offline" (default; writes under the run directory, no network), "online", or "disabled".
     # The environment variable WANDB_MODE, when set, takes precedence.
     c.wandb = dict(mode="offline", project="ziplm", entity=None, name=None)
+    # Compression transforms to train under, as in a compress config's list (methods without calibration: QAT
+    # from the start, gradual pruning during pre-training); [] trains the dense model.
+    c.compress = []
+    # Many processes (see research/train/distributed.py): enabled=True with all three of coordinator,
+    # num_processes, process_id, or with none of them where JAX detects them (Cloud TPU, SLURM).
+    c.distributed = dict(enabled=False, coordinator=None, num_processes=None, process_id=None)
     return c
 
 
@@ -124,6 +130,9 @@ NULLABLE = {
     "eval.max_windows": int,
     "wandb.entity": str,
     "wandb.name": str,
+    "distributed.coordinator": str,
+    "distributed.num_processes": int,
+    "distributed.process_id": int,
 }
 # Entries that take more than one type: a preset name or an explicit list of rules.
 UNIONS = {"mesh.rules": (str, list, tuple)}

@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
-import numpy as np
-from tqdm.auto import tqdm
 
 from research import config as config_lib
 from research import errors, files, hardware, log, models
+from research.compress import core
 from research.data import dataset, tokenizers
 from research.eval import metrics
-from research.train import checkpoint, optim, sharding
-from research.train import step as step_lib
+from research.train import checkpoint, distributed, fit, optim, sharding
+from research.train.fit import Interrupted  # noqa: F401  (raised by train; the CLI catches it as loop.Interrupted)
 
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE_KEYS = (
@@ -39,12 +35,9 @@ RESUMABLE_KEYS = (
     "train.keep_checkpoints",
     "eval",
     "mesh",
+    "distributed",
     "wandb",
 )
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint; rerunning the same command resumes."""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -91,6 +84,7 @@ def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
             recorded = ckpts.meta()["config"]
         finally:
             ckpts.close()
+    recorded = {"compress": [], **recorded}  # runs from before training under transforms
     old, new = _flat(recorded), _flat(json.loads(config_lib.to_json(cfg)))
     changed = sorted(
         k
@@ -117,27 +111,6 @@ def _check_same_data(meta: dict, tok, splits, workdir: Path) -> None:
         )
 
 
-@contextlib.contextmanager
-def _stop_on_signal():
-    """Yields a list that becomes non-empty when SIGINT/SIGTERM arrives (main thread only)."""
-    flag: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag:  # a second signal stops at once
-            raise KeyboardInterrupt
-        flag.append(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def train(
     cfg: mlc.ConfigDict, workdir: str | Path, *, stop_at: int | None = None, progress: bool | None = None
 ) -> dict:
@@ -158,6 +131,7 @@ def train(
     """
     t_start = time.time()
     config_lib.validate(cfg)
+    distributed.initialize(cfg.get("distributed"))
     workdir = Path(workdir).expanduser().resolve()
     resume = check_run_dir(workdir, cfg)
     mcfg = config_lib.model_cfg(cfg)
@@ -177,16 +151,21 @@ def train(
         cfg.eval.window or cfg.data.seq_len, cfg.eval.stride or cfg.eval.window or cfg.data.seq_len
     )
 
-    tx = optim.make(cfg.train)
+    transform, cstate_init = _transform(cfg, mcfg)
+    tx = optim.make(cfg.train) if transform is None else core.keep_masked(optim.make(cfg.train))
     graphdef, abstract_params = models.abstract(mcfg)
-    param_sh = sharding.named(sharding.param_specs(abstract_params, cfg.mesh.rules, mesh), mesh)
-    abstract_state = step_lib.abstract_state(abstract_params, tx)
-    state_sh = sharding.mirror(abstract_state, abstract_params, param_sh, mesh)
+
+    def init_state():
+        params = models.init(mcfg, cfg.seed)[1]
+        return fit.new_state(params, tx, None if transform is None else cstate_init(params))
+
+    abstract_state = jax.eval_shape(init_state)
+    state_sh = fit.state_shardings(abstract_state, abstract_params, cfg.mesh.rules, mesh)
     batch_sh = sharding.batch_sharding(mesh, batch_axes)
 
     with contextlib.ExitStack() as cleanup:
         # Everything is checked: from here on the run directory is written, by this process alone.
-        if jax.process_index() == 0:
+        if distributed.is_main():
             cleanup.enter_context(files.RunLock(workdir))
         resume = check_run_dir(workdir, cfg)  # again, under the lock: another run may have written it meanwhile
         ckpts = checkpoint.Checkpoints(workdir, keep=cfg.train.keep_checkpoints)
@@ -197,32 +176,25 @@ def train(
                 f"{workdir} holds a run already at step {ckpts.all_steps()[-1]}, past train.steps={cfg.train.steps}: "
                 "a run cannot be shortened; evaluate an earlier step with ziplm eval --step, or use a new --workdir"
             )
-        files.write_json(workdir / "config.json", cfg.to_dict())
+        if distributed.is_main():
+            files.write_json(workdir / "config.json", cfg.to_dict())
         if resume:
             _check_same_data(ckpts.meta(), tok, splits, workdir)
-            target = jax.tree.map(
-                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state, state_sh
-            )
-            state, _ = ckpts.restore(target)
-            for newer in [s for s in ckpts.all_steps() if s > int(state["step"])]:
-                # Damaged steps past the intact one (restore warned about each): this run recomputes them.
-                ckpts.delete(newer)
+            state = fit.restore(ckpts, abstract_state, state_sh)
         else:
-            init = jax.jit(lambda: step_lib.init_state(models.init(mcfg, cfg.seed)[1], tx), out_shardings=state_sh)
-            state = init()
+            state = jax.jit(init_state, out_shardings=state_sh)()
         start = int(state["step"])
         logger = log.Logger(workdir, cfg.to_dict(), cfg.wandb.to_dict(), resume_step=start if resume else None)
         cleanup.callback(logger.close)
-        train_step = step_lib.make_train_step(
-            graphdef, tx, seed=cfg.seed, dropout=mcfg.dropout > 0, state_shardings=state_sh, batch_sharding=batch_sh
-        )
-        schedule = optim.schedule(cfg.train)
         n_params = config_lib.model_config.count_params(mcfg)
+        effective = jax.jit(
+            lambda st: st["params"] if transform is None else transform.apply(st["params"], st["compress"])
+        )
 
-        def evaluate(max_windows):
+        def evaluate(state, max_windows):
             return metrics.evaluate(
                 graphdef,
-                state["params"],
+                effective(state),
                 splits.val,
                 tok.token_bytes,
                 protocol,
@@ -231,87 +203,38 @@ def train(
                 progress=progress,
             )
 
-        def save(step):
-            meta = {
+        def meta(step):
+            return {
                 "config": cfg.to_dict(),
                 "tokenizer": tok.spec,
                 "corpus_sha256": splits.corpus_sha256,
                 "data": {"sampler": cfg.data.sampling, "seed": cfg.seed, "next_step": step},
             }
-            try:
-                ckpts.save(step, state, meta)
-            except (errors.UserError, KeyboardInterrupt):
-                raise
-            except Exception as e:  # disk full, permissions, a vanished directory: orbax raises many types
-                saved = [s for s in ckpts.all_steps() if s < step]
-                back = f"rerun the same command to resume from step {saved[-1]}" if saved else "rerun to start again"
-                raise errors.UserError(
-                    f"saving checkpoint step {step} in {ckpts.dir} failed ({type(e).__name__}: "
-                    f"{checkpoint._short(e)}); free space or fix the directory, then {back}"
-                ) from None
 
+        lp = fit.Loop(
+            graphdef, tx, optim.schedule(cfg.train), batches, state_sh, batch_sh, ckpts, logger, meta,
+            steps=cfg.train.steps, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
+            ckpt_every=cfg.train.ckpt_every, seed=cfg.seed, dropout=mcfg.dropout > 0, transform=transform,
+            evaluate=lambda st: evaluate(st, cfg.eval.max_windows),
+        )  # fmt: skip
         end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
-        print(
-            f"run {workdir}: {n_params:,} parameters; {splits.corpus} with {tok.spec}: {len(splits.train):,} train "
-            f"/ {len(splits.val):,} val tokens; steps {start}->{end} of {cfg.train.steps}, "
-            f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens each; mesh {dict(mesh.shape)} on "
-            f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
-            flush=True,
-        )
-        timed_steps, t_mark, paused = 0, None, 0.0  # paused: evaluation and checkpoint time inside the timing
-        last_loss, signalled = float("nan"), False
-        pending = []  # (step, loss, grad norm) on the device since the last check: checked without a sync per step
-        bar = tqdm(
-            range(start, end),
-            desc="train",
-            initial=start,
-            total=end,
-            disable=None if progress is None else not progress,
-        )
-        with _stop_on_signal() as stop:
-            for s in bar:
-                state, m = train_step(state, jax.device_put(batches(s), batch_sh))
-                done = s + 1
-                pending.append((done, m["loss"], m["grad_norm"]))
-                if s == start:  # the first step compiles: time from its end
-                    jax.block_until_ready(m["loss"])
-                    t_mark = time.time()
-                else:
-                    timed_steps += 1
-                do_eval = done % cfg.train.eval_every == 0 and done < cfg.train.steps
-                stopping = bool(stop)  # read once: a signal during this step's evaluation stops the next one
-                do_save = done % cfg.train.ckpt_every == 0 or done == end or stopping
-                do_log = done % cfg.train.log_every == 0 or done == end
-                if do_log or do_eval or do_save:
-                    _check_finite(pending, state if do_save else None, ckpts)
-                    pending.clear()
-                if do_log:
-                    last_loss = float(m["loss"])
-                    logger.log(done, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(s))})
-                    bar.set_postfix(loss=f"{last_loss:.4f}")
-                if do_eval or do_save:
-                    jax.block_until_ready(state)  # queued steps finish inside the timing, not in the pause
-                    t0 = time.time()
-                    if do_eval:
-                        val = evaluate(cfg.eval.max_windows)
-                        logger.log(done, log.numeric(val), split="val")
-                        tqdm.write(
-                            f"step {done}: train loss {last_loss:.4f}, val loss {val['loss']:.4f} nats/token, "
-                            f"{val['bits_per_byte']:.4f} bits/byte"
-                        )
-                    if do_save:
-                        save(done)
-                    paused += time.time() - t0
-                if stopping:
-                    signalled = True
-                    break
-        bar.close()
-        jax.block_until_ready(state)
-        timed_seconds = time.time() - t_mark - paused if t_mark is not None else 0.0
+        if distributed.is_main():
+            print(
+                f"run {workdir}: {n_params:,} parameters; {splits.corpus} with {tok.spec}: {len(splits.train):,} "
+                f"train / {len(splits.val):,} val tokens; steps {start}->{end} of {cfg.train.steps}, "
+                f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens each; mesh {dict(mesh.shape)} on "
+                f"{jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)"
+                + (f"; under {[dict(x)['method'] for x in cfg.compress]}" if transform is not None else ""),
+                flush=True,
+            )
+        res = fit.run(lp, state, stop_at=stop_at, progress=progress)
+        state, timed_steps, timed_seconds, last_loss, signalled = (
+            res.state, res.timed_steps, res.timed_seconds, res.last_loss, res.signalled
+        )  # fmt: skip
         done = int(state["step"])
         summary_file = workdir / "summary.json"
         previous = _read_summary(summary_file) if resume else {}
-        final = evaluate(None) if done >= cfg.train.steps else None
+        final = evaluate(state, None) if done >= cfg.train.steps else None
         if final is not None:
             logger.log(done, log.numeric(final), split="val")
 
@@ -335,10 +258,47 @@ def train(
         "mesh": dict(mesh.shape),
         "wall_seconds": time.time() - t_start,
     }
-    files.write_json(summary_file, summary)
+    if distributed.is_main():
+        files.write_json(summary_file, summary)
     if signalled or done < cfg.train.steps:
         raise Interrupted(f"stopped at step {done}; checkpoint saved in {workdir}; rerun the same command to resume")
     return summary
+
+
+def _transform(cfg, mcfg):
+    """The transform a train config's `compress` list names (None for an empty list) and its initialiser
+    params -> state (traced: it runs inside the jitted initialisation, and abstractly to restore a checkpoint).
+
+    Training from scratch under a transform is QAT from the start or pruning during pre-training: the methods
+    that need calibration data (a trained model's activations) are refused."""
+    specs = [dict(x) for x in cfg.get("compress", None) or []]
+    if not specs:
+        return None, None
+    from research.compress import registry
+
+    ts = []
+    for spec in specs:
+        if "method" not in spec:
+            raise errors.UserError(f"train config: compress entry {spec} has no 'method'")
+        if registry.needs_calibration(spec):
+            raise errors.UserError(
+                f"{spec['method']} needs a trained model's calibration data; compress a trained run with "
+                "ziplm compress instead, or train under a method without calibration (magnitude, gradual, qat, ...)"
+            )
+        ts.append(registry.make(spec.pop("method"), **spec))
+    t = ts[0] if len(ts) == 1 else core.chain(*ts)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+
+    def init(params):
+        try:
+            return t.init(params, key, None)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as e:
+            raise errors.UserError(
+                f"train config: the compress list cannot be initialised inside the training step "
+                f"({type(e).__name__}); start from a trained run with ziplm compress instead"
+            ) from None
+
+    return t, init
 
 
 def _check_memory(cfg, mcfg, mesh) -> None:
@@ -371,27 +331,3 @@ def _read_summary(path: Path) -> dict:
         print(f"warning: {path} is damaged ({e}); it is rewritten at the end of this run", file=sys.stderr)
         return {}
     return summary if isinstance(summary, dict) else {}
-
-
-def _check_finite(pending: list, state, ckpts) -> None:
-    """Stops training at the first non-finite loss or gradient norm in `pending`, and before a save (`state` given)
-    at non-finite parameters, so a diverged model is never checkpointed; the last finite checkpoint is kept."""
-    values = jax.device_get([(loss, norm) for _, loss, norm in pending])
-    bad = next(((step, v) for (step, _, _), v in zip(pending, values) if not np.all(np.isfinite(v))), None)
-    if bad is None and state is not None and not bool(_all_finite(state["params"])):
-        bad = (pending[-1][0] if pending else int(state["step"]), None)
-    if bad is None:
-        return
-    step, v = bad
-    what = f"loss {float(v[0])}, gradient norm {float(v[1])}" if v is not None else "non-finite parameters"
-    saved = ckpts.all_steps()  # listed only when reporting: not a directory scan at every log step
-    kept = f"the last finite checkpoint, step {saved[-1]}, is kept" if saved else "no checkpoint was saved"
-    raise errors.UserError(
-        f"training diverged at step {step} ({what}); {kept}. Lower train.lr or raise train.warmup_steps, and use a "
-        "new --workdir or resume from that checkpoint"
-    )
-
-
-@jax.jit
-def _all_finite(params):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
