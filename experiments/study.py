@@ -19,10 +19,10 @@ import ml_collections as mlc
 
 from research import config as config_lib
 from research import sources
-from research.compress import calib, finetune, registry
+from research.compress import calib, registry
 from research.data import dataset, tokenizers
 from research.eval import metrics
-from research.train import loop
+from research.train import fit, loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ class Study:
 
     def finetune(self, t, state, graphdef=None):
         graphdef = self.m.graphdef if graphdef is None else graphdef
-        return finetune.finetune(graphdef, self.m.params, t, state, self.batches, self.ft)
+        return fit.finetune(graphdef, self.m.params, t, state, self.batches, self.ft)
 
     def dense_control(self) -> dict | None:
         """The dense model fine-tuned with the same steps and batches (the fair control), or None at 0 steps."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,11 +45,12 @@ from research import errors, files, log, models, sources, tree
 from research.coding import artifact
 from research.coding import pack as coding_pack
 from research.compress import calib as calib_lib
-from research.compress import core, finetune, registry
+from research.compress import core, registry
 from research.compress import report as compress_report
 from research.data import corpora, dataset, tokenizers
 from research.eval import metrics
 from research.models import act_quant
+from research.train import distributed, fit, sharding
 
 
 def base_config() -> mlc.ConfigDict:
@@ -77,7 +79,13 @@ def base_config() -> mlc.ConfigDict:
         b2=0.99,
         grad_clip=1.0,
         log_every=10,
+        eval_every=0,  # 0: evaluate only after each stage
+        ckpt_every=100,
+        keep_checkpoints=2,
     )
+    # Fine-tuning runs on this mesh (research/train/sharding.py); the default is one device.
+    c.mesh = dict(data=1, model=1, rules="replicated")
+    c.distributed = dict(enabled=False, coordinator=None, num_processes=None, process_id=None)
     # Evaluation: the validation split of data.corpus, or `corpus` (a text of its own, evaluated whole: e.g.
     # "wikitext:<wiki.test.raw>"); protocol "windows" (window/stride) or "gptq" (disjoint windows, the published
     # tables' protocol, with the tokenizer's default prefix first); window None: data.seq_len. `agreement` also
@@ -197,6 +205,8 @@ class _Job:
     out_graphdef: object
     progress: bool | None
     times: dict = dataclasses.field(default_factory=dict)
+    partial: Path | None = None  # where fine-tuning checkpoints and metrics live until the run succeeds
+    logger: log.Logger | None = None
 
     @contextlib.contextmanager
     def timed(self, name: str):
@@ -225,21 +235,19 @@ class _Job:
         """The fine-tuning batches: step -> batch, a pure function of (seed, step)."""
         return dataset.Batches(self.train_tokens, self.cfg.data.batch_size, self.seq_len, self.cfg.seed, "random")
 
-    def finetune(self, graphdef, params, transform, cstate, steps: int, offset: int, log=None):
-        """Fine-tunes `steps` steps under `transform`, on the batch stream from step `offset` on."""
-        batches = self.batches()
+    def finetune(self, graphdef, params, transform, cstate, steps: int, offset: int, name: str):
+        """Fine-tunes `steps` steps under `transform` on the batch stream from step `offset` on, through the
+        trainer's loop (`fit.finetune`), checkpointed in `partial/name` and resumed from there."""
         t_cfg = mlc.ConfigDict({**self.cfg.finetune.to_dict(), "steps": steps})
-        return finetune.finetune(
-            graphdef,
-            params,
-            transform,
-            cstate,
-            lambda s: batches(s + offset),
-            t_cfg,
-            seed=self.cfg.seed,
-            log=log,
-            progress=self.progress,
-        )
+        mesh_cfg = self.cfg.get("mesh") or {"data": 1, "model": 1, "rules": "replicated"}
+        mesh = sharding.make_mesh(mesh_cfg["data"], mesh_cfg["model"])
+        sharding.check_batch(self.cfg.data.batch_size, mesh, ("data",))
+        return fit.finetune(
+            graphdef, params, transform, cstate, fit.Offset(self.batches(), offset), t_cfg,
+            workdir=self.partial / name, mesh=mesh, rules=mesh_cfg["rules"], logger=self.logger,
+            log_offset=offset, evaluate=lambda p: self.evaluate(p, f"eval {name}", graphdef),
+            meta={"stage": name, "offset": offset}, seed=self.cfg.seed, progress=self.progress, desc=name,
+        )  # fmt: skip
 
     def pack_meta(self, model_cfg) -> dict:
         """The header of the packed result: model config, tokenizer, provenance and this compress config."""
@@ -313,11 +321,89 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     """
     t0 = time.time()
     validate(cfg)
+    distributed.initialize(cfg.get("distributed"))
     members(cfg.compress)  # every entry checked before the model is loaded
     out = Path(workdir).expanduser().resolve()
     atomic = files.AtomicDir(out, overwrite)
+    partial = _partial_dir(out, cfg, overwrite)
     job = _prepare(cfg, progress)
     job.times["load"] = time.time() - t0
+    try:
+        summary = _locked(job, atomic, partial, t0)
+    except BaseException:
+        if distributed.is_main() and _resume_step(partial) is None:  # nothing to resume: leave nothing behind
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if distributed.is_main():
+        shutil.rmtree(partial, ignore_errors=True)
+    return summary
+
+
+def _locked(job: _Job, atomic, partial: Path, t0: float) -> dict:
+    cfg = job.cfg
+    with contextlib.ExitStack() as cleanup:
+        if distributed.is_main():
+            cleanup.enter_context(files.RunLock(partial))
+            files.write_json(partial / "config.json", json.loads(config_lib.to_json(cfg)))
+        job.partial = partial
+        job.logger = log.Logger(partial, cfg.to_dict(), cfg.wandb.to_dict(), resume_step=_resume_step(partial))
+        cleanup.callback(job.logger.close)
+        return _run(job, atomic, t0)
+
+
+def _partial_dir(out: Path, cfg, overwrite: bool) -> Path:
+    """`.<name>.partial` beside the output: the fine-tuning checkpoints and metrics of a run that has not finished.
+    It is resumed when it holds this config, refused when it holds another (replaced with `overwrite`)."""
+    partial = out.with_name(f".{out.name}.partial")
+    saved = partial / "config.json"
+    if saved.is_file():
+        try:
+            old = json.loads(saved.read_text())
+        except (ValueError, UnicodeDecodeError):
+            old = None
+        new = json.loads(config_lib.to_json(cfg))
+        keep = ("wandb", "eval", "finetune.log_every", "finetune.eval_every", "finetune.ckpt_every", "mesh")
+        if old is not None:
+            old, new = (
+                {k: v for k, v in _flat(d).items() if not any(k == r or k.startswith(r + ".") for r in keep)}
+                for d in (old, new)
+            )
+        if old != new and not overwrite:
+            raise errors.UserError(
+                f"{partial} holds an unfinished compress run of a different config; rerun that config to resume "
+                "it, or pass --overwrite to discard it"
+            )
+        if old != new:
+            shutil.rmtree(partial)
+    elif partial.exists() and overwrite:
+        shutil.rmtree(partial)
+    return partial
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _resume_step(partial: Path) -> int | None:
+    """The logged step the metrics file continues from: the newest fine-tuning checkpoint's (None: a new run)."""
+    from research.train import checkpoint
+
+    steps = []
+    for stage in sorted(partial.glob("*/checkpoints")) if partial.is_dir() else []:
+        if checkpoint.exists(stage.parent):
+            ckpts = checkpoint.Checkpoints(stage.parent, create=False)
+            try:
+                steps.append(ckpts.meta()["offset"] + ckpts.all_steps()[-1])
+            finally:
+                ckpts.close()
+    return max(steps) if steps else None
+
+
+def _run(job: _Job, atomic, t0: float) -> dict:
+    cfg, progress, out = job.cfg, job.progress, atomic.target
     with job.timed("eval_dense"):
         before = job.evaluate(job.m.params, "eval dense") if cfg.eval.get("dense", True) else None
     calib = None
@@ -338,22 +424,22 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
             exported = core.export(transform, base, cstate)
             packed_at_init = _pack(effective, exported, Path(d) / "m.zlm", job.pack_meta(job.out_cfg))
 
+    tuned, ft, params = None, None, base
+    if cfg.finetune.steps:  # the batch stream continues after the stages' batches
+        params, cstate, ft = job.finetune(
+            job.out_graphdef, base, transform, cstate, cfg.finetune.steps, offset, "finetune"
+        )
+        effective = jax.block_until_ready(transform.apply(params, cstate))
+        job.times["finetune"] = ft["seconds"]
+        _check_finite(effective, "fine-tuning")
+        with job.timed("eval_finetuned"):
+            tuned = job.evaluate(effective, "eval fine-tuned", job.out_graphdef)
+        job.logger.log(offset + cfg.finetune.steps, log.numeric(tuned), split="val")
+    job.logger.close()
     with atomic as tmp:
-        tuned, ft, params = None, None, base
-        logger = log.Logger(tmp, cfg.to_dict(), cfg.wandb.to_dict())
-        try:
-            if cfg.finetune.steps:  # the batch stream continues after the stages' batches
-                params, cstate, ft = job.finetune(
-                    job.out_graphdef, base, transform, cstate, cfg.finetune.steps, offset, logger.log
-                )
-                effective = jax.block_until_ready(transform.apply(params, cstate))
-                job.times["finetune"] = ft["seconds"]
-                _check_finite(effective, "fine-tuning")
-                with job.timed("eval_finetuned"):
-                    tuned = job.evaluate(effective, "eval fine-tuned", job.out_graphdef)
-                logger.log(cfg.finetune.steps, log.numeric(tuned), split="val")
-        finally:
-            logger.close()
+        for name in ("metrics.jsonl", "wandb"):
+            if (job.partial / name).exists():
+                (shutil.copytree if (job.partial / name).is_dir() else shutil.copy2)(job.partial / name, tmp / name)
         sizes = compress_report.summarize(effective, transform.masks(cstate))
         out_cfg, shrunk, exported = job.out_cfg, None, None
         if cfg.get("shrink"):
@@ -419,7 +505,7 @@ def _staged(job: _Job, calib):
             continue
         if isinstance(part, int):
             chain = core.chain(*ts)
-            raw, st, info = job.finetune(graphdef, raw, chain, tuple(states), part, offset)
+            raw, st, info = job.finetune(graphdef, raw, chain, tuple(states), part, offset, f"stage-{i}")
             states, offset = list(st), offset + part
             effective = chain.apply(raw, tuple(states))
             _check_finite(effective, "fine-tuning")

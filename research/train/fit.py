@@ -49,7 +49,7 @@ class Loop:
         and its learning-rate schedule (logged).
       batches: a `dataset.Batches` (step -> batch, a pure function of seed and step).
       state_sh, batch_sh: shardings of the state tree and of a batch.
-      ckpts: the run's `checkpoint.Checkpoints`; logger: its `log.Logger`.
+      ckpts: the run's `checkpoint.Checkpoints` (None: no checkpoints); logger: its `log.Logger` (None: none).
       meta: step -> the checkpoint's meta record (config, data position...).
       steps: the step the loop ends at.
       transform: a `core.Transform` the forward pass runs under (state["compress"] holds its state), or None.
@@ -63,8 +63,8 @@ class Loop:
     batches: Any
     state_sh: Any
     batch_sh: Any
-    ckpts: checkpoint.Checkpoints
-    logger: log.Logger
+    ckpts: checkpoint.Checkpoints | None
+    logger: log.Logger | None
     meta: Callable[[int], dict]
     steps: int
     log_every: int = 10
@@ -148,6 +148,8 @@ def _agreed(flag: bool) -> bool:
 
 def save(lp: Loop, step: int, state) -> None:
     """Checkpoints `state` as `step`; a failed write is a one-line UserError naming the step to resume from."""
+    if lp.ckpts is None:
+        return
     try:
         lp.ckpts.save(step, state, lp.meta(step))
     except (errors.UserError, KeyboardInterrupt):
@@ -205,14 +207,17 @@ def run(lp: Loop, state, *, stop_at: int | None = None, progress: bool | None = 
             if do_log:
                 last_loss = float(m["loss"])
                 lr = float(lp.schedule(s))
-                lp.logger.log(lp.log_offset + done, {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": lr})
+                if lp.logger is not None:
+                    record = {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": lr}
+                    lp.logger.log(lp.log_offset + done, record)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             if do_eval or do_save:
                 jax.block_until_ready(state)  # queued steps finish inside the timing, not in the pause
                 t0 = time.time()
                 if do_eval:
                     val = lp.evaluate(state)
-                    lp.logger.log(lp.log_offset + done, log.numeric(val), split="val")
+                    if lp.logger is not None:
+                        lp.logger.log(lp.log_offset + done, log.numeric(val), split="val")
                     if distributed.is_main():
                         tqdm.write(
                             f"step {done}: train loss {last_loss:.4f}, val loss {val['loss']:.4f} nats/token, "
@@ -230,6 +235,94 @@ def run(lp: Loop, state, *, stop_at: int | None = None, progress: bool | None = 
     return Result(state, start, timed_steps, timed, last_loss, signalled)
 
 
+class Offset:
+    """A batch stream read from step `offset` on (a fine-tuning stage continues the stream of the ones before)."""
+
+    def __init__(self, batches, offset: int):
+        self.inner, self.offset, self.batch_size = batches, offset, batches.batch_size
+
+    def rows(self, step: int, lo: int, hi: int) -> dict:
+        return self.inner.rows(step + self.offset, lo, hi)
+
+
+def finetune(
+    graphdef,
+    params,
+    transform,
+    cstate,
+    batches,
+    t,
+    *,
+    workdir=None,
+    mesh=None,
+    rules="replicated",
+    logger=None,
+    log_offset: int = 0,
+    evaluate=None,
+    meta=None,
+    seed: int = 0,
+    progress=None,
+    desc: str = "finetune",
+) -> tuple:
+    """Fine-tunes `params` under `transform` for `t.steps` steps through `run`, checkpointing into
+    `workdir`/checkpoints (when given) and resuming from the newest intact step found there.
+
+    Args:
+      graphdef, params: the model and its raw parameters (not modified); transform, cstate: the transform and
+        its state (not modified).
+      batches: a `dataset.Batches` (or `Offset`).
+      t: optimizer settings as a train config's `train` section (steps, lr, min_lr, warmup_steps, weight_decay,
+        b1, b2, grad_clip, log_every; ckpt_every, keep_checkpoints and eval_every when present).
+      mesh, rules: the device mesh (None: a single device) and the sharding rules of the parameters.
+      evaluate: effective params -> metrics, every `t.eval_every` steps.
+      meta: extra fields of every checkpoint's meta record.
+
+    Returns:
+      (params, cstate, {"steps", "loss" (last logged; None when nothing ran), "seconds", "step_seconds",
+      "resumed_from"}). Raises `Interrupted` when stopped by a signal (a checkpoint saved when `workdir` is set).
+    """
+    from research.compress import core
+    from research.train import optim
+
+    t0 = time.time()
+    tx = core.keep_masked(optim.make(t))
+    mesh = mesh if mesh is not None else sharding.make_mesh(1, 1)
+    state = new_state(jax.device_get(params), tx, jax.device_get(cstate))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), state)
+    state_sh = state_shardings(abstract, abstract["params"], rules, mesh)
+    ckpts = None
+    if workdir is not None:
+        ckpts = checkpoint.Checkpoints(workdir, keep=t.get("keep_checkpoints", 2))
+    try:
+        resumed = ckpts is not None and bool(ckpts.all_steps())
+        state = restore(ckpts, abstract, state_sh) if resumed else place(state, state_sh)
+        effective = jax.jit(lambda st: transform.apply(st["params"], st["compress"]))
+        lp = Loop(
+            graphdef, tx, optim.schedule(t), batches, state_sh, sharding.batch_sharding(mesh, ("data",)), ckpts,
+            logger, lambda step: {**(meta or {}), "next_step": step}, steps=t.steps, log_every=t.log_every,
+            eval_every=t.get("eval_every", 0) or 0, ckpt_every=t.get("ckpt_every", t.steps) or t.steps, seed=seed,
+            transform=transform, evaluate=None if evaluate is None else (lambda st: evaluate(effective(st))),
+            log_offset=log_offset, desc=desc,
+        )  # fmt: skip
+        res = run(lp, state, progress=progress)
+    finally:
+        if ckpts is not None:
+            ckpts.wait()
+            ckpts.close()
+    if res.signalled:
+        where = f"; checkpoint saved in {workdir}" if workdir is not None else ""
+        raise Interrupted(f"stopped at fine-tuning step {int(res.state['step'])}{where}; rerun to resume")
+    n = res.timed_steps
+    info = {
+        "steps": t.steps,
+        "loss": None if res.start == t.steps else res.last_loss,
+        "seconds": time.time() - t0,
+        "step_seconds": res.timed_seconds / n if n else None,
+        "resumed_from": res.start if resumed else None,
+    }
+    return res.state["params"], res.state["compress"], info
+
+
 def _check_finite(pending: list, state, ckpts) -> None:
     """Stops training at the first non-finite loss or gradient norm in `pending`, and before a save (`state` given)
     at non-finite parameters, so a diverged model is never checkpointed; the last finite checkpoint is kept."""
@@ -241,7 +334,9 @@ def _check_finite(pending: list, state, ckpts) -> None:
         return
     step, v = bad
     what = f"loss {float(v[0])}, gradient norm {float(v[1])}" if v is not None else "non-finite parameters"
-    saved = ckpts.all_steps()  # listed only when reporting: not a directory scan at every log step
+    saved = (
+        ckpts.all_steps() if ckpts is not None else []
+    )  # listed only when reporting: not a directory scan at every log step
     kept = f"the last finite checkpoint, step {saved[-1]}, is kept" if saved else "no checkpoint was saved"
     raise errors.UserError(
         f"training diverged at step {step} ({what}); {kept}. Lower the learning rate or raise the warmup steps, "

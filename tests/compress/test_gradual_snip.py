@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from research import errors, models
-from research.compress import calib, core, finetune
+from research.compress import calib, core
 from research.compress.prune import gradual, masks, snip
 from research.data import dataset
 from research.models import config as model_config
+from research.train import fit
 
 
 def tiny():
@@ -81,7 +82,12 @@ def test_finetune_under_gradual_pruning_reaches_the_target_with_exact_zeros():
     cfg = mlc.ConfigDict(dict(steps=30, lr=1e-2, min_lr=1e-3, warmup_steps=0, weight_decay=0.1, b1=0.9, b2=0.99))
     cfg.grad_clip, cfg.log_every = 1.0, 10
     logged = []
-    new, cstate, info = finetune.finetune(graphdef, params, t, state, batches, cfg, log=lambda s, m: logged.append(s))
+
+    class Log:
+        def log(self, step, record, split="train"):
+            logged.append(step)
+
+    new, cstate, info = fit.finetune(graphdef, params, t, state, batches, cfg, logger=Log())
     assert not any(x.is_deleted() for x in jax.tree.leaves(state))  # the caller's state survives the donation
     assert logged == [10, 20, 30] and np.isfinite(info["loss"])
     assert float(cstate["sparsity"]) == pytest.approx(0.5)
