@@ -44,7 +44,10 @@ def _train(args, overrides) -> int:
     else:
         workdir = str(Path("runs") / Path(args.config.partition(":")[0]).stem) if args.config else "runs/base"
     summary = loop.train(cfg, workdir)
-    print(report.train_table(summary))
+    from research.train import distributed
+
+    if distributed.is_main():  # in a multi-process run the others stay quiet
+        print(report.train_table(summary))
     return 0
 
 
