@@ -6,6 +6,11 @@ block at a time: it records the inputs of the block's linear layers (as statisti
 norms, summed over every calibration token), lets the method rewrite the block's weights, then runs the block again
 with its new weights to produce the next block's input, so that every block is calibrated on the outputs of the
 already-compressed blocks before it (as in the SparseGPT and Wanda reference code).
+
+Under a mesh (`Calibration(..., mesh=m)`: the compress config's `mesh.data` > 1) each calibration batch is split
+over the mesh's "data" axis and the parameters are replicated, so the activations of a batch are spread over the
+devices; the statistics (X^T X, squared norms, gradients) are sums over the batch, which XLA reduces across the
+devices, and equal the one-device ones to float32 rounding (tested).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from research import errors, models
@@ -43,10 +50,30 @@ class Calibration:
     graphdef: Any
     inputs: np.ndarray
     batch_size: int = 8
+    mesh: Any = None  # a device mesh: batches split over its "data" axis, parameters replicated (None: one device)
+
+    def __post_init__(self):
+        if self.mesh is not None and self.batch_size % self.mesh.shape["data"]:
+            raise errors.UserError(
+                f"calibration.batch_size={self.batch_size} is not divisible by the mesh's {self.mesh.shape['data']} "
+                "data devices"
+            )
+
+    def place(self, x):
+        """A batch-leading array on the calibration devices (split over "data" under a mesh)."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(np.asarray(x), NamedSharding(self.mesh, P("data")))
+
+    def replicate(self, tree):
+        """Parameters on every device of the mesh (unchanged without one)."""
+        if self.mesh is None:
+            return tree
+        return jax.device_put(jax.device_get(tree), NamedSharding(self.mesh, P()))
 
     def batches(self):
         for i in range(0, len(self.inputs), self.batch_size):
-            yield jnp.asarray(self.inputs[i : i + self.batch_size])
+            yield self.place(self.inputs[i : i + self.batch_size])
 
 
 def sample(tokens: np.ndarray, n: int = 128, length: int = 2048, seed: int = 0, max_len: int | None = None):
@@ -94,6 +121,7 @@ def gradients(calib: Calibration, params, square: bool = False):
       A float32 tree like params.
     """
     grad_fn = jax.jit(jax.grad(lambda p, b: loss_lib.loss_fn(p, calib.graphdef, b)))
+    params = calib.replicate(params)
     total, n = None, 0
     for batch in calib.batches():
         g = grad_fn(params, {"inputs": batch[:, :-1], "targets": batch[:, 1:]})
@@ -182,8 +210,9 @@ def walk(
     targets = block_targets(paths)
     model = models.merge(calib.graphdef, params)
     block_def = nnx.split(model.layers[0], nnx.Param)[0]
+    params = calib.replicate(params)
     batches = list(calib.batches())
-    positions = [jnp.broadcast_to(jnp.arange(b.shape[1], dtype=jnp.int32), b.shape) for b in batches]
+    positions = [calib.place(np.broadcast_to(np.arange(b.shape[1], dtype=np.int32), b.shape)) for b in batches]
     xs = [_embed(calib.graphdef, params, b, p) for b, p in zip(batches, positions)]
     layers = {**params["layers"]}
     n_tokens = int(calib.inputs.size)
@@ -198,7 +227,7 @@ def walk(
                     total[name] = stats[name] if name not in total else total[name] + stats[name]
             kernels = {name: _get(layers[i], name) for name in names}
             new = visit(i, total, n_tokens, kernels)
-            layers[i] = _set(layers[i], new)
+            layers[i] = calib.replicate(_set(layers[i], new))
         if i < last:
             xs = [_run_block(block_def, layers[i], x, pos, None)[0] for x, pos in zip(xs, positions)]  # propagate
     return {**params, "layers": layers}

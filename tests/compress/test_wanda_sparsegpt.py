@@ -337,3 +337,31 @@ def test_hopeless_hessians_raise_and_never_return_nan():
         sparsegpt.prune_layer(kernel, jnp.full((8, 8), jnp.nan), 0.5)
     new, keep = sparsegpt.prune_layer(kernel, jnp.zeros((8, 8)), 0.5, percdamp=0.0)  # all inputs dead
     assert np.isfinite(new).all() and not np.asarray(new).any() and np.mean(np.asarray(keep)) == 0.5
+
+
+def test_calibration_under_a_mesh_gives_the_one_device_statistics(tiny):
+    from research.train import sharding
+
+    graphdef, params, _ = tiny
+    inputs = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)
+    paths = core.select(params, core.BLOCK_KERNELS)
+
+    def stats(mesh):
+        seen = {}
+
+        def visit(i, total, n, kernels):
+            seen.update({(i, k): np.asarray(v) for k, v in total.items()})
+            return {k: v * 0.5 for k, v in kernels.items()}  # rewritten blocks feed the next one
+
+        c = calib.Calibration(graphdef, inputs, 4, mesh)
+        walked = calib.walk(c, params, paths, visit)
+        return seen, tree.flatten(walked), tree.flatten(calib.gradients(c, params))
+
+    one, many = stats(None), stats(sharding.make_mesh(4, 1))
+    assert one[0].keys() == many[0].keys() and len(one[0]) > 2
+    for a, b in zip(one, many):
+        scale = max(float(np.abs(v).max()) for v in a.values())  # float32 sums in another order: rounding
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5 * scale, err_msg=str(k))
+    with pytest.raises(errors.UserError, match="not divisible"):
+        calib.Calibration(graphdef, inputs, 3, sharding.make_mesh(4, 1))
