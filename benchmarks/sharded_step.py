@@ -1,0 +1,109 @@
+"""Train-step and fine-tune-step throughput on 1, 2, 4 and 8 forced CPU devices (ratios only on CPU).
+
+    python benchmarks/sharded_step.py [--steps 10] [--devices 1,2,4,8]
+
+Each device count runs in its own process (`jax_num_cpu_devices` is fixed at start-up) on the demo model shape,
+batch 16 x 128 split over the mesh's data axis (rules "replicated"): the dense step and the fine-tune step under
+magnitude 50% (masks in the state, `keep_masked`), both `train.step.make_train_step` with the trainer's
+shardings (`fit.state_shardings`). Forced CPU devices share the same 2 cores, so more devices do not mean more
+compute: the ratios measure the sharding overhead (collectives, partitioned programs), not a speed-up. The
+median step time per configuration is reported relative to the dense 1-device step of the same run.
+On a GPU the same script reports absolute tokens/s. Writes benchmarks/results/sharded_step_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _child(devices: int, steps: int) -> dict:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", devices)
+    import common
+    import jax.numpy as jnp
+    import ml_collections as mlc
+    import numpy as np
+
+    from research import models
+    from research.compress import core
+    from research.compress.prune import magnitude
+    from research.models import config as mc
+    from research.train import fit, optim, sharding
+    from research.train import step as step_lib
+
+    cfg = mc.gpt2_style(vocab_size=256, n_layer=4, n_head=4, d_model=128, max_seq_len=128, bias=False)
+    graphdef, params = models.init(cfg, 0)
+    t = mlc.ConfigDict(dict(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.99))
+    t.grad_clip = 1.0
+    mesh = sharding.make_mesh(devices, 1)
+    batch_sh = sharding.batch_sharding(mesh, ("data",))
+    tokens = np.random.default_rng(0).integers(0, 256, (16, 129)).astype(np.int32)
+    batch = {k: jax.device_put(v, batch_sh) for k, v in (("inputs", tokens[:, :-1]), ("targets", tokens[:, 1:]))}
+    out = {}
+    for name, transform in (("dense", None), ("masked", magnitude.magnitude(0.5))):
+        tx = optim.make(t) if transform is None else core.keep_masked(optim.make(t))
+        cstate = None if transform is None else transform.init(params, jax.random.key(0), None)
+        state = fit.new_state(params, tx, cstate)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), state)
+        sh = fit.state_shardings(abstract, abstract["params"], "replicated", mesh)
+        step = step_lib.make_train_step(
+            graphdef, tx, seed=0, dropout=False, state_shardings=sh, batch_sharding=batch_sh, transform=transform
+        )
+        times = common.timed_steps(step, fit.place(state, sh), batch, steps)
+        out[name] = statistics.median(times)
+    out["tokens_per_step"] = 16 * 128
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--devices", default="1,2,4,8")
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child is not None:
+        print(json.dumps(_child(args.child, args.steps)))
+        return
+    import common
+
+    load = os.getloadavg()
+    rows = {}
+    for n in [int(x) for x in args.devices.split(",")]:
+        r = subprocess.run(
+            [sys.executable, __file__, "--child", str(n), "--steps", str(args.steps)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rows[n] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(
+            f"{n} device(s): dense {rows[n]['dense'] * 1e3:.1f} ms, masked {rows[n]['masked'] * 1e3:.1f} ms", flush=True
+        )
+    base = rows[min(rows)]["dense"]
+    result = {
+        **common.environment("sharded_step", load),
+        "model": "demo shape (4 layers, d_model 128), batch 16 x 128, rules replicated",
+        "baseline": f"dense step on {min(rows)} device(s)",
+        "rows": [
+            {
+                "devices": n,
+                "dense_vs_baseline": r["dense"] / base,
+                "masked_vs_baseline": r["masked"] / base,
+                "masked_vs_dense": r["masked"] / r["dense"],
+                "tokens_per_second_dense": r["tokens_per_step"] / r["dense"],
+            }
+            for n, r in sorted(rows.items())
+        ],
+    }
+    common.write("sharded_step", result)
+
+
+if __name__ == "__main__":
+    main()
