@@ -73,6 +73,14 @@ def base_config() -> mlc.ConfigDict:
     return c
 
 
+def flat(d: dict, prefix: str = "") -> dict:
+    """A nested dict as {"a.b.c": value} (lists kept as values): how configs are compared on resume."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
 def load(path: str) -> mlc.ConfigDict:
     """Loads `path` or `path:arg` and returns its get_config() (or get_config(arg))."""
     file, _, arg = path.partition(":")

@@ -365,7 +365,7 @@ def _partial_dir(out: Path, cfg, overwrite: bool) -> Path:
         keep = ("wandb", "eval", "finetune.log_every", "finetune.eval_every", "finetune.ckpt_every", "mesh")
         if old is not None:
             old, new = (
-                {k: v for k, v in _flat(d).items() if not any(k == r or k.startswith(r + ".") for r in keep)}
+                {k: v for k, v in config_lib.flat(d).items() if not any(k == r or k.startswith(r + ".") for r in keep)}
                 for d in (old, new)
             )
         if old != new and not overwrite:
@@ -378,13 +378,6 @@ def _partial_dir(out: Path, cfg, overwrite: bool) -> Path:
     elif partial.exists() and overwrite:
         shutil.rmtree(partial)
     return partial
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 def _resume_step(partial: Path) -> int | None:

@@ -40,16 +40,6 @@ RESUMABLE_KEYS = (
 )
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
     """Decides what to do with a run directory.
 
@@ -85,7 +75,7 @@ def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
         finally:
             ckpts.close()
     recorded = {"compress": [], **recorded}  # runs from before training under transforms
-    old, new = _flat(recorded), _flat(json.loads(config_lib.to_json(cfg)))
+    old, new = config_lib.flat(recorded), config_lib.flat(json.loads(config_lib.to_json(cfg)))
     changed = sorted(
         k
         for k in set(old) | set(new)
