@@ -37,7 +37,8 @@ def _child(devices: int, steps: int) -> dict:
     from research.compress import core
     from research.compress.prune import magnitude
     from research.models import config as mc
-    from research.train import fit, optim, sharding
+    from research.parallel import sharding
+    from research.train import fit, optim
     from research.train import step as step_lib
 
     cfg = mc.gpt2_style(vocab_size=256, n_layer=4, n_head=4, d_model=128, max_seq_len=128, bias=False)

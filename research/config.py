@@ -59,7 +59,7 @@ def base_config() -> mlc.ConfigDict:
     # seq_len, and stride = window, i.e. non-overlapping windows). `max_windows` caps the periodic evaluation.
     c.eval = dict(window=None, stride=None, batch_size=32, max_windows=None)
     # Device mesh: axis sizes (-1 takes the remaining devices) and the parameter sharding rules
-    # ("replicated", "fsdp" or "tensor"; see research/train/sharding.py).
+    # ("replicated", "fsdp" or "tensor"; see research/parallel/sharding.py).
     c.mesh = dict(data=-1, model=1, rules="fsdp")
     # W&B: "offline" (default; writes under the run directory, no network), "online", or "disabled".
     # The environment variable WANDB_MODE, when set, takes precedence.
@@ -67,7 +67,7 @@ def base_config() -> mlc.ConfigDict:
     # Compression transforms to train under, as in a compress config's list (methods without calibration: QAT
     # from the start, gradual pruning during pre-training); [] trains the dense model.
     c.compress = []
-    # Many processes (see research/train/distributed.py): enabled=True with all three of coordinator,
+    # Many processes (see research/parallel/distributed.py): enabled=True with all three of coordinator,
     # num_processes, process_id, or with none of them where JAX detects them (Cloud TPU, SLURM).
     c.distributed = dict(enabled=False, coordinator=None, num_processes=None, process_id=None)
     return c

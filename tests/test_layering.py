@@ -1,5 +1,6 @@
 """The package's layering: `models/` and `data/` import nothing from `compress/`, `train/`, `eval/` or `coding/`,
-and evaluation and compression do not import the trainer."""
+evaluation and compression do not import the trainer, and `parallel/` (mesh, shardings, processes) imports none
+of the layers that use it."""
 
 import subprocess
 import sys
@@ -17,10 +18,17 @@ LAYERS = {
         "research.coding",
     ),
     "research.eval.metrics, research.compress.prune.structured, research.compress.calib": ("research.train",),
+    "research.parallel.distributed, research.parallel.sharding": (
+        "research.models",
+        "research.compress",
+        "research.train",
+        "research.eval",
+        "research.coding",
+    ),
 }
 
 
-@pytest.mark.parametrize("modules, forbidden", LAYERS.items(), ids=["models-data", "eval-compress"])
+@pytest.mark.parametrize("modules, forbidden", LAYERS.items(), ids=["models-data", "eval-compress", "parallel"])
 def test_lower_layers_do_not_import_higher_ones(modules, forbidden):
     code = f"import sys; import {modules}; print(sorted(m for m in sys.modules if m.startswith({forbidden!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)

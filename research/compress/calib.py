@@ -7,10 +7,11 @@ norms, summed over every calibration token), lets the method rewrite the block's
 with its new weights to produce the next block's input, so that every block is calibrated on the outputs of the
 already-compressed blocks before it (as in the SparseGPT and Wanda reference code).
 
-Under a mesh (`Calibration(..., mesh=m)`: the compress config's `mesh.data` > 1) each calibration batch is split
-over the mesh's "data" axis and the parameters are replicated, so the activations of a batch are spread over the
-devices; the statistics (X^T X, squared norms, gradients) are sums over the batch, which XLA reduces across the
-devices, and equal the one-device ones to float32 rounding (tested).
+Under a mesh (`Calibration(..., mesh=m)`: the compress config's mesh when it has more than one device, or a
+multi-process run) each calibration batch is split over the mesh's "data" axis (each process puts only its own
+rows) and the parameters are replicated, so the activations of a batch are spread over the devices, and over the
+hosts; the statistics (X^T X, squared norms, gradients) are sums over the batch, which XLA reduces across the
+devices, and equal the one-device ones to float32 rounding (tested, and in two processes).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from research import errors, models
 from research.models import loss as loss_lib
 from research.models import transformer
+from research.parallel import distributed, sharding
 
 STATS = ("hessian", "sqnorm")
 _BLOCK_PATH = re.compile(r"layers/(\d+)/((?:attn|mlp)/\w+)/kernel")
@@ -60,16 +62,15 @@ class Calibration:
             )
 
     def place(self, x):
-        """A batch-leading array on the calibration devices (split over "data" under a mesh)."""
+        """A batch-leading array on the calibration devices (split over "data" under a mesh; every process holds
+        the whole array and puts only its own rows)."""
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(np.asarray(x), NamedSharding(self.mesh, P("data")))
+        return distributed.put_rows(np.asarray(x), NamedSharding(self.mesh, P("data")))
 
     def replicate(self, tree):
         """Parameters on every device of the mesh (unchanged without one)."""
-        if self.mesh is None:
-            return tree
-        return jax.device_put(jax.device_get(tree), NamedSharding(self.mesh, P()))
+        return tree if self.mesh is None else sharding.replicate(tree, self.mesh)
 
     def batches(self):
         for i in range(0, len(self.inputs), self.batch_size):

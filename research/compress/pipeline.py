@@ -50,7 +50,8 @@ from research.compress import report as compress_report
 from research.data import corpora, dataset, tokenizers
 from research.eval import metrics
 from research.models import act_quant
-from research.train import distributed, fit, sharding
+from research.parallel import distributed, sharding
+from research.train import fit
 
 
 def base_config() -> mlc.ConfigDict:
@@ -83,7 +84,8 @@ def base_config() -> mlc.ConfigDict:
         ckpt_every=100,
         keep_checkpoints=2,
     )
-    # Fine-tuning runs on this mesh (research/train/sharding.py); the default is one device.
+    # The mesh (research/parallel/sharding.py) fine-tuning runs on; with more than one device (or in a multi-process
+    # run), calibration and evaluation split their windows over its data axis too. The default is one device.
     c.mesh = dict(data=1, model=1, rules="replicated")
     c.distributed = dict(enabled=False, coordinator=None, num_processes=None, process_id=None)
     # Evaluation: the validation split of data.corpus, or `corpus` (a text of its own, evaluated whole: e.g.
@@ -161,6 +163,12 @@ def validate(cfg: mlc.ConfigDict) -> None:
     integer("data.batch_size", cfg.data.batch_size, 1)
     integer("calibration.n", cfg.calibration.n, 0)
     integer("calibration.batch_size", cfg.calibration.batch_size, 1)
+    data = (cfg.get("mesh") or {}).get("data", 1)
+    if isinstance(data, int) and data > 1 and cfg.calibration.n and cfg.calibration.batch_size % data:
+        raise errors.UserError(
+            f"calibration.batch_size={cfg.calibration.batch_size} is not divisible by mesh.data={data}: each "
+            "calibration batch is split over the data devices"
+        )
     if f.steps and (f.lr <= 0 or f.min_lr < 0 or f.warmup_steps < 0):
         raise errors.UserError("finetune.lr must be > 0, finetune.min_lr >= 0 and finetune.warmup_steps >= 0")
     specs = [dict(x) for x in cfg.compress]
@@ -204,9 +212,15 @@ class _Job:
     out_cfg: object
     out_graphdef: object
     progress: bool | None
+    mesh: object  # fine-tuning's mesh; calibration and evaluation use it too when `spread`
     times: dict = dataclasses.field(default_factory=dict)
     partial: Path | None = None  # where fine-tuning checkpoints and metrics live until the run succeeds
     logger: log.Logger | None = None
+
+    @property
+    def spread(self) -> bool:
+        """Whether calibration and evaluation split their windows over the mesh (more than one device)."""
+        return self.mesh.size > 1
 
     @contextlib.contextmanager
     def timed(self, name: str):
@@ -229,6 +243,7 @@ class _Job:
             progress=self.progress,
             desc=desc,
             reference=(self.m.graphdef, self.m.params) if self.cfg.eval.get("agreement") and not dense else None,
+            sharding=sharding.batch_sharding(self.mesh, ("data",)) if self.spread else None,
         )
 
     def batches(self) -> dataset.Batches:
@@ -239,12 +254,9 @@ class _Job:
         """Fine-tunes `steps` steps under `transform` on the batch stream from step `offset` on, through the
         trainer's loop (`fit.finetune`), checkpointed in `partial/name` and resumed from there."""
         t_cfg = mlc.ConfigDict({**self.cfg.finetune.to_dict(), "steps": steps})
-        mesh_cfg = self.cfg.get("mesh") or {"data": 1, "model": 1, "rules": "replicated"}
-        mesh = sharding.make_mesh(mesh_cfg["data"], mesh_cfg["model"])
-        sharding.check_batch(self.cfg.data.batch_size, mesh, ("data",))
         return fit.finetune(
             graphdef, params, transform, cstate, fit.Offset(self.batches(), offset), t_cfg,
-            workdir=self.partial / name, mesh=mesh, rules=mesh_cfg["rules"], logger=self.logger,
+            workdir=self.partial / name, mesh=self.mesh, rules=_mesh_cfg(self.cfg)["rules"], logger=self.logger,
             log_offset=offset, evaluate=lambda p: self.evaluate(p, f"eval {name}", graphdef),
             meta={"stage": name, "offset": offset}, seed=self.cfg.seed, progress=self.progress, desc=name,
         )  # fmt: skip
@@ -263,8 +275,16 @@ class _Job:
         )
 
 
+def _mesh_cfg(cfg) -> dict:
+    return dict(cfg.get("mesh") or {"data": 1, "model": 1, "rules": "replicated"})
+
+
 def _prepare(cfg: mlc.ConfigDict, progress) -> _Job:
     """Loads the model and the data a compress config names, and checks what only they can tell."""
+    mesh_cfg = _mesh_cfg(cfg)
+    mesh = sharding.make_mesh(mesh_cfg["data"], mesh_cfg["model"])
+    if cfg.finetune.steps or any(set(dict(x)) == {"finetune"} for x in cfg.compress):
+        sharding.check_batch(cfg.data.batch_size, mesh, ("data",))
     m = sources.load(cfg.model, cfg.step)
     run_cfg = m.run_config
     tok_spec = cfg.data.tokenizer or m.tokenizer
@@ -308,7 +328,7 @@ def _prepare(cfg: mlc.ConfigDict, progress) -> _Job:
     out_graphdef = m.graphdef if bits is None else models.abstract(out_cfg)[0]
     return _Job(
         cfg, m, tok, corpus, splits.train, eval_tokens, calib_tokens, seq_len, protocol, specs, parts, out_cfg,
-        out_graphdef, progress,
+        out_graphdef, progress, mesh,
     )  # fmt: skip
 
 
@@ -342,9 +362,10 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
 def _locked(job: _Job, atomic, partial: Path, t0: float) -> dict:
     cfg = job.cfg
     with contextlib.ExitStack() as cleanup:
-        if distributed.is_main():
-            cleanup.enter_context(files.RunLock(partial))
-            files.write_json(partial / "config.json", json.loads(config_lib.to_json(cfg)))
+        with distributed.together("process 0 could not set up the run's directory; see its error"):
+            if distributed.is_main():
+                cleanup.enter_context(files.RunLock(partial))
+                files.write_json(partial / "config.json", json.loads(config_lib.to_json(cfg)))
         job.partial = partial
         job.logger = log.Logger(partial, cfg.to_dict(), cfg.wandb.to_dict(), resume_step=_resume_step(partial))
         cleanup.callback(job.logger.close)
@@ -373,10 +394,11 @@ def _partial_dir(out: Path, cfg, overwrite: bool) -> Path:
                 f"{partial} holds an unfinished compress run of a different config; rerun that config to resume "
                 "it, or pass --overwrite to discard it"
             )
-        if old != new:
+        if old != new and distributed.is_main():
             shutil.rmtree(partial)
-    elif partial.exists() and overwrite:
+    elif partial.exists() and overwrite and distributed.is_main():
         shutil.rmtree(partial)
+    distributed.barrier("compress-partial")  # the others read it only after process 0 has cleared it
     return partial
 
 
@@ -396,14 +418,14 @@ def _resume_step(partial: Path) -> int | None:
 
 
 def _run(job: _Job, atomic, t0: float) -> dict:
-    cfg, progress, out = job.cfg, job.progress, atomic.target
+    cfg, out = job.cfg, atomic.target
     with job.timed("eval_dense"):
         before = job.evaluate(job.m.params, "eval dense") if cfg.eval.get("dense", True) else None
     calib = None
     if any(registry.needs_calibration(x) for x in job.specs):
         c = cfg.calibration
         inputs = calib_lib.sample(job.calib_tokens, c.n, c.length, c.seed, job.m.cfg.max_seq_len)
-        calib = calib_lib.Calibration(job.m.graphdef, inputs, c.batch_size)
+        calib = calib_lib.Calibration(job.m.graphdef, inputs, c.batch_size, job.mesh if job.spread else None)
     with job.timed("compress"):
         transform, cstate, base, stages, offset = _staged(job, calib)
         effective = jax.block_until_ready(transform.apply(base, cstate))
@@ -412,7 +434,8 @@ def _run(job: _Job, atomic, t0: float) -> dict:
     with job.timed("eval_compressed"):
         after = job.evaluate(effective, "eval compressed", job.out_graphdef)
     packed_at_init = None
-    if cfg.finetune.steps or cfg.get("shrink"):  # else the saved model is this one
+    # else the saved model is this one; in a multi-process run process 0 packs, the others wait
+    if (cfg.finetune.steps or cfg.get("shrink")) and distributed.is_main():
         with job.timed("pack_compressed"), tempfile.TemporaryDirectory() as d:  # model.zlm's header: same bytes
             exported = core.export(transform, base, cstate)
             packed_at_init = _pack(effective, exported, Path(d) / "m.zlm", job.pack_meta(job.out_cfg))
@@ -429,52 +452,64 @@ def _run(job: _Job, atomic, t0: float) -> dict:
             tuned = job.evaluate(effective, "eval fine-tuned", job.out_graphdef)
         job.logger.log(offset + cfg.finetune.steps, log.numeric(tuned), split="val")
     job.logger.close()
+    sizes = compress_report.summarize(effective, transform.masks(cstate))
+    out_cfg, shrunk = job.out_cfg, None
+    if cfg.get("shrink"):
+        from research.compress.prune import structured
+
+        out_cfg, effective = structured.shrink(job.m.cfg, params, cstate)
+        with job.timed("eval_shrunk"):
+            shrunk = job.evaluate(effective, "eval shrunk", models.abstract(out_cfg)[0])
+        shrunk["params"] = sum(int(np.size(x)) for x in tree.flatten(effective).values())
+        shrunk["model"] = out_cfg.to_dict()
+    summary = {
+        "source": cfg.model,
+        "methods": [dict(s) for s in cfg.compress],
+        "act_bits": out_cfg.act_bits,
+        "sparsity": sizes["masked_sparsity"],
+        "sparsity_compressed": at_init["masked_sparsity"],
+        "nonzero_compressed": at_init["nonzero"],
+        "sparsity_all_params": sizes["sparsity"],
+        **{k: sizes[k] for k in ("masked_params", "params", "nonzero", "dense_bytes_fp32", "dense_bytes_bf16")},
+        "leaves": sizes["leaves"],
+        "calibration": {
+            "n": cfg.calibration.n,
+            "length": None if calib is None else calib.inputs.shape[1],
+            "corpus": cfg.calibration.get("corpus") or f"{job.corpus} (training split)",
+        },
+        "eval_corpus": cfg.eval.get("corpus") or f"{job.corpus} (validation split)",
+        "stages": stages,
+        "dense": before,
+        "compressed": after,
+        "finetuned": tuned,
+        "shrunk": shrunk,
+        "finetune": ft,
+        "devices": {"processes": jax.process_count(), "mesh": dict(job.mesh.shape)},
+        "seconds": {**job.times, "total": time.time() - t0},
+        "workdir": str(out),
+        "packed": None,  # process 0's: written with the file
+        "packed_compressed": packed_at_init,
+    }
+    # Process 0 writes the result; a failure there (disk full) stops every process with the same status.
+    with distributed.together("process 0 failed to write the result; see its error"):
+        if distributed.is_main():
+            _write(job, atomic, summary, effective, params, cstate, transform, shrunk, out_cfg, t0)
+    return summary
+
+
+def _write(job: _Job, atomic, summary: dict, effective, params, cstate, transform, shrunk, out_cfg, t0) -> None:
+    """Writes model.zlm, summary.json and the fine-tuning metrics into the output directory, all or nothing."""
     with atomic as tmp:
         for name in ("metrics.jsonl", "wandb"):
             if (job.partial / name).exists():
                 (shutil.copytree if (job.partial / name).is_dir() else shutil.copy2)(job.partial / name, tmp / name)
-        sizes = compress_report.summarize(effective, transform.masks(cstate))
-        out_cfg, shrunk, exported = job.out_cfg, None, None
-        if cfg.get("shrink"):
-            from research.compress.prune import structured
-
-            out_cfg, effective = structured.shrink(job.m.cfg, params, cstate)
-            with job.timed("eval_shrunk"):
-                shrunk = job.evaluate(effective, "eval shrunk", models.abstract(out_cfg)[0])
-            shrunk["params"] = sum(int(np.size(x)) for x in tree.flatten(effective).values())
-            shrunk["model"] = out_cfg.to_dict()
         with job.timed("pack"):
             exported = {} if shrunk else core.export(transform, params, cstate)
-            packed = _pack(effective, exported, tmp / "model.zlm", job.pack_meta(out_cfg), progress)
-        summary = {
-            "source": cfg.model,
-            "methods": [dict(s) for s in cfg.compress],
-            "act_bits": out_cfg.act_bits,
-            "sparsity": sizes["masked_sparsity"],
-            "sparsity_compressed": at_init["masked_sparsity"],
-            "nonzero_compressed": at_init["nonzero"],
-            "sparsity_all_params": sizes["sparsity"],
-            **{k: sizes[k] for k in ("masked_params", "params", "nonzero", "dense_bytes_fp32", "dense_bytes_bf16")},
-            "leaves": sizes["leaves"],
-            "calibration": {
-                "n": cfg.calibration.n,
-                "length": None if calib is None else calib.inputs.shape[1],
-                "corpus": cfg.calibration.get("corpus") or f"{job.corpus} (training split)",
-            },
-            "eval_corpus": cfg.eval.get("corpus") or f"{job.corpus} (validation split)",
-            "stages": stages,
-            "dense": before,
-            "compressed": after,
-            "finetuned": tuned,
-            "shrunk": shrunk,
-            "finetune": ft,
-            "seconds": {**job.times, "total": time.time() - t0},
-            "workdir": str(out),
-            "packed": packed,
-            "packed_compressed": packed_at_init or packed,
-        }
+            packed = _pack(effective, exported, tmp / "model.zlm", job.pack_meta(out_cfg), job.progress)
+        summary["packed"] = packed
+        summary["packed_compressed"] = summary["packed_compressed"] or packed
+        summary["seconds"] = {**job.times, "total": time.time() - t0}
         files.write_json(tmp / "summary.json", summary)
-    return summary
 
 
 def _staged(job: _Job, calib):

@@ -128,7 +128,7 @@ class Batches:
 
     def rows(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
         """Rows lo .. hi-1 of the batch of a step, gathering only their tokens (one process's slice of a global
-        batch: `train.distributed.put_batch`)."""
+        batch: `parallel.distributed.put_batch`)."""
         rows = self._starts(step)[lo:hi, None] + np.arange(self.seq_len + 1)  # (hi - lo, T+1)
         window = self.tokens[rows].astype(np.int32)
         return {"inputs": window[:, :-1], "targets": window[:, 1:]}

@@ -33,6 +33,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from research import errors, hardware, models
+from research.parallel import distributed
+from research.parallel import sharding as sharding_lib
 
 # Evaluation computes the attention ATTN_CHUNK queries at a time when one layer's (B, H, W, W) float32 scores
 # would exceed ATTN_BUDGET elements (2**24: 64 MiB); see `evaluate` and benchmarks/eval_memory.py.
@@ -157,6 +159,7 @@ def evaluate(
     logits_chunk: int | None = None,
     attn_chunk: int | None = None,
     reference=None,
+    sharding=None,
 ) -> dict:
     """Scores `tokens` with the model (graphdef, params) under `protocol`.
 
@@ -178,6 +181,10 @@ def evaluate(
         closely this model's next-token distributions follow it on the scored tokens, what "lossless" means for a
         model's outputs: KL(reference || model) per token (0 when the distributions are equal) and top-1
         agreement (the fraction of scored positions where both models rank the same token first).
+      sharding: a batch sharding over a mesh (`parallel.sharding.batch_sharding`): each batch's windows are split
+        over its devices (every process puts only its own rows, `distributed.put_rows`), the batch size is
+        rounded up to a multiple of the devices they are split over, and parameters not yet on the mesh are
+        replicated on it. The sums equal the one-device ones to float32 rounding. None: one device.
 
     Returns:
       {"loss" (nats/token), "perplexity", "bits_per_byte", "accuracy", "tokens", "bytes", "protocol"}, and with a
@@ -189,6 +196,15 @@ def evaluate(
         if value is not None and value <= 0:
             raise errors.UserError(f"eval {name} must be positive, got {value}")
     inputs, targets, mask = windows(tokens, protocol, max_windows)
+    put = np.asarray
+    if sharding is not None:
+        batch_size = -(-batch_size // sharding_lib.row_shards(sharding)) * sharding_lib.row_shards(sharding)
+        params = sharding_lib.replicate(params, sharding.mesh)
+        if reference is not None:
+            reference = (reference[0], sharding_lib.replicate(reference[1], sharding.mesh))
+
+        def put(a):
+            return distributed.put_rows(a, sharding)
 
     pad = -len(inputs) % batch_size
     if pad:
@@ -197,32 +213,22 @@ def evaluate(
     # Compiled ahead of the loop (jax caches the executable per shape, as a jitted call would), then the heap the
     # compiler freed is handed back before the first batch runs: otherwise glibc keeps it (~90 MiB for
     # SmolLM2-135M) and the evaluation's peak stacks on top of it (benchmarks/eval_memory.py).
-    first = slice(0, batch_size)
+    first = [put(a[:batch_size]) for a in (inputs, targets, mask)]
     if reference is None:
-        step = _eval_step.lower(graphdef, params, inputs[first], targets[first], mask[first], logits_chunk, attn_chunk)
+        step = _eval_step.lower(graphdef, params, *first, logits_chunk, attn_chunk)
     else:
         ref_graphdef, ref_params = reference
-        step = _agree_step.lower(
-            graphdef,
-            params,
-            inputs[first],
-            targets[first],
-            mask[first],
-            ref_params,
-            ref_graphdef,
-            logits_chunk,
-            attn_chunk,
-        )
+        step = _agree_step.lower(graphdef, params, *first, ref_params, ref_graphdef, logits_chunk, attn_chunk)
     step = step.compile()
     hardware.release_freed_memory()
     nll, correct, kl, agree = 0.0, 0, 0.0, 0
     disable = None if progress is None else not progress
     for i in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=disable, leave=False):
-        sl = slice(i, i + batch_size)
+        batch = [put(a[i : i + batch_size]) for a in (inputs, targets, mask)]
         if reference is None:
-            b_nll, b_correct = step(params, inputs[sl], targets[sl], mask[sl])
+            b_nll, b_correct = step(params, *batch)
         else:
-            b_nll, b_correct, b_kl, b_agree = step(params, inputs[sl], targets[sl], mask[sl], ref_params)
+            b_nll, b_correct, b_kl, b_agree = step(params, *batch, ref_params)
             kl += float(b_kl)
             agree += int(b_agree)
         nll += float(b_nll)

@@ -282,8 +282,8 @@ def load_run(workdir: str | Path, step: int | None = None):
     if not (workdir / "checkpoints").is_dir():
         raise errors.UserError(f"{workdir} is not a run directory (no checkpoints/ inside)")
     ckpts = Checkpoints(workdir, create=False)
-    # Restore onto this process's first device, whatever mesh wrote the checkpoint.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Restore onto this process's first device, whatever mesh (and however many processes) wrote the checkpoint.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target(meta):
         cfg = config_lib.from_dict(meta["config"])

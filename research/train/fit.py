@@ -32,7 +32,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from research import errors, log
-from research.train import checkpoint, distributed, sharding
+from research.parallel import distributed, sharding
+from research.train import checkpoint
 from research.train import step as step_lib
 
 
@@ -137,15 +138,6 @@ def _stop_on_signal():
             signal.signal(s, h)
 
 
-def _agreed(flag: bool) -> bool:
-    """Whether any process was signalled (every process gets the same answer)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
 def save(lp: Loop, step: int, state) -> None:
     """Checkpoints `state` as `step`; a failed write is a one-line UserError naming the step to resume from."""
     if lp.ckpts is None:
@@ -199,7 +191,7 @@ def run(lp: Loop, state, *, stop_at: int | None = None, progress: bool | None = 
             do_eval = bool(lp.eval_every) and lp.evaluate is not None and done % lp.eval_every == 0 and done < lp.steps
             # read once (agreed between processes at logging steps): a signal during this step's evaluation
             # stops the next one
-            stopping = _agreed(bool(stop)) if do_log or jax.process_count() == 1 else False
+            stopping = distributed.any_process(bool(stop)) if do_log or jax.process_count() == 1 else False
             do_save = done % lp.ckpt_every == 0 or done == end or stopping
             if do_log or do_eval or do_save:
                 _check_finite(pending, state if do_save else None, lp.ckpts)
@@ -278,7 +270,8 @@ def finetune(
       meta: extra fields of every checkpoint's meta record.
 
     Returns:
-      (params, cstate, {"steps", "loss" (last logged; None when nothing ran), "seconds", "step_seconds",
+      (params, cstate: numpy trees holding the whole values on every process, {"steps", "loss" (last logged;
+      None when nothing ran), "seconds", "step_seconds",
       "resumed_from"}). Raises `Interrupted` when stopped by a signal (a checkpoint saved when `workdir` is set).
     """
     from research.compress import core
@@ -287,7 +280,7 @@ def finetune(
     t0 = time.time()
     tx = core.keep_masked(optim.make(t))
     mesh = mesh if mesh is not None else sharding.make_mesh(1, 1)
-    state = new_state(jax.device_get(params), tx, jax.device_get(cstate))
+    state = new_state(distributed.to_host(params), tx, distributed.to_host(cstate))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), state)
     state_sh = state_shardings(abstract, abstract["params"], rules, mesh)
     ckpts = None
@@ -320,7 +313,7 @@ def finetune(
         "step_seconds": res.timed_seconds / n if n else None,
         "resumed_from": res.start if resumed else None,
     }
-    return res.state["params"], res.state["compress"], info
+    return distributed.to_host(res.state["params"]), distributed.to_host(res.state["compress"]), info
 
 
 def _check_finite(pending: list, state, ckpts) -> None:

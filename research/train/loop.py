@@ -23,7 +23,8 @@ from research import errors, files, hardware, log, models
 from research.compress import core
 from research.data import dataset, tokenizers
 from research.eval import metrics
-from research.train import checkpoint, distributed, fit, optim, sharding
+from research.parallel import distributed, sharding
+from research.train import checkpoint, fit, optim
 from research.train.fit import Interrupted  # noqa: F401  (raised by train; the CLI catches it as loop.Interrupted)
 
 # Settings that may change between an interrupted run and its resumption.
@@ -191,6 +192,7 @@ def train(
                 batch_size=cfg.eval.batch_size,
                 max_windows=max_windows,
                 progress=progress,
+                sharding=batch_sh,
             )
 
         def meta(step):

@@ -340,7 +340,7 @@ def test_hopeless_hessians_raise_and_never_return_nan():
 
 
 def test_calibration_under_a_mesh_gives_the_one_device_statistics(tiny):
-    from research.train import sharding
+    from research.parallel import sharding
 
     graphdef, params, _ = tiny
     inputs = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)

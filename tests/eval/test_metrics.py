@@ -185,3 +185,28 @@ def test_attention_is_chunked_only_when_the_scores_are_large():
     assert metrics.auto_attn_chunk(4, 9, 2048) == metrics.ATTN_CHUNK  # SmolLM2 at window 2048: 604 MB of scores
     assert metrics.auto_attn_chunk(1, 9, 2048) == metrics.ATTN_CHUNK
     assert metrics.auto_attn_chunk(32, 4, 256) == 256  # a small model's eval batch: 33 MB, one chunk
+
+
+def test_windows_split_over_devices_score_as_on_one_device():
+    from research.parallel import sharding
+
+    cfg = mc.llama_style(vocab_size=97, n_layer=1, n_head=2, d_model=16, max_seq_len=32, tie_embeddings=True)
+    graphdef, ref = models.init(cfg, 0)
+    noisy = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape), ref)
+    tokens = np.random.default_rng(0).integers(0, 97, 700)  # 22 windows: the last batch is padded
+    protocol, bytes_ = metrics.Protocol(32, 32), np.ones(97, np.int64)
+    one = metrics.evaluate(graphdef, noisy, tokens, bytes_, protocol, batch_size=4, reference=(graphdef, ref))
+    mesh = sharding.make_mesh(8, 1)
+    many = metrics.evaluate(
+        graphdef, noisy, tokens, bytes_, protocol, batch_size=3, reference=(graphdef, ref),
+        sharding=sharding.batch_sharding(mesh, ("data",)),
+    )  # fmt: skip
+    assert many["tokens"] == one["tokens"] == 699 and many["accuracy"] == one["accuracy"]
+    for k in ("loss", "kl", "top1_agreement"):
+        assert many[k] == pytest.approx(one[k], rel=1e-6), k
+    # Parameters already laid out on the mesh (a sharded training state) are used where they are.
+    placed = jax.device_put(noisy, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    again = metrics.evaluate(
+        graphdef, placed, tokens, bytes_, protocol, batch_size=8, sharding=sharding.batch_sharding(mesh, ("data",))
+    )
+    assert again["loss"] == pytest.approx(one["loss"], rel=1e-6)

@@ -1,11 +1,14 @@
-"""Two processes x 4 CPU devices on localhost (gloo) train under a transform exactly as one process with 8 devices
-does, and a checkpoint written by the two resumes in one process."""
+"""Two processes x 4 CPU devices on localhost (gloo) train under a transform and compress (calibration, fine-tuning
+stages, evaluation) exactly as one process with 8 devices does, a checkpoint written by the two resumes in one
+process, and a failure on process 0 alone stops both with the same status."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+
+import pytest
 
 from research import log
 from tests import helpers
@@ -38,7 +41,8 @@ def _train(workdir, *extra, devices=8):
     return subprocess.run(cmd, env=_env(devices), cwd=helpers.REPO, capture_output=True, text=True, timeout=600)
 
 
-def _train_two(workdir, *extra):
+def _two(command: list, status: int = 0) -> list:
+    """Runs `ziplm *command` as processes 0 and 1 of one run; returns their (stdout, stderr)."""
     port = _port()
     procs = [
         subprocess.Popen(
@@ -46,11 +50,7 @@ def _train_two(workdir, *extra):
                 sys.executable,
                 "-m",
                 "research",
-                "train",
-                "--workdir",
-                str(workdir),
-                *ARGS,
-                *extra,
+                *command,
                 "--config.distributed.enabled=True",
                 f"--config.distributed.coordinator=localhost:{port}",
                 "--config.distributed.num_processes=2",
@@ -66,8 +66,12 @@ def _train_two(workdir, *extra):
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == status, err[-3000:]
     return outs
+
+
+def _train_two(workdir, *extra):
+    return _two(["train", "--workdir", str(workdir), *ARGS, *extra])
 
 
 def _losses(workdir):
@@ -93,3 +97,71 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((multi / "summary.json").read_text())["resumed_from"] == 4
     assert sorted(_losses(multi)) == [1, 2, 3, 4, 5, 6]
+    # And the one process's checkpoint resumes in two, on the same trajectory.
+    _train_two(single, "--config.train.steps=6")
+    assert json.loads((single / "summary.json").read_text())["resumed_from"] == 4
+    a, b = _losses(single), _losses(multi)
+    assert sorted(a) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+COMPRESS = [
+    "--config.compress=[{'method': 'wanda', 'sparsity': 0.5}, {'finetune': 2}, "
+    "{'method': 'rtn', 'bits': 4, 'granularity': 'channel'}]",
+    "--config.finetune.steps=2",
+    "--config.finetune.log_every=1",
+    "--config.data.batch_size=8",
+    "--config.calibration.n=8",
+    "--config.calibration.length=32",
+    "--config.calibration.batch_size=8",
+    "--config.eval.max_windows=8",
+    "--config.eval.batch_size=8",
+    "--config.eval.agreement=True",
+    "--config.mesh.data=8",
+]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A dense model trained in one process on one device."""
+    path = tmp_path_factory.mktemp("mp-source") / "run"
+    r = _train(path, "--config.compress=[]", "--config.mesh.data=1", devices=1)
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def test_two_processes_compress_like_one(source, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    cmd = ["compress", "--model", str(source), *COMPRESS]
+    r = subprocess.run(
+        [sys.executable, "-m", "research", *cmd, "--workdir", str(single)],
+        env=_env(8), cwd=helpers.REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    outs = _two([*cmd, "--workdir", str(multi)])
+    said = [[x for x in out.splitlines() if not x.startswith("[Gloo]")] for out, _ in outs]  # gloo's own lines
+    assert any(x.startswith("packed:") for x in said[0]) and said[1] == []  # process 0 alone reports and writes
+    assert sorted(x.name for x in multi.iterdir()) == ["metrics.jsonl", "model.zlm", "summary.json"]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (single, multi))
+    assert b["devices"] == {"processes": 2, "mesh": {"data": 8, "model": 1}} and a["devices"]["processes"] == 1
+    # Calibration (Wanda's norms), the stage and final fine-tuning and every evaluation agree across layouts.
+    assert a["sparsity"] == b["sparsity"] == 0.5
+    for key in ("dense", "compressed", "finetuned"):
+        for m in ("loss", "kl", "top1_agreement") if key != "dense" else ("loss",):
+            assert abs(a[key][m] - b[key][m]) <= 1e-5, (key, m, a[key][m], b[key][m])
+    assert abs(a["stages"][0]["val"]["loss"] - b["stages"][0]["val"]["loss"]) <= 1e-5
+    la, lb = _losses(single), _losses(multi)
+    assert sorted(la) == sorted(lb) == [1, 2, 3, 4]
+    for step in la:
+        assert abs(la[step] - lb[step]) <= 1e-5, (step, la[step], lb[step])
+
+
+def test_a_failure_on_process_zero_alone_stops_both_with_its_status(source, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # the output's parent is a file: only process 0, which writes, finds out
+    cmd = ["compress", "--model", str(source), "--workdir", str(blocker / "out")]
+    outs = _two([*cmd, "--config.compress=[{'method': 'magnitude', 'sparsity': 0.5}]"], status=2)
+    assert outs[0][1].startswith("error: ") and "another" not in outs[0][1], outs[0][1]
+    assert "error: process 0 could not set up" in outs[1][1], outs[1][1]
+    assert "Traceback" not in outs[0][1] + outs[1][1]

@@ -5,7 +5,8 @@ from jax.sharding import PartitionSpec as P
 
 from research import errors, log, models, tree
 from research.models import config as mc
-from research.train import loop, optim, sharding
+from research.parallel import sharding
+from research.train import loop, optim
 from research.train import step as step_lib
 from tests import helpers
 

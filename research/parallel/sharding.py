@@ -137,6 +137,29 @@ def batch_sharding(mesh, axes: tuple[str, ...]) -> NamedSharding:
     return NamedSharding(mesh, P(axes))
 
 
+def row_shards(batch_sh: NamedSharding) -> int:
+    """How many parts a batch sharding (`batch_sharding`) cuts the rows of a batch into."""
+    axes = batch_sh.spec[0] if len(batch_sh.spec) else None
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([batch_sh.mesh.shape[a] for a in names]))
+
+
+def replicate(tree, mesh):
+    """Every array of `tree` on every device of `mesh`; arrays already laid out on the mesh's devices are kept."""
+    devices = set(mesh.devices.flat)
+    rep = NamedSharding(mesh, P())
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            if x.sharding.device_set == devices:
+                return x
+            if x.is_fully_addressable:  # this process's copy: every process puts its own (no cross-host transfer)
+                x = np.asarray(x)
+        return jax.device_put(x, rep)
+
+    return jax.tree.map(one, tree)
+
+
 def check_batch(batch_size: int, mesh, axes) -> None:
     shards = int(np.prod([mesh.shape[a] for a in axes]))
     if batch_size % shards:

@@ -16,12 +16,19 @@ under the batch sharding) and the global array is formed with `jax.make_array_fr
 (`put_batch`). The rows are those of the single-process batch (`dataset.Batches.rows`), so a batch is a pure
 function of (seed, step) whatever the number of processes, and a run resumes on another process count.
 
+Evaluation and calibration split their windows over the mesh's data devices the same way (`put_rows`: every
+process holds the windows, each puts only its rows), and results sharded across processes come back whole on every
+process through `to_host`.
+
 Writes. Logs, progress bars and result files come from process 0 only (`is_main`); orbax checkpoints are written
-and read by every process. CPU collectives between processes use gloo (JAX's default for the CPU backend).
+and read by every process. A failure that only process 0 can see (writing the result) is shared by `together`, so
+every process exits with the same status instead of the others waiting in their next collective. CPU collectives
+between processes use gloo (JAX's default for the CPU backend).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -119,3 +126,53 @@ def put_rows(array: np.ndarray, sharding) -> jax.Array:
     """A host array that every process holds whole, as a global array split along its rows by `sharding`."""
     lo, hi = local_rows(sharding, array.shape[0])
     return jax.make_array_from_process_local_data(sharding, array[lo:hi], array.shape)
+
+
+def to_host(tree):
+    """A tree of arrays as numpy arrays holding their whole values on every process: an array sharded across
+    processes (fsdp or tensor rules in a multi-process run) is gathered; any other array is copied from the
+    devices this process holds."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+@contextlib.contextmanager
+def together(what: str = "another process failed; see its error"):
+    """Runs a block that may fail on some processes only (process 0 writing a result): when it raises on any
+    process, it raises there as itself and on every other process as `errors.UserError(what)`, so all of them
+    stop with the same status instead of waiting for the failed one in their next collective. Every process must
+    enter the block; in one process it is the block alone."""
+    if jax.process_count() == 1:
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        any_process(True)
+        raise
+    if any_process(False):
+        raise errors.UserError(what)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (a no-op in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (every process gets the same answer; a collective in a multi-process
+    run, so every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
