@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -528,17 +529,36 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args, rest)
     except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _stopped(2)
     except OSError as e:  # an operating-system error no check could foresee (disk full, permissions, ...)
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {(e.strerror or str(e) or type(e).__name__).lower()}{where}", file=sys.stderr)
-        return 2
+        return _stopped(2)
     except loop.Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return _stopped(130)
+
+
+def _connected() -> bool:
+    from research.parallel import distributed
+
+    return distributed.connected()
+
+
+def _stopped(status: int) -> int:
+    """The exit status of a failed command. In a multi-process run the process exits at once: a clean exit would
+    wait (5 minutes) at JAX's shutdown barrier for processes that may be waiting for it in a collective. Errors
+    that every process meets (a bad config, a missing model) and process 0's writes (`distributed.together`) stop
+    every process with the same status; after an error on one process alone, JAX's coordination service stops
+    the others (within its heartbeat timeout) with a non-zero status."""
+    if "jax" in sys.modules and _connected():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ def _env_int(name: str) -> int | None:
         raise errors.UserError(f"{name}={value!r} is not an integer") from None
 
 
+def connected() -> bool:
+    """Whether this process has joined a multi-process run (without starting a backend)."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client is not None
+
+
 def initialize(dcfg) -> bool:
     """Connects this process to the others when `dcfg` (a config's `distributed` section) or ZIPLM_DISTRIBUTED=1
     asks for it; a no-op otherwise and when already connected. Returns whether the run is multi-process.
@@ -63,9 +70,7 @@ def initialize(dcfg) -> bool:
     enabled = bool(dcfg.get("enabled")) or os.environ.get("ZIPLM_DISTRIBUTED", "") not in ("", "0")
     if not enabled:
         return jax.process_count() > 1
-    from jax._src import distributed as jax_distributed
-
-    if jax_distributed.global_state.client is not None:  # connected already (a second run in one process)
+    if connected():  # already (a second run in one process)
         return jax.process_count() > 1
     coordinator = dcfg.get("coordinator") or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     n = dcfg.get("num_processes")

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from research import errors, files, tree
+from research.parallel import distributed
 
 CHECKSUM = "u32sum+weighted/v1"
 FILE_MANIFEST = "ziplm-files.sha256.json"
@@ -183,9 +184,12 @@ class Checkpoints:
             s = steps.pop(0)
             tried.add(s)
             try:
-                self._check_files(s)
-                meta = self._read_meta(s)
-                state = None if make_target is None else self._restore_state(s, make_target(meta), meta)
+                self._agreed(s, lambda s=s: self._check_files(s))
+                meta = self._agreed(s, lambda s=s: self._read_meta(s))
+                if make_target is None:
+                    state = None
+                else:
+                    state = self._agreed(s, lambda s=s, m=meta: self._restore_state(s, make_target(m), m))
             except errors.CorruptData as e:
                 if not (self.dir / str(s)).exists():
                     # Rotated away by a run that is training (it saved a newer step meanwhile): take the newest.
@@ -206,6 +210,18 @@ class Checkpoints:
         if not damaged:
             raise errors.UserError(f"no checkpoint left in {self.dir} (they were deleted while reading)")
         raise errors.CorruptData(f"every checkpoint in {self.dir} is damaged (steps {damaged}); nothing to restore")
+
+    def _agreed(self, step: int, check: Callable):
+        """`check()`, with its verdict shared: a CorruptData on any process is one on every process, so all of them
+        fall back to the same older step (process 0 alone reads the file manifest)."""
+        problem, out = None, None
+        try:
+            out = check()
+        except errors.CorruptData as e:
+            problem = e
+        if distributed.any_process(problem is not None):
+            raise problem or errors.CorruptData(f"checkpoint step {step} in {self.dir} is damaged (process 0 found it)")
+        return out
 
     def _restore_state(self, step: int, target, meta: dict):
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
