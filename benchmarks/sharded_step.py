@@ -4,8 +4,9 @@
 
 Each device count runs in its own process (`jax_num_cpu_devices` is fixed at start-up) on the demo model shape,
 batch 16 x 128 split over the mesh's data axis (rules "replicated"): the dense step and the fine-tune step under
-magnitude 50% (masks in the state, `keep_masked`), both `train.step.make_train_step` with the trainer's
-shardings (`fit.state_shardings`). Forced CPU devices share the same 2 cores, so more devices do not mean more
+magnitude 50% (masks in the state, `keep_masked`) and under 4-bit per-channel QAT (fake quantization with
+min/max scales, straight-through), each `train.step.make_train_step` with the trainer's shardings
+(`fit.state_shardings`). Forced CPU devices share the same 2 cores, so more devices do not mean more
 compute: the ratios measure the sharding overhead (collectives, partitioned programs), not a speed-up. The
 median step time per configuration is reported relative to the dense 1-device step of the same run.
 On a GPU the same script reports absolute tokens/s. Writes benchmarks/results/sharded_step_<device>.json.
@@ -36,6 +37,7 @@ def _child(devices: int, steps: int) -> dict:
     from research import models
     from research.compress import core
     from research.compress.prune import magnitude
+    from research.compress.quant import qat
     from research.models import config as mc
     from research.parallel import sharding
     from research.train import fit, optim
@@ -50,7 +52,11 @@ def _child(devices: int, steps: int) -> dict:
     tokens = np.random.default_rng(0).integers(0, 256, (16, 129)).astype(np.int32)
     batch = {k: jax.device_put(v, batch_sh) for k, v in (("inputs", tokens[:, :-1]), ("targets", tokens[:, 1:]))}
     out = {}
-    for name, transform in (("dense", None), ("masked", magnitude.magnitude(0.5))):
+    for name, transform in (
+        ("dense", None),
+        ("masked", magnitude.magnitude(0.5)),
+        ("fake_quant", qat.qat(bits=4, granularity="channel")),
+    ):
         tx = optim.make(t) if transform is None else core.keep_masked(optim.make(t))
         cstate = None if transform is None else transform.init(params, jax.random.key(0), None)
         state = fit.new_state(params, tx, cstate)
@@ -84,8 +90,11 @@ def main() -> None:
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         rows[n] = json.loads(r.stdout.strip().splitlines()[-1])
+        r = rows[n]
         print(
-            f"{n} device(s): dense {rows[n]['dense'] * 1e3:.1f} ms, masked {rows[n]['masked'] * 1e3:.1f} ms", flush=True
+            f"{n} device(s): dense {r['dense'] * 1e3:.1f} ms, masked {r['masked'] * 1e3:.1f} ms, "
+            f"fake-quant {r['fake_quant'] * 1e3:.1f} ms",
+            flush=True,
         )
     base = rows[min(rows)]["dense"]
     result = {
@@ -98,6 +107,8 @@ def main() -> None:
                 "dense_vs_baseline": r["dense"] / base,
                 "masked_vs_baseline": r["masked"] / base,
                 "masked_vs_dense": r["masked"] / r["dense"],
+                "fake_quant_vs_baseline": r["fake_quant"] / base,
+                "fake_quant_vs_dense": r["fake_quant"] / r["dense"],
                 "tokens_per_second_dense": r["tokens_per_step"] / r["dense"],
             }
             for n, r in sorted(rows.items())

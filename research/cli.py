@@ -11,8 +11,9 @@
                 [--config.compress.0.sparsity=0.6 ...]
     ziplm pack  --model SRC --out FILE.zlm [--overwrite] [--json OUT]
     ziplm inspect FILE.zlm [--leaves] [--json OUT]
-    ziplm encode --model SRC IN OUT [--context C] [--chunk-len L] [--batch-size B] [--overwrite] [--json OUT]
-    ziplm decode --model SRC IN OUT [--overwrite]
+    ziplm encode --model SRC IN OUT [--context C] [--chunk-len L] [--batch-size B] [--devices N] [--overwrite]
+                [--json OUT]
+    ziplm decode --model SRC IN OUT [--devices N] [--overwrite]
 
 SRC is a run directory (ours), a compressed model (a `compress` directory or its model.zlm), a packed file (`pack`),
 a GGUF file, a model name fetched by `ziplm pull`, a Hugging Face checkpoint directory (config.json + safetensors),
@@ -92,9 +93,7 @@ def _eval(args, overrides) -> int:
         m.graphdef, m.params, tokens, tok.token_bytes, protocol, batch_size=batch_size, sharding=_spread(args.devices)
     )
     result.update(corpus=spec, split=split, step=m.step, model=str(source))
-    from research.parallel import distributed
-
-    if not distributed.is_main():  # in a multi-process run process 0 reports
+    if not _is_main():  # in a multi-process run process 0 reports
         return 0
     print(report.eval_table(result))
     if args.json:
@@ -104,6 +103,12 @@ def _eval(args, overrides) -> int:
     return 0
 
 
+def _is_main() -> bool:
+    from research.parallel import distributed
+
+    return distributed.is_main()
+
+
 def _spread(devices: int | None):
     """The batch sharding that splits evaluation windows over `devices` devices (None: one, or every device of
     every process in a multi-process run, which ZIPLM_DISTRIBUTED=1 starts: see research/parallel/distributed.py)."""
@@ -111,8 +116,7 @@ def _spread(devices: int | None):
 
     from research.parallel import distributed, sharding
 
-    multi = distributed.initialize(None)
-    n = devices or (jax.device_count() if multi else 1)
+    n = devices or (jax.device_count() if distributed.connected() else 1)
     if n > jax.device_count():
         raise errors.UserError(f"--devices {n}: only {jax.device_count()} device(s) are available")
     return sharding.batch_sharding(sharding.make_mesh(n, 1), ("data",)) if n > 1 else None
@@ -187,9 +191,7 @@ def _compress(args, overrides) -> int:
     config_lib.apply_overrides(cfg, overrides)
     name = Path(args.config.partition(":")[0]).stem if args.config else "compress"
     summary = pipeline.run(cfg, args.workdir or str(Path("runs") / name), overwrite=args.overwrite)
-    from research.parallel import distributed
-
-    if not distributed.is_main():  # in a multi-process run process 0 reports
+    if not _is_main():  # in a multi-process run process 0 reports
         return 0
     if summary["masked_params"]:
         print(compress_report.table(summary) + "\n")
@@ -262,7 +264,12 @@ def _encode(args, overrides) -> int:
     _no_extra(overrides, "encode")
     data = _read_bytes(args.input)
     m = sources.load(args.model, args.step)
-    blob, rep = lm.encode(data, m, context=args.context, chunk_len=args.chunk_len, batch_size=args.batch_size)
+    blob, rep = lm.encode(
+        data, m, context=args.context, chunk_len=args.chunk_len, batch_size=args.batch_size,
+        sharding=_spread(args.devices),
+    )  # fmt: skip
+    if not _is_main():  # in a multi-process run process 0 writes and reports
+        return 0
     files.write_bytes(args.output, blob, overwrite=args.overwrite)
     if rep["ideal_bits"] is None:
         how = f"stored raw (coding could not make it smaller: gave up after {rep['gave_up_after_tokens']:,} tokens)"
@@ -278,6 +285,11 @@ def _encode(args, overrides) -> int:
         f"(cache {rep['cache_capacity']} slots, {rep['cache_bytes'] / 2**20:,.1f} MiB), {rep['escape_bytes']} escape "
         f"bytes; {rep['tokens_per_s']:.1f} tokens/s, {_rate(len(data), rep['seconds'])} (model "
         f"{rep['model_seconds']:.1f} s, coder {rep['coder_seconds']:.2f} s)"
+        + (
+            f"; streams split over {rep['devices']} devices: decode with --devices {rep['devices']}"
+            if rep["devices"] > 1
+            else ""
+        )
     )
     if args.json:
         files.write_json(Path(args.json), rep)
@@ -292,7 +304,9 @@ def _decode(args, overrides) -> int:
     blob = _read_bytes(args.input)
     header, _ = lm.read_header(blob)  # a damaged file fails before the model is loaded
     m = None if header["stored"] else sources.load(args.model, args.step)  # a stored file needs no model
-    data, rep = lm.decode(blob, m)
+    data, rep = lm.decode(blob, m, None if header["stored"] else _spread(args.devices))
+    if not _is_main():  # in a multi-process run process 0 writes and reports
+        return 0
     files.write_bytes(args.output, data, overwrite=args.overwrite)
     how = "stored raw" if rep["stored"] else f"{rep['tokens']:,} tokens, {rep['tokens_per_s']:.1f} tokens/s"
     print(
@@ -486,6 +500,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     en.add_argument("--chunk-len", type=_positive, help="new tokens per window (default: half the context)")
     en.add_argument("--batch-size", type=_positive, default=16, help="streams coded in parallel (default 16)")
+    en.add_argument(
+        "--devices",
+        type=_positive,
+        help="split the streams over this many devices (default: 1; in a multi-process run, all); decode alike",
+    )
     en.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     en.add_argument("--json", help="also write the report to this JSON file")
     de = sub.add_parser("decode", help="decompress a file coded by `ziplm encode`, with the same model")
@@ -494,6 +513,7 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("input", help="the coded file")
     de.add_argument("output", help="the file to write")
     de.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    de.add_argument("--devices", type=_positive, help="the device count the file was encoded with (default: 1)")
     return p
 
 
@@ -526,6 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         _check_outputs(args)
+        if args.command in ("eval", "encode", "decode"):  # before any device is touched; a no-op unless asked
+            from research.parallel import distributed
+
+            distributed.initialize(None)
         return handlers[args.command](args, rest)
     except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -50,7 +50,14 @@ Stored: 4 bytes magic, u8 version, u8 flags (1), the input, u32 CRC-32 of everyt
 Decoding checks the magic, version, header CRC, payload CRC and model fingerprint before it decodes, and the
 input's hash after: a different model or a damaged file is an error, never wrong output. The tables come from
 float arithmetic, so decode on the same kind of machine, backend and thread count as the encoder (XLA's matmuls may
-sum in another order elsewhere; the hash catches a mismatch).
+sum in another order elsewhere; the hash catches a mismatch), and with the streams split the same way.
+
+Devices and processes. With `sharding` (`ziplm encode / decode --devices N`, and every device of a multi-process
+run) the streams are split over the devices: each process puts only its own streams' rows, the cache is sharded
+by stream, and the step's outputs are gathered on every process (`distributed.to_host`: (B, 3) for the encoder,
+the (B, V) tables for the decoder), where one range coder codes them in the same order; process 0 writes the file.
+The file does not record the layout: decode with the device count the encoder used (another count may give other
+float roundings, which the hash refuses).
 Version 1 files (the float64 host tables of earlier ziplm) are refused with the version named.
 """
 
@@ -69,9 +76,13 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from research import errors, models, tree
 from research.coding import entropy, rangecoder
+from research.parallel import distributed
+from research.parallel import sharding as sharding_lib
 
 MAGIC = b"ZLMT"
 VERSION = 2
@@ -193,13 +204,15 @@ def cache_bytes(cfg, batch_size: int, capacity: int) -> int:
     return 2 * cfg.n_layer * batch_size * capacity * cfg.kv_heads * cfg.dim_head * jnp.dtype(cfg.dtype).itemsize
 
 
-def _run(m, p: Plan, batch_size: int, start: int, code, known=None) -> tuple[np.ndarray, float]:
+def _run(m, p: Plan, batch_size: int, start: int, code, known=None, sharding=None) -> tuple[np.ndarray, float]:
     """Drives the model over the streams, window by window.
 
-    `code(freqs, sel, logp, live, pos)` gets the step's device outputs (see `_coded_step`) and returns the (B,)
-    tokens at stream position `pos` (the encoder knows them; the decoder decodes them), or None to stop; entries
-    where `live` is False are ignored. `known` (B, span) are the encoder's tokens, passed to the step as `sym`.
-    Returns the (B, span) tokens and the seconds spent in the model.
+    `code(freqs, sel, logp, live, pos)` gets the step's outputs (see `_coded_step`; `host` brings them to the
+    host) and returns the (B,) tokens at stream position `pos` (the encoder knows them; the decoder decodes them),
+    or None to stop; entries where `live` is False are ignored. `known` (B, span) are the encoder's tokens, passed
+    to the step as `sym`. With `sharding` (a batch sharding) the streams, their cache and the step's outputs are
+    split over its devices, each process putting only its own streams' rows. Returns the (B, span) tokens and the
+    seconds spent in the model.
     """
     from research.models import decode
 
@@ -207,20 +220,31 @@ def _run(m, p: Plan, batch_size: int, start: int, code, known=None) -> tuple[np.
     if not p.windows:
         return tokens, 0.0
     zeros = np.zeros(batch_size, np.int32)
-    cache = decode.init_cache(m.cfg, batch_size, p.capacity)
+    params, put = m.params, jnp.asarray
+    if sharding is None:
+        cache = decode.init_cache(m.cfg, batch_size, p.capacity)
+    else:
+        params = sharding_lib.replicate(m.params, sharding.mesh)
+
+        def put(a):
+            return distributed.put_rows(np.asarray(a), sharding)
+
+        rows = NamedSharding(sharding.mesh, P(*sharding.spec[:1]))  # the cache's streams like the batch's rows
+        layout = decode.KVCache(*(((rows,) * m.cfg.n_layer,) * 2), NamedSharding(sharding.mesh, P()))
+        cache = jax.jit(lambda: decode.init_cache(m.cfg, batch_size, p.capacity), out_shardings=layout)()
     seconds = 0.0
     for lo, hi, ctx_lo in p.windows:
         prefix = np.full((batch_size, 1), start, np.int32) if lo == 0 else tokens[:, ctx_lo:lo]
         t0 = time.perf_counter()
         cache = decode.reset(cache)
         if prefix.shape[1] > 1:
-            cache = decode.prefill(m.graphdef, m.params, cache, prefix[:, :-1])
+            cache = decode.prefill(m.graphdef, params, cache, put(prefix[:, :-1]))
         seconds += time.perf_counter() - t0
         x = prefix[:, -1:]
         for pos in range(lo, hi):
             t0 = time.perf_counter()
             sym = zeros if known is None else known[:, pos]
-            freqs, sel, logp, cache = _coded_step(m.graphdef, m.params, cache, jnp.asarray(x), jnp.asarray(sym))
+            freqs, sel, logp, cache = _coded_step(m.graphdef, params, cache, put(x), put(sym))
             sel.block_until_ready()
             seconds += time.perf_counter() - t0
             live = p.lengths > pos
@@ -237,7 +261,7 @@ def _positive(name: str, v) -> None:
         raise errors.UserError(f"{name} must be a positive integer, got {v!r}")
 
 
-def _settings(m, context, chunk_len, batch_size) -> tuple[int, int]:
+def _settings(m, context, chunk_len, batch_size, sharding=None) -> tuple[int, int]:
     """(context, chunk_len) after defaults and checks (UserError on a bad value)."""
     if m.tokenizer is None:
         raise errors.UserError(f"{m.source} names no tokenizer: the coder needs one (byte or hf:DIR)")
@@ -253,6 +277,11 @@ def _settings(m, context, chunk_len, batch_size) -> tuple[int, int]:
         chunk_len = max(1, context // 2)
     _positive("chunk_len", chunk_len)
     _positive("batch_size", batch_size)
+    if sharding is not None and batch_size % sharding_lib.row_shards(sharding):
+        raise errors.UserError(
+            f"{batch_size} streams do not split evenly over {sharding_lib.row_shards(sharding)} devices; use a "
+            "batch size that is a multiple of the device count"
+        )
     if chunk_len > context:
         what = "the model's context" if context == limit else "the context"
         raise errors.UserError(f"chunk_len {chunk_len} exceeds {what} ({context}); use --chunk-len {context} or less")
@@ -272,6 +301,7 @@ def encode(
     chunk_len: int | None = None,
     batch_size: int = 16,
     fallback: bool = True,
+    sharding=None,
 ) -> tuple[bytes, dict]:
     """The coded file of `data` under the model `m`, and the report (sizes, ideal bits, overhead, timings).
 
@@ -282,11 +312,13 @@ def encode(
       chunk_len: new tokens per window (default: half the context).
       batch_size: streams coded in parallel.
       fallback: store the input raw when coding would not make it smaller (False: always code; for tests).
+      sharding: a batch sharding (`parallel.sharding.batch_sharding`) splitting the streams over its devices
+        (`batch_size` must divide evenly); decode with the same layout (see the module docstring).
     """
     from research.data import tokenizers
 
     data = bytes(data)
-    context, chunk_len = _settings(m, context, chunk_len, batch_size)
+    context, chunk_len = _settings(m, context, chunk_len, batch_size, sharding)
     t_start = time.perf_counter()
     tok = tokenizers.load(m.tokenizer)
     runs, tokens, escapes = _runs(data, tok)
@@ -307,7 +339,7 @@ def encode(
     def code(freqs, sel, logp, live, pos):
         nonlocal ideal, coder_seconds, coded_tokens, gave_up
         t0 = time.perf_counter()
-        sel, logp = np.asarray(sel), np.asarray(logp)
+        sel, logp = distributed.to_host((sel, logp))
         for i in np.flatnonzero(live):
             coder.encode(int(sel[i, 0]), int(sel[i, 1]), int(sel[i, 2]))
         ideal -= float(np.sum(logp[live], dtype=np.float64)) / math.log(2)
@@ -319,7 +351,7 @@ def encode(
 
     gave_up, model_seconds = fallback and floor >= limit, 0.0
     if not gave_up:
-        _, model_seconds = _run(m, p, batch_size, start, code, known=streams)
+        _, model_seconds = _run(m, p, batch_size, start, code, known=streams, sharding=sharding)
     if gave_up:
         blob, payload, stored = _stored(data), data, True
     else:
@@ -365,6 +397,7 @@ def encode(
         batch_size=batch_size,
         cache_capacity=p.capacity,
         cache_bytes=cache_bytes(m.cfg, batch_size, p.capacity) if p.windows else 0,
+        devices=1 if sharding is None else sharding_lib.row_shards(sharding),
     )
     return blob, rep
 
@@ -469,10 +502,10 @@ def read_header(blob: bytes) -> tuple[dict, bytes]:
     return header, payload
 
 
-def decode(blob: bytes, m) -> tuple[bytes, dict]:
+def decode(blob: bytes, m, sharding=None) -> tuple[bytes, dict]:
     """The bytes `encode` coded, with the model `m` (the same one: checked by fingerprint), and a report.
 
-    A stored file (see the module docstring) needs no model: `m` may then be None.
+    A stored file (see the module docstring) needs no model: `m` may then be None. `sharding`: the encoder's.
     """
     from research.data import tokenizers
 
@@ -491,7 +524,7 @@ def decode(blob: bytes, m) -> tuple[bytes, dict]:
             f"this file was coded with another model (fingerprint {header['model']}; {m.source} has {have}): "
             "decode with the model it was coded with"
         )
-    context, chunk_len = _settings(m, header["context"], header["chunk_len"], header["batch_size"])
+    context, chunk_len = _settings(m, header["context"], header["chunk_len"], header["batch_size"], sharding)
     batch_size, n = header["batch_size"], header["tokens"]
     tok = tokenizers.load(m.tokenizer)
     if _tokenizer_id(tok).hex() != header["tokenizer"]:
@@ -506,7 +539,7 @@ def decode(blob: bytes, m) -> tuple[bytes, dict]:
     def code(freqs, sel, logp, live, pos):
         nonlocal coder_seconds
         t0 = time.perf_counter()
-        freqs = np.asarray(freqs)
+        freqs = distributed.to_host(freqs)
         out = np.zeros(len(live), np.int32)
         for i in np.flatnonzero(live):
             cum = np.cumsum(freqs[i], dtype=np.int64)  # (V,) inclusive
@@ -517,7 +550,7 @@ def decode(blob: bytes, m) -> tuple[bytes, dict]:
         return out
 
     p = plan(n, batch_size, context, chunk_len)
-    streams, model_seconds = _run(m, p, batch_size, header["start_token"], code)
+    streams, model_seconds = _run(m, p, batch_size, header["start_token"], code, sharding=sharding)
     tokens = np.concatenate([streams[i, : p.lengths[i]] for i in range(batch_size)]) if n else np.zeros(0, np.int32)
     try:
         data = _join(header["runs"], tokens, escapes, tok)

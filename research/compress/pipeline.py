@@ -163,12 +163,6 @@ def validate(cfg: mlc.ConfigDict) -> None:
     integer("data.batch_size", cfg.data.batch_size, 1)
     integer("calibration.n", cfg.calibration.n, 0)
     integer("calibration.batch_size", cfg.calibration.batch_size, 1)
-    data = (cfg.get("mesh") or {}).get("data", 1)
-    if isinstance(data, int) and data > 1 and cfg.calibration.n and cfg.calibration.batch_size % data:
-        raise errors.UserError(
-            f"calibration.batch_size={cfg.calibration.batch_size} is not divisible by mesh.data={data}: each "
-            "calibration batch is split over the data devices"
-        )
     if f.steps and (f.lr <= 0 or f.min_lr < 0 or f.warmup_steps < 0):
         raise errors.UserError("finetune.lr must be > 0, finetune.min_lr >= 0 and finetune.warmup_steps >= 0")
     specs = [dict(x) for x in cfg.compress]
@@ -186,6 +180,13 @@ def validate(cfg: mlc.ConfigDict) -> None:
                 )
         if registry.needs_calibration(spec) and not cfg.calibration.n:
             raise errors.UserError(f"{spec['method']} needs calibration data: set calibration.n > 0")
+    data = (cfg.get("mesh") or {}).get("data", 1)
+    if isinstance(data, int) and data > 1 and any(map(registry.needs_calibration, specs)):
+        if cfg.calibration.batch_size % data:
+            raise errors.UserError(
+                f"calibration.batch_size={cfg.calibration.batch_size} is not divisible by mesh.data={data}: each "
+                "calibration batch is split over the data devices"
+            )
     if "pack" in cfg:
         raise errors.UserError("compress always writes model.zlm now: drop the config's 'pack' entry")
     if cfg.get("shrink") and [dict(x).get("method") for x in cfg.compress] != ["structured"]:

@@ -264,6 +264,35 @@ def test_cli_encode_decode_round_trip(tmp_path, capsys):
     assert "context 99 exceeds the model's context (16)" in capsys.readouterr().err
 
 
+def test_streams_split_over_devices_round_trip_and_code_as_on_one(tmp_path, capsys):
+    from research import cli
+    from research.models import hf
+    from research.parallel import sharding
+
+    m = _model(context=32)
+    data = b"the streams of a coded file, split over four devices; " * 12
+    rows = sharding.batch_sharding(sharding.make_mesh(4, 1), ("data",))
+    one, rep1 = lm.encode(data, m, batch_size=8, fallback=False)
+    four, rep4 = lm.encode(data, m, batch_size=8, fallback=False, sharding=rows)
+    assert rep4["devices"] == 4 and rep1["devices"] == 1
+    assert abs(rep4["ideal_bits"] - rep1["ideal_bits"]) <= 1e-3 * rep1["ideal_bits"]
+    assert lm.decode(four, m, rows)[0] == data
+    assert len(four) == pytest.approx(len(one), abs=8)  # the same tables but for float rounding
+    with pytest.raises(errors.UserError, match="do not split evenly over 4 devices"):
+        lm.encode(data, m, batch_size=6, sharding=rows)
+    # The CLI: --devices on both sides, named in the encoder's line.
+    model = tmp_path / "model"
+    hf.export(UNIGRAM.cfg, UNIGRAM.params, model, tokenizer="byte")
+    src, coded, back = tmp_path / "in", tmp_path / "coded", tmp_path / "out"
+    src.write_bytes(TEXT)
+    assert cli.main(["encode", "--model", str(model), str(src), str(coded), "--devices", "2", "--batch-size", "4"]) == 0
+    assert "decode with --devices 2" in capsys.readouterr().out and not lm.read_header(coded.read_bytes())[0]["stored"]
+    assert cli.main(["decode", "--model", str(model), str(coded), str(back), "--devices", "2"]) == 0
+    assert back.read_bytes() == TEXT
+    assert cli.main(["decode", "--model", str(model), str(coded), str(back), "--devices", "9", "--overwrite"]) == 2
+    assert "--devices 9: only 8 device(s) are available" in capsys.readouterr().err
+
+
 def test_compare_rows_count_the_model_file_and_verify_by_default(tmp_path, monkeypatch):
     from research.coding import compare
 

@@ -1,6 +1,7 @@
 """Two processes x 4 CPU devices on localhost (gloo) train under a transform and compress (calibration, fine-tuning
 stages, evaluation) exactly as one process with 8 devices does, a checkpoint written by the two resumes in one
-process, and a failure on process 0 alone stops both with the same status."""
+process and one process's in two, a failure on process 0 alone stops both with the same status, and `eval`,
+`encode` and `decode` split their windows / streams over both processes' devices."""
 
 import json
 import os
@@ -41,22 +42,27 @@ def _train(workdir, *extra, devices=8):
     return subprocess.run(cmd, env=_env(devices), cwd=helpers.REPO, capture_output=True, text=True, timeout=600)
 
 
-def _two(command: list, status: int = 0) -> list:
-    """Runs `ziplm *command` as processes 0 and 1 of one run; returns their (stdout, stderr)."""
+def _two(command: list, status: int = 0, args_style: str = "config") -> list:
+    """Runs `ziplm *command` as processes 0 and 1 of one run, connected by config overrides (train, compress) or
+    by the environment (`args_style="cli"`: eval, encode, decode); returns their (stdout, stderr)."""
     port = _port()
+
+    def how(i):
+        if args_style == "cli":
+            env = {"ZIPLM_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}"}
+            return [], {**_env(4), **env, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
+        flags = [
+            "--config.distributed.enabled=True",
+            f"--config.distributed.coordinator=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+        ]
+        return flags, _env(4)
+
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "research",
-                *command,
-                "--config.distributed.enabled=True",
-                f"--config.distributed.coordinator=localhost:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-            ],
-            env=_env(4),
+            [sys.executable, "-m", "research", *command, *how(i)[0]],
+            env=how(i)[1],
             cwd=helpers.REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -165,3 +171,36 @@ def test_a_failure_on_process_zero_alone_stops_both_with_its_status(source, tmp_
     assert outs[0][1].startswith("error: ") and "another" not in outs[0][1], outs[0][1]
     assert "error: process 0 could not set up" in outs[1][1], outs[1][1]
     assert "Traceback" not in outs[0][1] + outs[1][1]
+
+
+def test_two_processes_evaluate_and_code_data_as_one_process_with_their_devices(source, tmp_path):
+    # ziplm eval in two processes (windows split over all 8 devices) scores as one process on one device.
+    _two(["eval", "--model", str(source), "--json", str(tmp_path / "two.json")], args_style="cli")
+    r = subprocess.run(
+        [sys.executable, "-m", "research", "eval", "--model", str(source), "--json", str(tmp_path / "one.json")],
+        env=_env(1), cwd=helpers.REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) <= 1e-5
+    data = tmp_path / "in.txt"
+    data.write_bytes(b"Each process codes its own streams; process 0 writes the file.\n" * 40)
+    coded, single = tmp_path / "two.zlmt", tmp_path / "one.zlmt"
+    opts = ["--batch-size", "16", "--context", "32"]
+    outs = _two(["encode", "--model", str(source), str(data), str(coded), *opts], args_style="cli")
+    said = [[x for x in out.splitlines() if not x.startswith("[Gloo]")] for out, _ in outs]
+    assert "decode with --devices 8" in said[0][0] and said[1] == []
+    run = [sys.executable, "-m", "research"]
+    r = subprocess.run(
+        [*run, "encode", "--model", str(source), str(data), str(single), *opts, "--devices", "8"],
+        env=_env(8), cwd=helpers.REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert coded.read_bytes() == single.read_bytes()  # the same streams on the same 8 devices: the same bytes
+    back = tmp_path / "back.txt"
+    r = subprocess.run(
+        [*run, "decode", "--model", str(source), str(coded), str(back), "--devices", "8"],
+        env=_env(8), cwd=helpers.REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert back.read_bytes() == data.read_bytes()
