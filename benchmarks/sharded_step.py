@@ -9,7 +9,10 @@ min/max scales, straight-through), each `train.step.make_train_step` with the tr
 (`fit.state_shardings`). Forced CPU devices share the same 2 cores, so more devices do not mean more
 compute: the ratios measure the sharding overhead (collectives, partitioned programs), not a speed-up. The
 median step time per configuration is reported relative to the dense 1-device step of the same run.
-On a GPU the same script reports absolute tokens/s. Writes benchmarks/results/sharded_step_<device>.json.
+On a GPU (`--shape 124m --dtype bfloat16 --devices 1[,2,...]`: GPT-2 124M, batch 16 x 1024, one process per
+device count over the real devices) the same script reports absolute tokens/s and MFU (PaLM's FLOPs per token,
+`models.config.flops_per_token`, over `hardware.peak_flops`) of the dense, masked and fake-quant steps. Writes
+benchmarks/results/sharded_step[_124m]_<device>.json.
 """
 
 from __future__ import annotations
@@ -25,16 +28,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _child(devices: int, steps: int) -> dict:
+# --shape name -> (gpt2_style arguments, batch size, sequence length)
+SHAPES = {
+    "demo": (dict(vocab_size=256, n_layer=4, n_head=4, d_model=128, max_seq_len=128, bias=False), 16, 128),
+    "124m": (dict(vocab_size=50304, n_layer=12, n_head=12, d_model=768, max_seq_len=1024), 16, 1024),
+}
+
+
+def _child(devices: int, steps: int, shape: str, dtype: str) -> dict:
     import jax
 
-    jax.config.update("jax_num_cpu_devices", devices)
+    if jax.default_backend() == "cpu":
+        jax.config.update("jax_num_cpu_devices", devices)
     import common
     import jax.numpy as jnp
     import ml_collections as mlc
     import numpy as np
 
-    from research import models
+    from research import hardware, models
     from research.compress import core
     from research.compress.prune import magnitude
     from research.compress.quant import qat
@@ -43,13 +54,14 @@ def _child(devices: int, steps: int) -> dict:
     from research.train import fit, optim
     from research.train import step as step_lib
 
-    cfg = mc.gpt2_style(vocab_size=256, n_layer=4, n_head=4, d_model=128, max_seq_len=128, bias=False)
+    kwargs, bsz, seq = SHAPES[shape]
+    cfg = mc.gpt2_style(**kwargs, dtype=dtype)
     graphdef, params = models.init(cfg, 0)
     t = mlc.ConfigDict(dict(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.99))
     t.grad_clip = 1.0
     mesh = sharding.make_mesh(devices, 1)
     batch_sh = sharding.batch_sharding(mesh, ("data",))
-    tokens = np.random.default_rng(0).integers(0, 256, (16, 129)).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (bsz, seq + 1)).astype(np.int32)
     batch = {k: jax.device_put(v, batch_sh) for k, v in (("inputs", tokens[:, :-1]), ("targets", tokens[:, 1:]))}
     out = {}
     for name, transform in (
@@ -67,7 +79,10 @@ def _child(devices: int, steps: int) -> dict:
         )
         times = common.timed_steps(step, fit.place(state, sh), batch, steps)
         out[name] = statistics.median(times)
-    out["tokens_per_step"] = 16 * 128
+    out["tokens_per_step"] = bsz * seq
+    out["flops_per_token"] = mc.flops_per_token(cfg, seq)
+    out["peak_flops"] = hardware.peak_flops(dtype)  # all devices together; None on CPU
+    out["device"] = hardware.describe()
     return out
 
 
@@ -75,10 +90,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--devices", default="1,2,4,8")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="demo, or GPT-2 124M (for a GPU)")
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on a GPU for MFU)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
-        print(json.dumps(_child(args.child, args.steps)))
+        print(json.dumps(_child(args.child, args.steps, args.shape, args.dtype)))
         return
     import common
 
@@ -86,7 +103,8 @@ def main() -> None:
     rows = {}
     for n in [int(x) for x in args.devices.split(",")]:
         r = subprocess.run(
-            [sys.executable, __file__, "--child", str(n), "--steps", str(args.steps)],
+            [sys.executable, __file__, "--child", str(n), "--steps", str(args.steps), "--shape", args.shape,
+             "--dtype", args.dtype],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         rows[n] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -99,7 +117,9 @@ def main() -> None:
     base = rows[min(rows)]["dense"]
     result = {
         **common.environment("sharded_step", load),
-        "model": "demo shape (4 layers, d_model 128), batch 16 x 128, rules replicated",
+        "model": f"{args.shape} shape {SHAPES[args.shape][0]}, batch {SHAPES[args.shape][1]} x "
+        f"{SHAPES[args.shape][2]}, {args.dtype}, rules replicated",
+        "device": rows[max(rows)]["device"],
         "baseline": f"dense step on {min(rows)} device(s)",
         "rows": [
             {
@@ -110,11 +130,16 @@ def main() -> None:
                 "fake_quant_vs_baseline": r["fake_quant"] / base,
                 "fake_quant_vs_dense": r["fake_quant"] / r["dense"],
                 "tokens_per_second_dense": r["tokens_per_step"] / r["dense"],
+                **{
+                    f"mfu_{k}": r["tokens_per_step"] / r[k] * r["flops_per_token"] / r["peak_flops"]
+                    for k in ("dense", "masked", "fake_quant")
+                    if r["peak_flops"]
+                },
             }
             for n, r in sorted(rows.items())
         ],
     }
-    common.write("sharded_step", result)
+    common.write("sharded_step" if args.shape == "demo" else f"sharded_step_{args.shape}", result)
 
 
 if __name__ == "__main__":
