@@ -55,6 +55,11 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh
         data = n // model
     if data <= 0 or data * model > n:
         raise errors.UserError(f"mesh {data} x {model} needs {data * model} devices, but {n} are available")
+    if jax.process_count() > 1 and data * model != n:
+        raise errors.UserError(
+            f"mesh {data} x {model} leaves out devices of a {jax.process_count()}-process run; its mesh must span "
+            f"all {n} devices: set mesh.data=-1 (every device not on the model axis)"
+        )
     grid = np.asarray(devices[: data * model]).reshape(data, model)
     return jax.sharding.Mesh(grid, AXES)
 

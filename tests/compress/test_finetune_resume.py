@@ -38,16 +38,25 @@ def _params(out):
     return {k: np.asarray(v) for k, v in tree.flatten(sources.load(str(out)).params).items()}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
-def test_interrupted_chain_finetune_resumes_bit_identically(run, tmp_path, sig):
-    # Every run in a subprocess: one CPU device in each (the test process forces 8, and XLA's CPU reductions
-    # may differ in the last bit between the two settings).
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    full = tmp_path / "full"
+# Every run in a subprocess: one CPU device in each (the test process forces 8, and XLA's CPU reductions may
+# differ in the last bit between the two settings).
+ENV = {**os.environ, "WANDB_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def full(run, tmp_path_factory):
+    """The uninterrupted run both interrupted ones are compared with."""
+    out = tmp_path_factory.mktemp("ftresume-full") / "full"
     r = subprocess.run(
-        [sys.executable, "-m", "research", *_args(run, full)], env=env, cwd=helpers.REPO, capture_output=True, text=True
+        [sys.executable, "-m", "research", *_args(run, out)], env=ENV, cwd=helpers.REPO, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_interrupted_chain_finetune_resumes_bit_identically(run, full, tmp_path, sig):
+    env = ENV
     out = tmp_path / "cut"
     partial = tmp_path / ".cut.partial"
     proc = subprocess.Popen(

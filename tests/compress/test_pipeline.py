@@ -291,20 +291,3 @@ def test_the_final_finetune_continues_the_batch_stream_after_the_stages(run, mon
     pipeline.run(cfg, run.parent / "stream", overwrite=True)
     stage, final = seen
     assert not set(stage) & set(final)  # different batches, not the stage's again from step 0
-
-
-def test_gptq_calibrated_and_evaluated_over_a_mesh_gives_the_one_device_result(run, tmp_path, capsys):
-    # GPTQ's X^T X summed over 4 data devices, every evaluation split over them: the one-device model to rounding.
-    gptq = [
-        "--config.compress=[{'method': 'gptq', 'bits': 4, 'granularity': 'channel'}]",
-        "--config.eval.agreement=True",
-    ]
-    assert cli.main(_compress(run, tmp_path / "one", *gptq)) == 0
-    assert cli.main(_compress(run, tmp_path / "four", *gptq, "--config.mesh.data=4")) == 0
-    capsys.readouterr()
-    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "four"))
-    assert b["devices"]["mesh"] == {"data": 4, "model": 1} and a["devices"]["mesh"] == {"data": 1, "model": 1}
-    for key in ("loss", "kl", "top1_agreement"):
-        assert b["compressed"][key] == pytest.approx(a["compressed"][key], rel=1e-5, abs=1e-6), key
-    ka, kb = _kernel(tmp_path / "one")[1], _kernel(tmp_path / "four")[1]
-    assert np.mean(ka == kb) > 0.99  # the same grid codes, but for a rare rounding tie
