@@ -52,13 +52,14 @@ input's hash after: a different model or a damaged file is an error, never wrong
 float arithmetic, so decode on the same kind of machine, backend and thread count as the encoder (XLA's matmuls may
 sum in another order elsewhere; the hash catches a mismatch), and with the streams split the same way.
 
+Version 1 files (the float64 host tables of earlier ziplm) are refused with the version named.
+
 Devices and processes. With `sharding` (`ziplm encode / decode --devices N`, and every device of a multi-process
 run) the streams are split over the devices: each process puts only its own streams' rows, the cache is sharded
 by stream, and the step's outputs are gathered on every process (`distributed.to_host`: (B, 3) for the encoder,
 the (B, V) tables for the decoder), where one range coder codes them in the same order; process 0 writes the file.
 The file does not record the layout: decode with the device count the encoder used (another count may give other
 float roundings, which the hash refuses).
-Version 1 files (the float64 host tables of earlier ziplm) are refused with the version named.
 """
 
 from __future__ import annotations
@@ -207,12 +208,12 @@ def cache_bytes(cfg, batch_size: int, capacity: int) -> int:
 def _run(m, p: Plan, batch_size: int, start: int, code, known=None, sharding=None) -> tuple[np.ndarray, float]:
     """Drives the model over the streams, window by window.
 
-    `code(freqs, sel, logp, live, pos)` gets the step's outputs (see `_coded_step`; `host` brings them to the
-    host) and returns the (B,) tokens at stream position `pos` (the encoder knows them; the decoder decodes them),
-    or None to stop; entries where `live` is False are ignored. `known` (B, span) are the encoder's tokens, passed
-    to the step as `sym`. With `sharding` (a batch sharding) the streams, their cache and the step's outputs are
-    split over its devices, each process putting only its own streams' rows. Returns the (B, span) tokens and the
-    seconds spent in the model.
+    `code(freqs, sel, logp, live, pos)` gets the step's outputs (see `_coded_step`; `distributed.to_host`
+    brings them to the host) and returns the (B,) tokens at stream position `pos` (the encoder knows them; the
+    decoder decodes them), or None to stop; entries where `live` is False are ignored. `known` (B, span) are the
+    encoder's tokens, passed to the step as `sym`. With `sharding` (a batch sharding) the streams, their cache and
+    the step's outputs are split over its devices, each process putting only its own streams' rows. Returns the
+    (B, span) tokens and the seconds spent in the model.
     """
     from research.models import decode
 
