@@ -16,3 +16,22 @@ import pytest  # noqa: E402
 def _token_cache(tmp_path_factory):
     os.environ.setdefault("ZIPLM_REAL_CACHE", os.environ.get("ZIPLM_CACHE", os.path.expanduser("~/.cache/ziplm")))
     os.environ["ZIPLM_CACHE"] = str(tmp_path_factory.mktemp("ziplm-cache"))
+
+
+# Files whose tests run longest (minutes of subprocesses: many processes, interrupted runs, the demo) go first, so
+# that pytest-xdist's per-file scheduling (`make test`: --dist loadfile) starts them while the short files fill the
+# other workers, instead of leaving one of them at the end of the run.
+SLOW_FIRST = (
+    "tests/train/test_multiprocess.py",
+    "tests/compress/test_finetune_resume.py",
+    "tests/test_cli.py",
+    "tests/train/test_resume.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
