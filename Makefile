@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	$(PY) -m research demo
 
 test: $(VENV)/.installed-parity
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check research tests experiments benchmarks

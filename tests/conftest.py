@@ -19,8 +19,9 @@ def _token_cache(tmp_path_factory):
 
 
 # Files whose tests run longest (minutes of subprocesses: many processes, interrupted runs, the demo) go first, so
-# that pytest-xdist's per-file scheduling (`make test`: --dist loadfile) starts them while the short files fill the
-# other workers, instead of leaving one of them at the end of the run.
+# that pytest-xdist's per-file scheduling (`make test`: --dist loadfile --no-loadscope-reorder, which keeps this
+# order instead of sorting files by their number of tests) starts them while the short files fill the other
+# workers, instead of leaving one worker busy at the end of the run.
 SLOW_FIRST = (
     "tests/train/test_multiprocess.py",
     "tests/compress/test_finetune_resume.py",
