@@ -83,7 +83,7 @@ def _fit(spec: tuple, shape: tuple, mesh) -> P:
     out = []
     for dim, axis in zip(shape, spec):
         names = (axis,) if isinstance(axis, str) else tuple(axis or ())
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        size = _devices_along(mesh, names)
         out.append(axis if names and dim % size == 0 else None)
     return P(*out)
 
@@ -145,8 +145,11 @@ def batch_sharding(mesh, axes: tuple[str, ...]) -> NamedSharding:
 def row_shards(batch_sh: NamedSharding) -> int:
     """How many parts a batch sharding (`batch_sharding`) cuts the rows of a batch into."""
     axes = batch_sh.spec[0] if len(batch_sh.spec) else None
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([batch_sh.mesh.shape[a] for a in names]))
+    return _devices_along(batch_sh.mesh, (axes,) if isinstance(axes, str) else tuple(axes or ()))
+
+
+def _devices_along(mesh, axes) -> int:
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def replicate(tree, mesh):
@@ -166,7 +169,7 @@ def replicate(tree, mesh):
 
 
 def check_batch(batch_size: int, mesh, axes) -> None:
-    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    shards = _devices_along(mesh, axes)
     if batch_size % shards:
         raise errors.UserError(
             f"batch size {batch_size} is not divisible by the {shards} devices it is split over (mesh axes {axes})"

@@ -213,14 +213,15 @@ class Checkpoints:
 
     def _agreed(self, step: int, check: Callable):
         """`check()`, with its verdict shared: a CorruptData on any process is one on every process, so all of them
-        fall back to the same older step (process 0 alone reads the file manifest)."""
+        fall back to the same older step (process 0 alone reads the file manifest; a restore may fail on one)."""
         problem, out = None, None
         try:
             out = check()
         except errors.CorruptData as e:
             problem = e
         if distributed.any_process(problem is not None):
-            raise problem or errors.CorruptData(f"checkpoint step {step} in {self.dir} is damaged (process 0 found it)")
+            where = f"checkpoint step {step} in {self.dir}"
+            raise problem or errors.CorruptData(f"{where} is damaged (another process found it)")
         return out
 
     def _restore_state(self, step: int, target, meta: dict):
