@@ -7,6 +7,9 @@
                 [--stride S] [--devices N] [--json OUT]
     ziplm sample --model SRC [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
     ziplm export --model SRC --out DIR [--model-type gpt2|llama|...] [--dtype float32|bfloat16|float16] [--overwrite]
+    ziplm export --model SRC --format gguf --out FILE.gguf [--type auto|f32|f16|bf16|q4_0|q4_1|q5_0|q5_1|q8_0]
+                [--requantize] [--overwrite]
+    ziplm export --model SRC --format compressed-tensors --out DIR [--dtype bfloat16|float16|float32] [--overwrite]
     ziplm compress --config experiments/configs/prune.py:wanda [--model SRC] [--workdir DIR] [--overwrite]
                 [--config.compress.0.sparsity=0.6 ...]
     ziplm pack  --model SRC --out FILE.zlm [--overwrite] [--json OUT]
@@ -157,17 +160,58 @@ def _sample(args, overrides) -> int:
 
 def _export(args, overrides) -> int:
     from research import sources
-    from research.models import hf
+    from research.coding import pack
 
     _no_extra(overrides, "export")
+    if args.format != "gguf" and (args.type or args.requantize):
+        raise errors.UserError(f"--type and --requantize apply to --format gguf, not {args.format}")
+    if args.format == "gguf" and args.dtype:
+        raise errors.UserError("--dtype applies to --format hf; GGUF takes --type (f32, f16, bf16, q4_0, ...)")
     m = sources.load(args.model, args.step)
+    file = sources.packed_file(args.model) if m.kind == "packed" else None
+    found = pack.codes_of(file) if file else {}  # the grid codes of a compressed model, written as they are
+    if args.format == "gguf":
+        from research.export import gguf
+
+        rep = gguf.export(
+            m.cfg,
+            m.params,
+            args.out,
+            codes=found,
+            tokenizer=m.tokenizer,
+            type=args.type or "auto",
+            requantize=args.requantize,
+            model_type=args.model_type or m.model_type,
+            name=Path(str(args.model)).name,
+            overwrite=args.overwrite,
+            progress=True,
+        )
+        print(gguf.summary(rep))
+        return 0
+    if args.format == "compressed-tensors":
+        from research.export import compressed_tensors
+
+        rep = compressed_tensors.export(
+            m.cfg,
+            m.params,
+            args.out,
+            codes=found,
+            tokenizer=m.tokenizer,
+            model_type=args.model_type or m.model_type,
+            dtype=args.dtype or "bfloat16",
+            overwrite=args.overwrite,
+        )
+        print(compressed_tensors.summary(rep))
+        return 0
+    from research.models import hf
+
     info = hf.export(
         m.cfg,
         m.params,
         args.out,
         model_type=args.model_type or m.model_type,
         tokenizer=m.tokenizer,
-        dtype=args.dtype,
+        dtype=args.dtype or "float32",
         overwrite=args.overwrite,
     )
     if info["tokenizer_files"]:
@@ -459,13 +503,36 @@ def _parser() -> argparse.ArgumentParser:
     s_.add_argument("--top-k", type=_positive, default=None, help="sample among the k most likely tokens")
     s_.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     s_.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (slow baseline)")
-    x = sub.add_parser("export", help="write a model as a Hugging Face checkpoint directory")
-    x.add_argument("--model", required=True, help="run directory, HF checkpoint directory or hub id")
+    x = sub.add_parser(
+        "export",
+        help="write a model for other runtimes: Hugging Face, GGUF (llama.cpp), compressed-tensors (vLLM)",
+    )
+    x.add_argument("--model", required=True, help="run, compressed model, GGUF file, HF directory or hub id")
     x.add_argument("--step", type=_step, help="checkpoint step of a run (default: latest)")
-    x.add_argument("--out", required=True, help="directory to write (must be new or empty, unless --overwrite)")
-    x.add_argument("--model-type", help="HF family to write (default: the source's, or the first that fits)")
-    x.add_argument("--dtype", choices=model_config.DTYPES, default="float32", help="stored dtype")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
+    x.add_argument("--out", required=True, help="directory (hf, compressed-tensors) or .gguf file to write")
+    x.add_argument(
+        "--format",
+        choices=("hf", "gguf", "compressed-tensors"),
+        default="hf",
+        help="hf: safetensors of floats (default); gguf: llama.cpp; compressed-tensors: vLLM's packed int4/int8",
+    )
+    x.add_argument("--model-type", help="family to write (default: the source's, or the first that fits)")
+    x.add_argument(
+        "--dtype",
+        choices=model_config.DTYPES,
+        help="stored float dtype (hf: default float32; compressed-tensors: scales and dense tensors, default bfloat16)",
+    )
+    x.add_argument(
+        "--type",
+        choices=("auto", "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"),
+        help="GGUF tensor type of the matrices (default auto: the smallest exact one per matrix)",
+    )
+    x.add_argument(
+        "--requantize",
+        action="store_true",
+        help="GGUF: round compressed leaves that --type cannot hold exactly, instead of refusing",
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     c = sub.add_parser(
         "compress",
         help="compress a model with a chain of methods, fine-tune, evaluate, save",

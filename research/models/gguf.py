@@ -17,7 +17,8 @@ becomes that family's config, and the tensors are renamed to its names, so the c
 Refused with the reason: other architectures, RoPE scalings other than none and linear (a `rope_freqs` tensor, as
 Llama 3.1 files carry, or yarn), partial rotary dimensions.
 
-Tokenizer: the file's `tokenizer.ggml.*` metadata, converted by `transformers`' GGUF tokenizer support into a fast
+Tokenizer: the file's `tokenizer.ggml.*` metadata (none when its model is "none"; raw bytes when ziplm's export
+recorded `ziplm.tokenizer = "byte"`), converted by `transformers`' GGUF tokenizer support into a fast
 tokenizer and cached as a `tokenizer.json` directory (see `tokenizers.load("gguf:<file>")`), so it is built once.
 """
 
@@ -238,7 +239,9 @@ def load(path, dtype: str = "float32") -> hf.Pretrained:
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
     cfg = hf_config(meta, names, vocab)
     tensors = Tensors(reader, meta["general.architecture"], cfg.num_attention_heads, cfg.num_key_value_heads)
-    tok = f"gguf:{path}" if "tokenizer.ggml.model" in reader.fields else None
+    tok = f"gguf:{path}" if meta.get("tokenizer.ggml.model", "none") not in ("none", "no_vocab") else None
+    if meta.get("ziplm.tokenizer") == "byte":  # a byte-level model that ziplm exported (no GGUF tokenizer exists)
+        tok = "byte"
     return hf.from_tensors(cfg, tensors, path, tok, dtype)
 
 

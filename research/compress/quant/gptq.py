@@ -190,12 +190,16 @@ def gptq(
     zero: str = "integer",
     sym_scale: str = "full",
     param_dtype: str = "float32",
+    gguf: str | None = None,
 ) -> core.Transform:
     """GPTQ weight quantization, computed from calibration data in init.
 
     Args:
       bits, symmetric, granularity, group_size, zero, sym_scale, param_dtype: the grid (see `grid.Grid`);
         asymmetric with an integer zero point by default, as the reference scripts.
+      gguf: a GGUF block type ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"): the grid becomes that type's exact
+        parametrisation (groups of 32, float16 scales; `grid.for_gguf`), so a GGUF export writes these codes as
+        they are.
       where: path regex of the kernels to quantize (linear kernels inside the blocks).
       blocksize: columns per lazy-update block.
       percdamp: damping of the Hessian's diagonal, as a fraction of its mean.
@@ -206,6 +210,7 @@ def gptq(
       A Transform with RTN's state format ({"codes", "scale", "zero"}); apply dequantizes.
     """
     grid = qgrid.Grid(bits, symmetric, granularity, group_size, zero, sym_scale, param_dtype)
+    grid = qgrid.for_gguf(gguf, grid, qgrid.Grid(4, False, "channel", 128))
     core.check_pattern(where)
     if group_fit not in GROUP_FITS:
         raise errors.UserError(f"gptq group_fit must be one of {GROUP_FITS}, got {group_fit!r}")

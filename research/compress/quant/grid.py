@@ -19,6 +19,9 @@ Conventions (one for every grid, so packing sees one format):
   pruned weights do not survive this grid (use the integer zero point after pruning). With
   `param_dtype="float16"` scale and minimum are rounded to float16, as GGUF stores them: requantizing a
   dequantized Q4_1 tensor with `Grid(4, False, "group", 32, zero="float", param_dtype="float16")` is exact.
+- GGUF block types (`for_gguf`, the `gguf=` argument of rtn and gptq): Q4_0 is the 4-bit symmetric grid (zero 8),
+  Q5_0 the 5-bit (zero 16), Q8_0 the 8-bit (zero 128: int8 codes), Q4_1 / Q5_1 the float-minimum grids, each in
+  groups of 32 with float16 scales, so `ziplm export --format gguf` writes the codes unchanged.
 - A group whose weights are all equal gets scale 1 (any scale represents it exactly).
 
 Kernels are (in, *out). Scale and zero shapes by granularity are `research.codes.Layout`'s (`Grid.layout`; they
@@ -109,6 +112,37 @@ class Grid:
         where = {"tensor": "per tensor", "channel": "per channel", "group": f"groups of {self.group_size}"}
         dtype = ", fp16 parameters" if self.param_dtype == "float16" else ""
         return f"{self.bits}-bit {kind}, {where[self.granularity]}{dtype}"
+
+
+# The grid of each GGUF block type (`research.export.blocks`): groups of 32 inputs, float16 scales (and minimums).
+GGUF = {
+    "q4_0": dict(bits=4, symmetric=True, zero="integer"),
+    "q4_1": dict(bits=4, symmetric=False, zero="float"),
+    "q5_0": dict(bits=5, symmetric=True, zero="integer"),
+    "q5_1": dict(bits=5, symmetric=False, zero="float"),
+    "q8_0": dict(bits=8, symmetric=True, zero="integer"),
+}
+
+
+def for_gguf(kind: str | None, given: Grid, default: Grid) -> Grid:
+    """`given` constrained to a GGUF block type's exact parametrisation, so that `ziplm export --format gguf`
+    writes its codes as they are (`kind` None: `given` unchanged).
+
+    Args:
+      kind: "q4_0", "q4_1", "q5_0", "q5_1" or "q8_0".
+      given: the grid a method's arguments describe; default: the grid of its default arguments. A setting that
+        differs from both its default and the type's is a contradiction (UserError), not silently replaced.
+    """
+    if kind is None:
+        return given
+    if kind not in GGUF:
+        raise errors.UserError(f"gguf must be one of {', '.join(GGUF)}, got {kind!r}")
+    fixed = dict(GGUF[kind], granularity="group", group_size=32, param_dtype="float16")
+    for key, value in fixed.items():
+        mine = getattr(given, key)
+        if mine != value and mine != getattr(default, key):
+            raise errors.UserError(f"gguf={kind!r} fixes {key}={value!r}; drop {key}={mine!r}")
+    return dataclasses.replace(given, **fixed)
 
 
 def check_shape(shape, grid: Grid, path: str = "weight") -> None:

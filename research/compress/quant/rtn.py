@@ -41,6 +41,7 @@ def rtn(
     zero: str = "integer",
     sym_scale: str = "full",
     param_dtype: str = "float32",
+    gguf: str | None = None,
 ) -> core.Transform:
     """Round-to-nearest quantization as a static transform.
 
@@ -52,11 +53,15 @@ def rtn(
       group_size: inputs per group for granularity "group".
       zero, sym_scale, param_dtype: the grid's conventions (see `grid.Grid`): a float minimum ("float", GGUF
         Q4_1-style), the reference symmetric scale, float16 scales.
+      gguf: a GGUF block type ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"): the grid becomes that type's exact
+        parametrisation (groups of 32, float16 scales; `grid.for_gguf`), so a GGUF export writes these codes as
+        they are.
 
     Returns:
       A `core.Transform` whose state holds uint8 codes, float32 scales and uint8 zero points (float32 minimums).
     """
     grid = qgrid.Grid(bits, symmetric, granularity, group_size, zero, sym_scale, param_dtype)
+    grid = qgrid.for_gguf(gguf, grid, qgrid.Grid(4, False, "channel", 128))
     core.check_pattern(where)
 
     def init(params, key, calib):

@@ -208,6 +208,34 @@ def _check_names(rules, names: dict[str, str], cfg, kind: str, directory) -> Non
         raise errors.UserError(f"{directory}: unexpected tensor(s) for this config.json: {extra[:3]}{more}")
 
 
+def family(cfg: ModelConfig, model_type: str | None = None):
+    """The Hugging Face family that writes `cfg` exactly: (model_type, its transformers config, the ModelConfig
+    that config reads back as), or UserError naming what no config.json can say.
+
+    Args:
+      cfg: the model's config.
+      model_type: the family asked for; default: the first that represents `cfg` exactly.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    if cfg.act_bits is not None:
+        raise errors.UserError(
+            f"this model fake-quantizes its linear inputs to {cfg.act_bits} bits (act_bits), which a Hugging Face "
+            "config.json cannot express; export the model compressed without the act_quant entry instead"
+        )
+    try:
+        model_type = model_type or families.default_model_type(cfg)
+        hf_cfg = transformers.AutoConfig.for_model(model_type, **families.hf_config_dict(cfg, model_type))
+        full = families.model_config(hf_cfg, cfg.dtype)
+    except families.Unsupported as e:
+        raise errors.UserError(str(e)) from None
+    diff = families.same_function(cfg, full)
+    if diff:
+        raise errors.UserError(f"a {model_type} config.json cannot express this model exactly (differs in {diff})")
+    return model_type, hf_cfg, full
+
+
 def export(
     cfg: ModelConfig,
     params,
@@ -234,25 +262,9 @@ def export(
     Returns:
       {"directory", "model_type", "files", "tokenizer_files"}.
     """
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import transformers
-
     if dtype not in DTYPES:
         raise errors.UserError(f"export dtype must be one of {DTYPES}, got {dtype!r}")
-    if cfg.act_bits is not None:
-        raise errors.UserError(
-            f"this model fake-quantizes its linear inputs to {cfg.act_bits} bits (act_bits), which a Hugging Face "
-            "config.json cannot express; export the model compressed without the act_quant entry instead"
-        )
-    try:
-        model_type = model_type or families.default_model_type(cfg)
-        hf_cfg = transformers.AutoConfig.for_model(model_type, **families.hf_config_dict(cfg, model_type))
-        full = families.model_config(hf_cfg, cfg.dtype)
-    except families.Unsupported as e:
-        raise errors.UserError(str(e)) from None
-    diff = families.same_function(cfg, full)
-    if diff:
-        raise errors.UserError(f"a {model_type} config.json cannot express this model exactly (differs in {diff})")
+    model_type, hf_cfg, full = family(cfg, model_type)
     hf_cfg.architectures = [families.architecture(model_type)]
     hf_cfg.dtype = dtype
     if tokenizer == "byte":  # no tokenizer files exist for raw bytes; record it so that loading finds it again
