@@ -4,18 +4,18 @@
     ziplm export --model runs/gptq --format gguf --type q4_0 --out model.gguf   # every matrix Q4_0
     rep = gguf.export(m.cfg, m.params, "model.gguf", codes=pack.codes_of(file), tokenizer=m.tokenizer)
 
-What is written: the architecture's hyper-parameters (`llama.*` or `qwen2.*` keys), the tokenizer (copied field by
-field from a GGUF source; built from a byte-level BPE `tokenizer.json`, llama.cpp's "gpt2" model; none for raw
-bytes, with `ziplm.tokenizer = "byte"` so that ziplm reads it back), every tensor under llama.cpp's name, the Q and
-K rows of a Llama model permuted per head as llama.cpp's converter does (`models.gguf.permute`). Vectors (norms,
-biases) are F32, as llama.cpp expects.
+What is written: the architecture's hyper-parameters (`llama.*` or `qwen2.*` keys); the tokenizer: copied field by
+field from a GGUF source (with the source's descriptive `general.*` fields: license, base model...), built from a
+byte-level BPE `tokenizer.json` (llama.cpp's "gpt2" model), or none for raw bytes (with `ziplm.tokenizer = "byte"`
+so that ziplm reads it back); every tensor under llama.cpp's name, the Q and K rows of a Llama model permuted per
+head as llama.cpp's converter does (`models.gguf.permute`). Vectors (norms, biases) are F32, as llama.cpp expects.
 
 The type of each matrix (`--type`):
 
     auto          the smallest GGUF type that holds it exactly: a grid code of the compressed model that a block type
                   stores (`blocks.express`; GPTQ / RTN with gguf="q4_0" ...), a dense matrix that lies on a block
-                  grid (a model read from a GGUF file: its tensors come back in their types, byte for byte); F32
-                  otherwise. Nothing is rounded.
+                  grid (a model read from a GGUF file: its tensors come back in their types, byte for byte); F16
+                  or BF16 when the values are such floats; F32 otherwise. Nothing is rounded.
     q4_0 ... q8_0 every matrix in that block type: grid codes it holds are written as they are; a dense matrix is
                   rounded by llama.cpp's round-to-nearest (`blocks.requantize`); a compressed leaf it cannot hold
                   (a codebook, 3-bit codes with an 8-wide range, scales per 128 inputs) is refused, naming the leaf
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +45,13 @@ from research.models.hf import families
 FLOATS = {"f32": np.float32, "f16": np.float16, "bf16": None}
 TYPES = ("auto", *FLOATS, *(t.lower() for t in blocks.TYPES))
 FAMILIES = {v: k for k, v in gguf_in.ARCHITECTURES.items()}  # ziplm/HF family -> GGUF architecture
+_OWN = {
+    "general.architecture",
+    "general.name",
+    "general.file_type",
+    "general.quantization_version",
+    "general.alignment",
+}
 _GGUF_NAMES = {v: k for k, v in {**gguf_in._BLOCK, **gguf_in._TOP}.items()}
 
 
@@ -109,23 +115,26 @@ def _tokenizer(w, spec: str | None, vocab_size: int) -> str:
         source = gguf_in.read(spec.removeprefix("gguf:"))
         n = 0
         for key, field in source.fields.items():
-            if key.startswith("tokenizer."):
+            if key.startswith("tokenizer.") or key.startswith("general.") and key not in _OWN:
                 vtype = field.types[0]
                 sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
                 w.add_key_value(key, field.contents(), vtype, sub)
                 n += 1
-        return f"copied from {spec.removeprefix('gguf:')} ({n} fields)"
-    return _bpe(w, Path(spec.removeprefix("hf:")).expanduser(), vocab_size)
+        return f"copied from {spec.removeprefix('gguf:')} (with its general.* fields: {n} in all)"
+    return _bpe(w, spec, vocab_size)
 
 
-def _bpe(w, directory: Path, vocab_size: int) -> str:
-    """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" tokenizer (what its converter writes for GPT-2)."""
+def _bpe(w, spec: str, vocab_size: int) -> str:
+    """A byte-level BPE tokenizer (transformers' fast tokenizer of `spec`) as llama.cpp's "gpt2" tokenizer, as its
+    converter writes GPT-2's."""
     import gguf
 
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        raise errors.UserError(f"GGUF export: {directory} has no tokenizer.json (a byte-level BPE one is needed)")
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    from research.data import tokenizers
+
+    fast = getattr(tokenizers.load(spec)._tok, "backend_tokenizer", None)
+    if fast is None:
+        raise errors.UserError(f"GGUF export: {spec} has no fast (tokenizer.json) form to write as a BPE tokenizer")
+    spec, path = json.loads(fast.to_str()), spec.removeprefix("hf:")
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise errors.UserError(
@@ -203,7 +212,14 @@ def _auto(values, record, rows):
                 return kind.name, data, f"exact: its values lie on the {kind.name} grid"
     if isinstance(record, codes_lib.Palette):
         return "F32", values, "exact: a codebook, which no GGUF block type stores"
-    return "F32", values, f"exact: no block type holds its grid ({reasons[0]})" if reasons else "exact"
+    if reasons:
+        return "F32", values, f"exact: no block type holds its grid ({reasons[0]})"
+    for kind in ("bf16", "f16"):  # a model read from an F16 / BF16 file goes back in its type (BF16 values most
+        # often are F16 numbers too; F16 values with more than 8 significant bits are not BF16 numbers)
+        found = _floats(values, kind)
+        if found[2] == "exact":
+            return found
+    return "F32", values, "exact"
 
 
 def _floats(values, kind: str):
