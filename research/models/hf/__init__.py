@@ -246,6 +246,8 @@ def export(
     dtype: str = "float32",
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
+    packed: dict | None = None,
+    quantization_config: dict | None = None,
 ) -> dict:
     """Writes a model as a Hugging Face checkpoint directory that `transformers` loads with from_pretrained.
 
@@ -258,6 +260,9 @@ def export(
       dtype: stored dtype ("float32", "bfloat16", "float16").
       overwrite: replace an existing directory (only once the new one is complete).
       max_shard_bytes: split the weights into shards plus an index past this size.
+      packed: {HF weight name: {tensor name: array}} written in place of those weights' floats (a quantized
+        format's tensors, `research.export.compressed_tensors`).
+      quantization_config: the config.json's "quantization_config" that says how to read `packed`.
 
     Returns:
       {"directory", "model_type", "files", "tokenizer_files"}.
@@ -269,6 +274,9 @@ def export(
     hf_cfg.dtype = dtype
     if tokenizer == "byte":  # no tokenizer files exist for raw bytes; record it so that loading finds it again
         hf_cfg.ziplm_tokenizer = "byte"
+    if quantization_config is not None:
+        hf_cfg.quantization_config = quantization_config
+    packed = packed or {}
     flat = {p: np.asarray(a, np.float32) for p, a in tree.flatten(params).items()}
     _, abstract = models.abstract(full)
     shapes = {p: tuple(a.shape) for p, a in tree.flatten(abstract).items()}
@@ -280,6 +288,9 @@ def export(
                 raise errors.UserError(f"parameter {path} is missing from the model being exported")
             arrays.append(flat.get(path, np.zeros(shapes[path], np.float32)))
             used.add(path)
+        if rule.hf in packed:
+            tensors.update(packed[rule.hf])
+            continue
         tensors[rule.hf] = np.ascontiguousarray(families.to_hf(rule, arrays).astype(jnp.dtype(dtype)))
     unused = sorted(p for p in set(flat) - used if np.any(flat[p]))
     if unused:
