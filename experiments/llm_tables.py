@@ -53,6 +53,7 @@ LABELS = {
     "codebook4": "codebook 4-bit per channel (fp16 entries)",
     "sparsegpt50_gptq4": "SparseGPT 50% -> GPTQ 4-bit g128",
     "q4_1_requant": "RTN 4-bit g32, float minimum, fp16 (Q4_1's grid)",
+    "gptq_q4_0": "GPTQ 4-bit on Q4_0's grid (symmetric g32, fp16 scales)",
 }
 
 

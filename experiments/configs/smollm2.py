@@ -48,6 +48,7 @@ ROWS = {
     "gptq3_g128": [dict(method="gptq", bits=3, **G128)],
     "codebook4": [dict(method="codebook", bits=4, granularity="channel", entry_dtype="float16")],
     "sparsegpt50_gptq4": [dict(method="sparsegpt", sparsity=0.5), dict(method="gptq", bits=4, **G128)],
+    "gptq_q4_0": [dict(method="gptq", gguf="q4_0")],  # GPTQ on Q4_0's grid: `ziplm export --format gguf` keeps it
     "q4_1_requant": [
         dict(method="rtn", bits=4, granularity="group", group_size=32, zero="float", param_dtype="float16")
     ],

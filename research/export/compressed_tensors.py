@@ -26,8 +26,10 @@ code; dense layers keep their zeros as floats): the package dropped its sparse f
 kernels, so no sparsity layout is written. Linear layers with no grid are stored as floats and listed in `ignore`,
 as is `lm_head`.
 
-Refused, naming the leaf and why: codebooks, float-minimum grids (Q4_1-style: no integer zero point), a grid on a
-tensor that is not a Linear weight of its own (embeddings; GPT-2's c_attn, GPT-NeoX's query_key_value are fused).
+Refused, naming the leaf and why: a Linear weight held as a codebook or a float-minimum grid (Q4_1-style: no integer
+zero point), a grid on a leaf fused with others in the checkpoint (GPT-2's c_attn, GPT-NeoX's query_key_value).
+A compressed leaf that is not a Linear weight (an embedding, a norm the packer found few values in) is written as
+its values in `--dtype`, and listed in the report.
 """
 
 from __future__ import annotations
@@ -76,8 +78,6 @@ def _leaf(path: str, record, rule, dtype) -> tuple[dict, dict, bool] | str:
         return "it is a codebook, which compressed-tensors does not store (use --format gguf --type auto or hf)"
     if record.float_zero:
         return "its grid has a float minimum (no integer zero point); quantize with zero='integer'"
-    if rule.kind != "linear":
-        return f"compressed-tensors quantizes Linear weights; {rule.hf} is not one (or is stored fused)"
     zero = np.asarray(record.zero, np.float32)
     top = max(int(np.asarray(record.codes).max(initial=0)), int(zero.max(initial=0)))
     if top > 255:
@@ -129,18 +129,22 @@ def export(
       overwrite: replace an existing directory once the new one is complete.
 
     Returns:
-      `hf.export`'s report plus {"quantized": {leaf: scheme}, "rounded_scales": [leaves], "ignored": [modules]}.
+      `hf.export`'s report plus {"quantized": {leaf: scheme}, "rounded_scales": [leaves], "ignored": [modules],
+      "floats": [compressed leaves that are not Linear weights, written as their values in `dtype`]}.
     """
     import jax.numpy as jnp
 
     model_type, _, full = hf.family(cfg, model_type)
     rules = {r.ours[0]: r for r in families.rules(full, model_type) if len(r.ours) == 1}
-    packed, schemes, rounded = {}, {}, []
+    linears = {r.ours[0] for r in families.rules(full, model_type) if r.kind == "linear"}
+    packed, schemes, rounded, floats = {}, {}, [], []
     for path, record in sorted((codes or {}).items()):
         rule = rules.get(path)
-        if rule is None or not rule.hf.endswith(".weight"):
-            rule = rule or families.Rule(path, (path,), "fused")
-            got = f"it is part of {rule.hf}, not a Linear weight of its own"
+        if rule is None:
+            got = "it is fused with other leaves in the checkpoint, not a Linear weight of its own"
+        elif path not in linears:  # an embedding, a norm: compressed-tensors keeps them as floats
+            floats.append(path)
+            continue
         else:
             got = _leaf(path, record, rule, jnp.dtype(dtype))
         if isinstance(got, str):
@@ -170,7 +174,7 @@ def export(
         quantization_config=config,
     )
     quantized = {p: schemes[rules[p].hf.removesuffix(".weight")] for p in codes if rules[p].hf in packed}
-    return dict(rep, quantized=quantized, rounded_scales=rounded, ignored=ignored, dtype=dtype)
+    return dict(rep, quantized=quantized, rounded_scales=rounded, ignored=ignored, dtype=dtype, floats=floats)
 
 
 def _config(schemes: dict, ignored: list[str]) -> dict:
@@ -206,6 +210,10 @@ def summary(rep: dict) -> str:
     lines = [f"wrote compressed-tensors checkpoint to {rep['directory']}: {', '.join(rep['files'])}"]
     lines.append("  quantized: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     lines.append(f"  floats ({rep['dtype']}): {len(rep['ignored'])} Linear layers with no grid, embeddings, norms")
+    if rep["floats"]:
+        lines.append(
+            f"  compressed leaves that are not Linear weights, written as floats: {', '.join(rep['floats'][:3])}"
+        )
     if rep["rounded_scales"]:
         lines.append(
             f"  scales rounded to {rep['dtype']} in {len(rep['rounded_scales'])} leaves (--dtype float32 keeps them)"

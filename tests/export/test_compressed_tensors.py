@@ -122,12 +122,18 @@ def test_what_it_cannot_hold_is_refused(tmp_path, capsys):
     for transform, why in [
         (codebook.codebook(2, iters=5, trained=False), "codebook"),
         (rtn.rtn(gguf="q4_1"), "float minimum"),
-        (rtn.rtn(4, where="embed/embedding", granularity="tensor"), "model.embed_tokens.weight is not one"),
     ]:
         cfg, effective, found = _compressed(transform)
         with pytest.raises(errors.UserError, match=why):
             ct.export(cfg, effective, tmp_path / "x", codes=found)
         assert not (tmp_path / "x").exists()
+    cfg, effective, found = _compressed(core.chain(rtn.rtn(8), rtn.rtn(4, where="embed/embedding")))
+    rep = ct.export(cfg, effective, tmp_path / "e", codes=found, dtype="float32")  # the embedding as its values
+    assert rep["floats"] == ["embed/embedding"] and "written as floats: embed/embedding" in ct.summary(rep)
+    assert np.array_equal(
+        _decompressed(tmp_path / "e")["model.embed_tokens.weight"],
+        np.asarray(tree.flatten(effective)["embed/embedding"]),
+    )
     cfg, params = _tiny(vocab=128, d=64)
     with pytest.raises(errors.UserError, match="no grid-quantized Linear weights"):
         ct.export(cfg, params, tmp_path / "x", codes={})

@@ -10,7 +10,10 @@ Conventions (one for every grid, so packing sees one format):
   the signed values code - zero lie in [-2**(bits-1), 2**(bits-1) - 1] and +-max|w| are exact (the extra negative
   code is representable but unused by the fit); with `sym_scale="reference"` (the GPTQ reference code's and
   llm-compressor's), scale = max|w| / (2**(bits-1) - 0.5) = 2 max|w| / (2**bits - 1), which uses every code
-  (+max|w| rounds to the top code, 0.5 scale short).
+  (+max|w| rounds to the top code, 0.5 scale short); with `sym_scale="signed"` (llama.cpp's Q4_0 and Q5_0),
+  scale = m / -2**(bits-1) where m is the weight of largest magnitude with its sign: m gets code 0 exactly, the
+  scale is negative when m is positive, and the other side reaches (2**(bits-1) - 1) / 2**(bits-1) of |m| (every
+  code used, one step finer than "full").
 - Asymmetric: the range [min(w, 0), max(w, 0)] is spread over all 2**bits codes, scale = range / (2**bits - 1),
   zero = round(-min / scale) (as the reference code). Rounding the zero point shifts the range by at most scale /
   2, so the round-trip error of any w inside [min, max] is at most scale / 2.
@@ -45,7 +48,7 @@ from research import errors
 
 GRANULARITIES = codes_lib.GRANULARITIES
 ZEROS = ("integer", "float")
-SYM_SCALES = ("full", "reference")
+SYM_SCALES = ("full", "reference", "signed")
 PARAM_DTYPES = ("float32", "float16")
 
 
@@ -104,9 +107,10 @@ class Grid:
         if self.zero == "float":
             kind = "asymmetric, float minimum"
         elif self.symmetric:
-            kind = (
-                f"symmetric ({'max/(2^(b-1)-0.5), reference' if self.sym_scale == 'reference' else 'max/(2^(b-1)-1)'})"
-            )
+            kind = {
+                "reference": "symmetric (max/(2^(b-1)-0.5), reference)",
+                "signed": "symmetric (signed max/-2^(b-1), llama.cpp's)",
+            }.get(self.sym_scale, "symmetric (max/(2^(b-1)-1))")
         else:
             kind = "asymmetric, integer zero point"
         where = {"tensor": "per tensor", "channel": "per channel", "group": f"groups of {self.group_size}"}
@@ -116,9 +120,9 @@ class Grid:
 
 # The grid of each GGUF block type (`research.export.blocks`): groups of 32 inputs, float16 scales (and minimums).
 GGUF = {
-    "q4_0": dict(bits=4, symmetric=True, zero="integer"),
+    "q4_0": dict(bits=4, symmetric=True, zero="integer", sym_scale="signed"),
     "q4_1": dict(bits=4, symmetric=False, zero="float"),
-    "q5_0": dict(bits=5, symmetric=True, zero="integer"),
+    "q5_0": dict(bits=5, symmetric=True, zero="integer", sym_scale="signed"),
     "q5_1": dict(bits=5, symmetric=False, zero="float"),
     "q8_0": dict(bits=8, symmetric=True, zero="integer"),
 }
@@ -131,13 +135,16 @@ def for_gguf(kind: str | None, given: Grid, default: Grid) -> Grid:
     Args:
       kind: "q4_0", "q4_1", "q5_0", "q5_1" or "q8_0".
       given: the grid a method's arguments describe; default: the grid of its default arguments. A setting that
-        differs from both its default and the type's is a contradiction (UserError), not silently replaced.
+        differs from both its default and the type's is a contradiction (UserError), not silently replaced. The
+        symmetric types fit llama.cpp's way (`sym_scale="signed"`) unless another sym_scale is given.
     """
     if kind is None:
         return given
     if kind not in GGUF:
         raise errors.UserError(f"gguf must be one of {', '.join(GGUF)}, got {kind!r}")
     fixed = dict(GGUF[kind], granularity="group", group_size=32, param_dtype="float16")
+    if given.sym_scale != default.sym_scale:  # any scale fits a block type: a fit asked for is kept
+        fixed.pop("sym_scale", None)
     for key, value in fixed.items():
         mine = getattr(given, key)
         if mine != value and mine != getattr(default, key):
@@ -198,6 +205,12 @@ def fit(w, grid: Grid):
         lo = _param(lo, grid)
         scale = _param((hi - lo) / grid.maxq, grid)
         return jnp.where(scale > 0, scale, 1.0), lo
+    if grid.symmetric and grid.sym_scale == "signed":  # llama.cpp's Q4_0 / Q5_0: the largest |w| gets code 0
+        half = 2 ** (grid.bits - 1)
+        hi, lo = reduce(w, grid, jnp.max), reduce(w, grid, jnp.min)
+        scale = _param(jnp.where(-lo > hi, lo, hi) / -half, grid)  # negative when that weight is positive
+        scale = jnp.where(scale != 0, scale, 1.0)
+        return scale, jnp.full_like(scale, half)
     if grid.symmetric:
         half = 2 ** (grid.bits - 1)
         absmax = reduce(jnp.abs(w), grid, jnp.max)
