@@ -106,3 +106,34 @@ def test_a_shorter_last_group_is_fitted_on_its_own_inputs(zero):
     back = qgrid.dequantize(qgrid.quantize(w, s, z, grid), s, z, grid)
     assert back.shape == w.shape
     assert np.all(np.abs(np.asarray(back - w)) <= np.asarray(grid.layout.expand(s, w.shape)) / 2 + 1e-6)
+
+
+def test_signed_scale_is_llama_cpps_q4_0_fit():
+    w = (RNG.normal(size=(128, 48)) * 0.05).astype(np.float32)  # (in, out)
+    g = qgrid.Grid(4, True, "group", 32, sym_scale="signed", param_dtype="float16")
+    s, z = qgrid.fit(w, g)
+    codes = np.asarray(qgrid.quantize(w, s, z, g))
+    ours = np.asarray(qgrid.dequantize(codes, s, z, g))
+    ref = gguf.quants.quantize(np.ascontiguousarray(w.T), gguf.GGMLQuantizationType.Q4_0)
+    theirs = np.asarray(gguf.quants.dequantize(ref, gguf.GGMLQuantizationType.Q4_0)).reshape(48, 128).T
+    # llama.cpp rounds with the float32 scale and stores it in fp16; ziplm rounds with the stored scale: the same
+    # values but for weights within float error of a rounding boundary
+    assert np.mean(ours == theirs) > 0.999
+    blocks = np.abs(w).reshape(4, 32, 48).argmax(1)  # the largest |w| of each block gets code 0
+    assert (np.take_along_axis(codes.reshape(4, 32, 48), blocks[:, None], 1) == 0).all()
+    assert (np.asarray(s) < 0).any() and (np.asarray(s) > 0).any()  # negative where that weight is positive
+    assert "signed max/-2^(b-1)" in g.describe()
+
+
+def test_gguf_presets_fix_the_grid_and_refuse_contradictions():
+    t = rtn.rtn(gguf="q4_0")
+    params = {"layers": {"0": {"mlp": {"up": {"kernel": jnp.asarray(RNG.normal(size=(64, 8)), jnp.float32)}}}}}
+    state = t.init(params, jax.random.PRNGKey(0), None)
+    scale = state["scale"]["layers"]["0"]["mlp"]["up"]["kernel"]
+    assert scale.shape == (2, 8) and np.array_equal(np.asarray(scale, np.float16).astype(np.float32), scale)
+    assert qgrid.for_gguf("q4_0", qgrid.Grid(), qgrid.Grid()).sym_scale == "signed"
+    kept = qgrid.for_gguf("q4_0", qgrid.Grid(sym_scale="reference"), qgrid.Grid())  # a fit asked for is kept
+    assert (kept.sym_scale, kept.group_size, kept.param_dtype) == ("reference", 32, "float16")
+    assert qgrid.for_gguf("q8_0", qgrid.Grid(), qgrid.Grid()).bits == 8
+    with pytest.raises(errors.UserError, match="gguf='q4_0' fixes bits=4; drop bits=3"):
+        gptq.gptq(3, gguf="q4_0")

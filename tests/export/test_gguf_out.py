@@ -52,7 +52,7 @@ def _same_leaves(a, b) -> list[str]:
 @pytest.mark.parametrize("kind", BLOCK_TYPES)
 def test_grid_codes_are_written_as_they_are(tmp_path, kind):
     m = _source(tmp_path)
-    zlm = _packed(tmp_path, m, rtn.rtn(gguf=kind))
+    zlm = _packed(tmp_path, m, rtn.rtn(gguf=kind, sym_scale="reference"))  # not llama.cpp's fit: see below
     out = tmp_path / "o.gguf"
     assert cli.main(["export", "--model", str(zlm), "--format", "gguf", "--type", kind, "--out", str(out)]) == 0
     # the gguf package reads back the very values ziplm evaluates (through the reader, Q/K rows un-permuted); the
@@ -62,7 +62,7 @@ def test_grid_codes_are_written_as_they_are(tmp_path, kind):
     q = tensors["blk.0.attn_q.weight"]
     assert q.tensor_type.name == kind.upper() and tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
     assert tensors["token_embd.weight"].tensor_type.name == kind.upper()  # dense: rounded by llama.cpp's RTN
-    if kind == "q4_0":  # ziplm's grid (max|w| / 7) is not llama.cpp's (max / -8): the codes were not re-rounded
+    if kind == "q4_0":  # the reference scale (max|w| / 7.5) is not llama.cpp's (max / -8): not re-rounded
         data = np.asarray(q.data)
         values = blocks.dequantize(blocks.TYPES["Q4_0"], data)
         assert not np.array_equal(blocks.requantize(blocks.TYPES["Q4_0"], values), data)
