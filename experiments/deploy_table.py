@@ -51,12 +51,14 @@ def size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def ziplm_scores(model: str, tokens, token_bytes, window: int, windows: int) -> dict:
+def ziplm_scores(model: str, tokens, token_bytes, window: int, windows: int, reference) -> dict:
+    """Perplexity and bits per byte as ziplm computes them, KL(source || model) and top-1 agreement with the source."""
     m = sources.load(model)
+    protocol = metrics.Protocol.gptq(window)
     r = metrics.evaluate(
-        m.graphdef, m.params, tokens, token_bytes, metrics.Protocol.gptq(window), batch_size=4, max_windows=windows
+        m.graphdef, m.params, tokens, token_bytes, protocol, batch_size=4, max_windows=windows, reference=reference
     )
-    return {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
+    return {k: r[k] for k in ("perplexity", "bits_per_byte", "kl", "top1_agreement")}
 
 
 def llama_cpp_scores(path: Path, tokens, window: int, windows: int, reference=None) -> dict | None:
@@ -132,14 +134,16 @@ def main(argv=None) -> int:
     tokens = np.concatenate([tok.added_prefix, tok.encode(text)]).astype(np.int32)  # as `ziplm eval --protocol gptq`
     assert len(tokens) >= args.windows * args.window
     rows, t0 = [], time.time()
+    reference = (dense.graphdef, dense.params)
 
     def row(name, path, how, exact_as=None, llama=True):
         t = time.time()
         r = {"row": name, "file": str(path), "bytes": size(path), "how": how}
         if exact_as is not None:  # the same values as another row, checked leaf by leaf: its scores carry over
-            r.update({k: exact_as[k] for k in ("perplexity", "bits_per_byte")}, same_values_as=exact_as["row"])
+            keys = ("perplexity", "bits_per_byte", "kl", "top1_agreement")
+            r.update({k: exact_as[k] for k in keys}, same_values_as=exact_as["row"])
         else:
-            r.update(ziplm_scores(str(path), tokens, tok.token_bytes, args.window, args.windows))
+            r.update(ziplm_scores(str(path), tokens, tok.token_bytes, args.window, args.windows, reference))
         if llama and path.suffix == ".gguf":  # the same file in both runtimes
             own = first_window_logits(str(path), tokens, args.window)
             r["llama_cpp"] = llama_cpp_scores(path, tokens, args.window, args.windows, own)
@@ -215,14 +219,17 @@ def same(a, b) -> None:
 
 def table(result: dict) -> str:
     lines = [
-        "| row | bytes | MB | perplexity (ziplm) | perplexity (llama.cpp) | how |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| row | bytes | MB | perplexity (ziplm) | KL vs source | top-1 vs source | perplexity (llama.cpp) | how |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lc = (r.get("llama_cpp") or {}).get("perplexity")
         ppl = f"{r['perplexity']:.2f}" + (" (same values)" if r.get("same_values_as") else "")
         lc = f"{lc:.2f}" if lc else "-"
-        lines.append(f"| {r['row']} | {r['bytes']:,} | {r['bytes'] / 1e6:.1f} | {ppl} | {lc} | {r['how']} |")
+        kl, top = f"{r['kl']:.4f}", f"{r['top1_agreement']:.4f}"
+        lines.append(
+            f"| {r['row']} | {r['bytes']:,} | {r['bytes'] / 1e6:.1f} | {ppl} | {kl} | {top} | {lc} | {r['how']} |"
+        )
     return (
         "\n".join(lines) + f"\n\n{result['protocol']}; {result['model']}; GPTQ calibration: {result['calibration']}.\n"
     )
