@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -112,6 +113,11 @@ def _tokenizer(w, spec: str | None, vocab_size: int) -> str:
         w.add_string("ziplm.tokenizer", "byte")
         return "none: raw bytes (token id = byte value; recorded as ziplm.tokenizer = byte)"
     if spec.startswith("gguf:"):
+        if not Path(spec.removeprefix("gguf:")).is_file():
+            raise errors.UserError(
+                f"GGUF export copies the tokenizer from {spec.removeprefix('gguf:')}, which no longer exists; "
+                "put the model's GGUF file back there"
+            )
         source = gguf_in.read(spec.removeprefix("gguf:"))
         n = 0
         for key, field in source.fields.items():

@@ -104,7 +104,8 @@ def test_gguf_to_ziplm_to_gguf_is_byte_identical(tmp_path):
     for key, value in meta_src.items():
         if key.startswith("llama."):
             assert meta_back[key] == value, key
-    assert _same_leaves(m.params, sources.load(str(out)).params) == []
+    back_model = sources.load(str(out))
+    assert _same_leaves(m.params, back_model.params) == [] and back_model.tokenizer is None  # written as "none"
 
 
 def test_float_types_and_what_is_rounded(tmp_path):
@@ -160,6 +161,8 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys):
     assert "--type and --requantize apply to --format gguf" in capsys.readouterr().err
     with pytest.raises(errors.UserError, match="gguf='q4_1' fixes symmetric=False"):
         rtn.rtn(gguf="q4_1", symmetric=True)
+    with pytest.raises(errors.UserError, match="copies the tokenizer from .*gone.gguf, which no longer exists"):
+        gguf_out.export(m.cfg, m.params, tmp_path / "t.gguf", tokenizer=f"gguf:{tmp_path / 'gone.gguf'}")
     with pytest.raises(errors.UserError, match="gguf must be one of"):
         rtn.rtn(gguf="q3_k")
 
