@@ -205,3 +205,19 @@ def test_real_smollm2_goes_back_byte_for_byte(tmp_path):
     assert set(a.fields) == set(b.fields)
     differ = [k for k in a.fields if not k.startswith("GGUF.") and a.fields[k].contents() != b.fields[k].contents()]
     assert differ == ["general.name"]
+
+
+def test_qat_on_a_gguf_grid_exports_its_codes_as_they_are(tmp_path):
+    from research.compress.quant import qat
+
+    m = _source(tmp_path)
+    t = qat.qat(gguf="q4_0")
+    state = t.init(m.params, jax.random.PRNGKey(0), None)
+    moved = tree.map_with_path(lambda p, a: a * 1.01 if p.endswith("kernel") else a, m.params)  # a training step
+    state = t.update(moved, state, None, 1)  # min/max scales refitted, in fp16
+    effective = t.apply(moved, state)
+    rep = gguf_out.export(m.cfg, effective, tmp_path / "q.gguf", codes=core.export(t, moved, state), type="q4_0")
+    assert {t["how"] for t in rep["tensors"] if "kernel" in t["leaf"]} == {"grid codes as they are"}
+    assert _same_leaves(effective, sources.load(str(tmp_path / "q.gguf")).params) == ["embed/embedding"]
+    with pytest.raises(errors.UserError, match="qat keeps integer zero points"):
+        qat.qat(gguf="q4_1")

@@ -39,6 +39,7 @@ def qat(
     group_size: int = 128,
     learn_scale: bool = False,
     scale_lr: float = 1e-4,
+    gguf: str | None = None,
 ) -> core.Transform:
     """Fake quantization with min/max scales refreshed after every step, or learned step sizes (LSQ).
 
@@ -50,11 +51,16 @@ def qat(
       group_size: inputs per group for granularity "group".
       learn_scale: train the scales with LSQ's gradient (see the module docstring) instead of re-fitting them.
       scale_lr: Adam learning rate of the learned log-scales (a relative step per optimizer step).
+      gguf: "q4_0", "q5_0" or "q8_0": the grid of that GGUF block type (`grid.for_gguf`: groups of 32, fp16 scales
+        refitted every step, llama.cpp's signed scale for Q4_0 / Q5_0), so `ziplm export --format gguf` writes the
+        final codes as they are (learned scales are not fp16 numbers: export re-rounds them, or keeps F32).
 
     Returns:
       A `core.Transform`; `apply` is differentiable w.r.t. params (clipped STE) and, for LSQ, w.r.t. the scales.
     """
-    grid = qgrid.Grid(bits, symmetric, granularity, group_size)
+    grid = qgrid.for_gguf(gguf, qgrid.Grid(bits, symmetric, granularity, group_size), qgrid.Grid(4, True, "channel"))
+    if grid.zero == "float":
+        raise errors.UserError(f"qat keeps integer zero points: gguf must be q4_0, q5_0 or q8_0, not {gguf!r}")
     core.check_pattern(where)
     if not isinstance(scale_lr, int | float) or isinstance(scale_lr, bool) or not scale_lr > 0:
         raise errors.UserError(f"scale_lr must be a positive number, got {scale_lr!r}")
