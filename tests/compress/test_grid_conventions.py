@@ -137,3 +137,5 @@ def test_gguf_presets_fix_the_grid_and_refuse_contradictions():
     assert qgrid.for_gguf("q8_0", qgrid.Grid(), qgrid.Grid()).bits == 8
     with pytest.raises(errors.UserError, match="gguf='q4_0' fixes bits=4; drop bits=3"):
         gptq.gptq(3, gguf="q4_0")
+    with pytest.raises(errors.UserError, match="gguf='q8_0' fixes group_size=32; drop group_size=128"):
+        rtn.rtn(granularity="group", group_size=128, gguf="q8_0")  # 128 is the default, but groups were asked for

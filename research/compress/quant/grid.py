@@ -145,6 +145,8 @@ def for_gguf(kind: str | None, given: Grid, default: Grid) -> Grid:
     fixed = dict(GGUF[kind], granularity="group", group_size=32, param_dtype="float16")
     if given.sym_scale != default.sym_scale:  # any scale fits a block type: a fit asked for is kept
         fixed.pop("sym_scale", None)
+    if given.granularity == "group" and given.group_size != 32:  # groups asked for: their size is deliberate
+        raise errors.UserError(f"gguf={kind!r} fixes group_size=32; drop group_size={given.group_size}")
     for key, value in fixed.items():
         mine = getattr(given, key)
         if mine != value and mine != getattr(default, key):
