@@ -166,7 +166,9 @@ def _export(args, overrides) -> int:
     if args.format != "gguf" and (args.type or args.requantize):
         raise errors.UserError(f"--type and --requantize apply to --format gguf, not {args.format}")
     if args.format == "gguf" and args.dtype:
-        raise errors.UserError("--dtype applies to --format hf; GGUF takes --type (f32, f16, bf16, q4_0, ...)")
+        raise errors.UserError(
+            "--dtype applies to --format hf and compressed-tensors; GGUF takes --type (f32, f16, bf16, q4_0, ...)"
+        )
     m = sources.load(args.model, args.step)
     file = sources.packed_file(args.model) if m.kind == "packed" else None
     found = pack.codes_of(file) if file else {}  # the grid codes of a compressed model, written as they are

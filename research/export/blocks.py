@@ -42,7 +42,8 @@ class BlockType:
 
     @property
     def bytes_per_block(self) -> int:
-        return 2 + (2 if self.offset is None else 0) + (4 if self.bits == 5 else 0) + BLOCK * self.bits // 8
+        nibbles = BLOCK if self.bits == 8 else BLOCK // 2  # int8 bytes, or the low 4 bits of two codes per byte
+        return 2 + (2 if self.offset is None else 0) + (4 if self.bits == 5 else 0) + nibbles
 
     @property
     def qmin(self) -> int:
@@ -133,7 +134,9 @@ def express(kind: BlockType, c: np.ndarray, s: np.ndarray, z: np.ndarray, float_
         np.array_equal(s3, np.broadcast_to(d[..., None], blocks))
         and np.array_equal(z3, np.broadcast_to(zb[..., None], blocks))
     ):
-        return f"its scales or zero points change inside a block of {BLOCK} values (groups of {BLOCK} are needed)"
+        return (
+            f"its scales or zero points change inside a block of {BLOCK} values (groups must be multiples of {BLOCK})"
+        )
     if not _fp16(d):
         return "its scales are not float16 numbers (quantize with param_dtype='float16', or gguf=...)"
     values = codes_lib.grid_values(c, s, z, codes_lib.Layout("tensor"), float_zero)  # what ziplm computes
@@ -150,10 +153,11 @@ def express(kind: BlockType, c: np.ndarray, s: np.ndarray, z: np.ndarray, float_
             return "its minimums (-zero * scale) are not float16 numbers"
     lo, hi = int(q.min(initial=0)), int(q.max(initial=0))
     if lo < kind.qmin or hi > kind.qmax:
-        return (
-            f"its codes span {lo - (kind.offset or 0)}..{hi - (kind.offset or 0)} around the zero point, "
-            f"{kind.name} holds {kind.qmin - (kind.offset or 0)}..{kind.qmax - (kind.offset or 0)}"
-        )
+        if kind.offset is None:
+            return f"its codes span {lo}..{hi}, {kind.name} holds {kind.qmin}..{kind.qmax}"
+        off = kind.offset
+        span, holds = f"{lo - off}..{hi - off}", f"{kind.qmin - off}..{kind.qmax - off}"
+        return f"its codes span {span} around the zero point, {kind.name} holds {holds}"
     data = to_bytes(kind, q, d, m)
     if not codes_lib.same_bits(dequantize(kind, data), values):
         return f"{kind.name}'s dequantization differs from the grid's values in the last bits (float rounding)"

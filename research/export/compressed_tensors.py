@@ -24,7 +24,8 @@ from RTN, GPTQ or QAT, per tensor, channel or group (the group must divide the i
 of 32, 64 or 128, or channels), one config group per distinct scheme. Pruned weights stay exactly zero (the zero
 code; dense layers keep their zeros as floats): the package dropped its sparse formats after 0.14 and vLLM its 2:4
 kernels, so no sparsity layout is written. Linear layers with no grid are stored as floats and listed in `ignore`,
-as is `lm_head`.
+as is `lm_head` unless it has a grid. The values are the grid's: a model that computes with them rounded to its
+dtype (bfloat16) is reported ("rounded_values"), since the checkpoint holds the unrounded grid.
 
 Refused, naming the leaf and why: a Linear weight held as a codebook or a float-minimum grid (Q4_1-style: no integer
 zero point), a grid on a leaf fused with others in the checkpoint (GPT-2's c_attn, GPT-NeoX's query_key_value).
@@ -39,7 +40,7 @@ import collections
 import numpy as np
 
 from research import codes as codes_lib
-from research import errors
+from research import errors, tree
 from research.models import hf
 from research.models.hf import families
 
@@ -130,14 +131,16 @@ def export(
 
     Returns:
       `hf.export`'s report plus {"quantized": {leaf: scheme}, "rounded_scales": [leaves], "ignored": [modules],
-      "floats": [compressed leaves that are not Linear weights, written as their values in `dtype`]}.
+      "floats": [compressed leaves that are not Linear weights, written as their values in `dtype`],
+      "rounded_values": [leaves whose grid values the model itself rounds to its dtype]}.
     """
     import jax.numpy as jnp
 
     model_type, _, full = hf.family(cfg, model_type)
     rules = {r.ours[0]: r for r in families.rules(full, model_type) if len(r.ours) == 1}
     linears = {r.ours[0] for r in families.rules(full, model_type) if r.kind == "linear"}
-    packed, schemes, rounded, floats = {}, {}, [], []
+    packed, schemes, rounded, floats, rounded_values = {}, {}, [], [], []
+    flat = tree.flatten(params)
     for path, record in sorted((codes or {}).items()):
         rule = rules.get(path)
         if rule is None:
@@ -150,6 +153,8 @@ def export(
         if isinstance(got, str):
             raise errors.UserError(f"compressed-tensors export: {path}: {got}")
         module = rule.hf.removesuffix(".weight")
+        if not codes_lib.same_bits(codes_lib.decode(record), np.asarray(flat[path], np.float32)):
+            rounded_values.append(path)  # the model rounds the grid's values to its dtype; the checkpoint does not
         packed[rule.hf] = {f"{module}.{k}": v for k, v in got[0].items()}
         schemes[module] = got[1]
         if not got[2]:
@@ -161,7 +166,7 @@ def export(
         )
     linears = [r.hf.removesuffix(".weight") for r in families.rules(full, model_type) if r.kind == "linear"]
     ignored = sorted(m for m in linears if m not in schemes)
-    config = _config(schemes, ignored)
+    config = _config(schemes, ignored)  # lm_head ignored unless it was packed
     rep = hf.export(
         cfg,
         params,
@@ -174,7 +179,15 @@ def export(
         quantization_config=config,
     )
     quantized = {p: schemes[rules[p].hf.removesuffix(".weight")] for p in codes if rules[p].hf in packed}
-    return dict(rep, quantized=quantized, rounded_scales=rounded, ignored=ignored, dtype=dtype, floats=floats)
+    return dict(
+        rep,
+        quantized=quantized,
+        rounded_scales=rounded,
+        rounded_values=rounded_values,
+        ignored=ignored,
+        dtype=dtype,
+        floats=floats,
+    )
 
 
 def _config(schemes: dict, ignored: list[str]) -> dict:
@@ -196,7 +209,7 @@ def _config(schemes: dict, ignored: list[str]) -> dict:
         "format": FORMAT,
         "quantization_status": "compressed",
         "config_groups": groups,
-        "ignore": sorted(set(ignored) | {"lm_head"}),
+        "ignore": sorted(set(ignored) | ({"lm_head"} - set(schemes))),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
         "sparsity_config": {},
@@ -210,6 +223,10 @@ def summary(rep: dict) -> str:
     lines = [f"wrote compressed-tensors checkpoint to {rep['directory']}: {', '.join(rep['files'])}"]
     lines.append("  quantized: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     lines.append(f"  floats ({rep['dtype']}): {len(rep['ignored'])} Linear layers with no grid, embeddings, norms")
+    if rep["rounded_values"]:
+        lines.append(
+            f"  {len(rep['rounded_values'])} leaves hold the grid's values, which the model rounds to its dtype"
+        )
     if rep["floats"]:
         lines.append(
             f"  compressed leaves that are not Linear weights, written as floats: {', '.join(rep['floats'][:3])}"

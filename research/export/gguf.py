@@ -14,12 +14,14 @@ The type of each matrix (`--type`):
 
     auto          the smallest GGUF type that holds it exactly: a grid code of the compressed model that a block type
                   stores (`blocks.express`; GPTQ / RTN with gguf="q4_0" ...), a dense matrix that lies on a block
-                  grid (a model read from a GGUF file: its tensors come back in their types, byte for byte); F16
-                  or BF16 when the values are such floats; F32 otherwise. Nothing is rounded.
+                  grid (a model read from a GGUF file: its tensors come back in their types, byte for byte); BF16
+                  or F16 when the values are such floats; F32 otherwise. Nothing is rounded: a grid whose values
+                  the model rounds to its dtype (a bfloat16 model) is written as those values.
     q4_0 ... q8_0 every matrix in that block type: grid codes it holds are written as they are; a dense matrix is
                   rounded by llama.cpp's round-to-nearest (`blocks.requantize`); a compressed leaf it cannot hold
-                  (a codebook, 3-bit codes with an 8-wide range, scales per 128 inputs) is refused, naming the leaf
-                  and why, unless `requantize` (then it is rounded like a dense one, and the report says so).
+                  (a codebook, float32 scales, scales that change inside a block of 32, 8-bit codes into Q4_0) is
+                  refused, naming the leaf and why, unless `requantize` (then it is rounded like a dense one, and the
+                  report says so).
     f32 f16 bf16  every matrix as floats of that type (f16 / bf16 round unless the values fit; the report says).
 
 A matrix whose rows are not a multiple of 32 cannot be a block type: with a block type asked for it is F16 (as
@@ -216,16 +218,17 @@ def _auto(values, record, rows):
             data = blocks.exact_dense(kind, values)
             if data is not None:
                 return kind.name, data, f"exact: its values lie on the {kind.name} grid"
+    why = ""
     if isinstance(record, codes_lib.Palette):
-        return "F32", values, "exact: a codebook, which no GGUF block type stores"
-    if reasons:
-        return "F32", values, f"exact: no block type holds its grid ({reasons[0]})"
+        why = ": a codebook, which no GGUF block type stores"
+    elif reasons:
+        why = f": no block type holds its grid ({reasons[0]})"
     for kind in ("bf16", "f16"):  # a model read from an F16 / BF16 file goes back in its type (BF16 values most
         # often are F16 numbers too; F16 values with more than 8 significant bits are not BF16 numbers)
         found = _floats(values, kind)
         if found[2] == "exact":
-            return found
-    return "F32", values, "exact"
+            return found[0], found[1], "exact" + why
+    return "F32", values, "exact" + why
 
 
 def _floats(values, kind: str):
@@ -296,12 +299,18 @@ def export(
         perm = (lambda a, h=h: gguf_in.permute(a, h)) if h else (lambda a: a)
         values = np.ascontiguousarray(perm(families.to_hf(rule, [flat[path]])))
         record = codes.get(path)
+        rows = _grid_rows(record, rule, perm) if isinstance(record, codes_lib.Grid) else None
+        off = rows is not None and not codes_lib.same_bits(
+            codes_lib.grid_values(*rows, codes_lib.Layout("tensor"), record.float_zero), values
+        )  # the model's values are the grid's rounded to its dtype (a bfloat16 model): the grid is not them
+        if off and type == "auto":
+            record = rows = None  # its values, exactly, as a dense matrix
         if values.ndim == 1:
             kind, data, how = "F32", values, "vector"
         elif type in FLOATS:
             kind, data, how = _floats(values, type)
+            counts[kind] += 1
         else:
-            rows = _grid_rows(record, rule, perm) if isinstance(record, codes_lib.Grid) else None
             if type == "auto":
                 kind, data, how = _auto(values, record, rows)
             else:
@@ -309,6 +318,8 @@ def export(
             counts[kind] += 1
             if how.startswith("requantized"):
                 requantized.append(path)
+            elif off and how.startswith("grid codes"):
+                how += ": the model computes with them rounded to its dtype, which this file does not"
         native = kind in ("F32", "F16")
         w.add_tensor(gguf_name(rule.hf), data, raw_dtype=None if native else gguf.GGMLQuantizationType[kind])
         report.append({"name": gguf_name(rule.hf), "leaf": path, "type": kind, "how": how})

@@ -134,7 +134,7 @@ def test_what_a_type_cannot_hold_is_refused_or_requantized(tmp_path, capsys):
     assert cli.main([*args, "--type", "q4_0", "--requantize"]) == 0
     rep = gguf_out.export(m.cfg, m.params, tmp_path / "r.gguf", codes=_codes(zlm), type="q4_0", requantize=True)
     assert len(rep["requantized"]) == 14 and all(t["type"] == "Q4_0" for t in rep["tensors"] if t["how"] != "vector")
-    auto = gguf_out.export(m.cfg, m.params, tmp_path / "a.gguf", codes=_codes(zlm))
+    auto = gguf_out.export(m.cfg, sources.load(str(zlm)).params, tmp_path / "a.gguf", codes=_codes(zlm))
     assert {t["type"] for t in auto["tensors"]} == {"F32"} and "not float16" in auto["tensors"][1]["how"] + str(auto)
 
     wide = _packed(
@@ -156,7 +156,7 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys):
         gguf_out.export(m.cfg, m.params, tmp_path / "src.gguf")
     src = str(tmp_path / "src.gguf")
     assert cli.main(["export", "--model", src, "--format", "gguf", "--dtype", "float16", "--out", "x"]) == 2
-    assert "--dtype applies to --format hf" in capsys.readouterr().err
+    assert "--dtype applies to --format hf and compressed-tensors" in capsys.readouterr().err
     assert cli.main(["export", "--model", src, "--type", "q4_0", "--out", str(tmp_path / "x")]) == 2
     assert "--type and --requantize apply to --format gguf" in capsys.readouterr().err
     with pytest.raises(errors.UserError, match="gguf='q4_1' fixes symmetric=False"):
@@ -221,3 +221,21 @@ def test_qat_on_a_gguf_grid_exports_its_codes_as_they_are(tmp_path):
     assert _same_leaves(effective, sources.load(str(tmp_path / "q.gguf")).params) == ["embed/embedding"]
     with pytest.raises(errors.UserError, match="qat keeps integer zero points"):
         qat.qat(gguf="q4_1")
+
+
+def test_a_grid_the_model_rounds_to_bfloat16_is_written_as_the_model_computes(tmp_path):
+    m = _source(tmp_path)
+    t = rtn.rtn(gguf="q4_0")
+    state = t.init(m.params, jax.random.PRNGKey(0), None)
+    effective = tree.map_with_path(
+        lambda p, a: np.asarray(a).astype(jax.numpy.bfloat16).astype(np.float32), t.apply(m.params, state)
+    )
+    found = core.export(t, m.params, state)
+    auto = gguf_out.export(m.cfg, effective, tmp_path / "a.gguf", codes=found)
+    assert all("grid codes" not in t["how"] for t in auto["tensors"])  # the model's values, exactly (BF16 here)
+    assert _same_leaves(effective, sources.load(str(tmp_path / "a.gguf")).params) == []
+    q4 = gguf_out.export(m.cfg, effective, tmp_path / "q.gguf", codes=found, type="q4_0")
+    hows = {t["how"] for t in q4["tensors"] if "kernel" in t["leaf"]}
+    assert hows == {
+        "grid codes as they are: the model computes with them rounded to its dtype, which this file does not"
+    }

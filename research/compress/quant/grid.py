@@ -62,7 +62,8 @@ class Grid:
       granularity: "tensor", "channel" (per output column) or "group" (groups along the input dimension).
       group_size: inputs per group for granularity "group"; must divide the input dimension.
       zero: "integer" (a zero-point code) or "float" (a float minimum, GGUF Q4_1-style).
-      sym_scale: symmetric scale convention, "full" (max|w| / (2**(b-1) - 1)) or "reference" (/ (2**(b-1) - 0.5)).
+      sym_scale: symmetric scale convention, "full" (max|w| / (2**(b-1) - 1)), "reference" (/ (2**(b-1) - 0.5)) or
+        "signed" (the signed largest-magnitude weight / -2**(b-1), llama.cpp's Q4_0).
       param_dtype: "float32" or "float16" (scales and float minimums rounded to float16, as GGUF stores them).
     """
 
