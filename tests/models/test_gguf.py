@@ -3,6 +3,8 @@ from the metadata, logits equal to `transformers`' own GGUF loading (parity extr
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,7 @@ def _tiny(vocab=256, d=256, tie=True, seed=0):
     _, params = models.init(cfg, seed)
     key = jax.random.PRNGKey(seed + 1)  # non-trivial norms, so a mix-up of tensors shows
     params = tree.map_with_path(
-        lambda p, a: a + 0.1 * jax.random.normal(jax.random.fold_in(key, hash(p) % 2**31), a.shape), params
+        lambda p, a: a + 0.1 * jax.random.normal(jax.random.fold_in(key, zlib.crc32(p.encode())), a.shape), params
     )
     return cfg, params
 
