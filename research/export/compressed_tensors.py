@@ -137,15 +137,15 @@ def export(
     import jax.numpy as jnp
 
     model_type, _, full = hf.family(cfg, model_type)
-    rules = {r.ours[0]: r for r in families.rules(full, model_type) if len(r.ours) == 1}
-    linears = {r.ours[0] for r in families.rules(full, model_type) if r.kind == "linear"}
+    all_rules = families.rules(full, model_type)
+    rules = {r.ours[0]: r for r in all_rules if len(r.ours) == 1}
     packed, schemes, rounded, floats, rounded_values = {}, {}, [], [], []
     flat = tree.flatten(params)
     for path, record in sorted((codes or {}).items()):
         rule = rules.get(path)
         if rule is None:
             got = "it is fused with other leaves in the checkpoint, not a Linear weight of its own"
-        elif path not in linears:  # an embedding, a norm: compressed-tensors keeps them as floats
+        elif rule.kind != "linear":  # an embedding, a norm: compressed-tensors keeps them as floats
             floats.append(path)
             continue
         else:
@@ -164,7 +164,7 @@ def export(
             "compressed-tensors export: the model has no grid-quantized Linear weights (compress it with rtn, gptq or "
             "qat first, or use --format hf)"
         )
-    linears = [r.hf.removesuffix(".weight") for r in families.rules(full, model_type) if r.kind == "linear"]
+    linears = [r.hf.removesuffix(".weight") for r in all_rules if r.kind == "linear"]
     ignored = sorted(m for m in linears if m not in schemes)
     config = _config(schemes, ignored)  # lm_head ignored unless it was packed
     rep = hf.export(
