@@ -20,6 +20,13 @@ Layouts, for a kernel (in, *out); "tensor" applies to any shape:
     "tensor"     ()                              P = 1: the whole leaf
     "channel"    (*out,)                         P = out (the last axis): row o is the column kernel[:, o]
     "group"      (ceil(in / g), *out)            P = out * in / g: row o * (in / g) + j is kernel[j*g:(j+1)*g, o]
+    "row"        (rows,)                         "channel" of the transposed leaf: one problem per row
+    "row-group"  (ceil(cols / g), rows)          "group" of the transposed leaf: groups of g along each row
+
+The row layouts are for 2-D tables read by rows: an embedding (V, D) is the transposed (D, V) kernel of the head it
+is when tied, so "row" gives every token its own scale (the head's output channel) and "row-group" 32 is GGUF's
+block layout of an embedding (blocks of 32 along D). They are defined as the column layouts of `w.T`, parameters
+included (a "row-group" grid's scales are (ceil(D / g), V)).
 
 A grid's last group may be shorter (ceil; SmolLM2's 576 inputs in groups of 128), a palette's groups must divide
 the inputs.
@@ -33,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = ("tensor", "channel", "group", "row", "row-group")
+_GROUPED = ("group", "row-group")
+_COLUMNS = {"row": "channel", "row-group": "group"}
 
 
 def _xp(a):
@@ -45,8 +54,8 @@ class Layout:
     """How per-problem parameters map onto a leaf (see the module docstring).
 
     Attributes:
-      granularity: "tensor", "channel" or "group".
-      group_size: inputs per group (granularity "group" only; 0 otherwise).
+      granularity: "tensor", "channel", "group", "row" or "row-group".
+      group_size: inputs per group (granularities "group" and "row-group" only; 0 otherwise).
     """
 
     granularity: str = "tensor"
@@ -55,17 +64,34 @@ class Layout:
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if (self.granularity == "group") != (self.group_size > 0):
+        if (self.granularity in _GROUPED) != (self.group_size > 0):
             raise ValueError(f"group_size {self.group_size} does not fit granularity {self.granularity!r}")
 
     @classmethod
     def of(cls, granularity: str, group_size: int) -> Layout:
-        """The layout of a granularity; `group_size` counts only for "group" (methods carry one regardless)."""
-        return cls(granularity, group_size if granularity == "group" else 0)
+        """The layout of a granularity; `group_size` counts only for the grouped ones (methods carry one
+        regardless)."""
+        return cls(granularity, group_size if granularity in _GROUPED else 0)
+
+    @property
+    def transposed(self) -> bool:
+        """Whether this is a row layout: the column layout (`columns`) of the leaf's transpose."""
+        return self.granularity in _COLUMNS
+
+    @property
+    def columns(self) -> Layout:
+        """The column layout a row layout applies to the transposed leaf (itself for the others)."""
+        return Layout(_COLUMNS[self.granularity], self.group_size) if self.transposed else self
+
+    @property
+    def grouped(self) -> bool:
+        return self.granularity in _GROUPED
 
     def param_shape(self, shape) -> tuple:
         """The shape of a grid's scales and zero points for a leaf of `shape`."""
         shape = tuple(shape)
+        if self.transposed:
+            return self.columns.param_shape(_flip(shape))
         if self.granularity == "tensor":
             return ()
         if self.granularity == "channel":
@@ -74,6 +100,8 @@ class Layout:
 
     def expand(self, a, shape):
         """Grid parameters (`param_shape`) broadcastable against a leaf of `shape` (NumPy or JAX, traceable)."""
+        if self.transposed:
+            return self.columns.expand(a, _flip(shape)).T
         if self.granularity == "tensor":
             return a
         if self.granularity == "channel":
@@ -82,6 +110,8 @@ class Layout:
 
     def n_problems(self, shape) -> int:
         """P, the number of palette problems of a leaf of `shape`."""
+        if self.transposed:
+            return self.columns.n_problems(_flip(shape))
         size = int(np.prod(shape, dtype=np.int64))
         if self.granularity == "tensor":
             return 1
@@ -91,6 +121,8 @@ class Layout:
 
     def to_problems(self, w):
         """A leaf as (P, n) rows of independent palette problems."""
+        if self.transposed:
+            return self.columns.to_problems(w.T)
         if self.granularity == "tensor":
             return w.reshape(1, -1)
         cols = w.reshape(-1, w.shape[-1]).T  # (out, in)
@@ -100,12 +132,21 @@ class Layout:
 
     def from_problems(self, x, shape):
         """Inverse of `to_problems`: (P, n) rows back to the leaf's shape."""
+        if self.transposed:
+            return self.columns.from_problems(x, _flip(shape)).T
         if self.granularity == "tensor":
             return x.reshape(shape)
         return x.reshape(shape[-1], -1).T.reshape(shape)
 
     def to_dict(self) -> dict:
         return dict(layout=self.granularity, group=self.group_size)
+
+
+def _flip(shape) -> tuple:
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise ValueError(f"row layouts are for 2-D leaves, got shape {shape}")
+    return shape[::-1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -234,6 +234,8 @@ def leaf_code(record: dict, sections: dict) -> codes.Grid | codes.Palette:
 
 def _group_min(levels: np.ndarray, lay: codes.Layout, pshape) -> np.ndarray:
     """The smallest level of every group of a grid's layout (the grid parameters' shape `pshape`)."""
+    if lay.transposed:
+        return _group_min(levels.T, lay.columns, pshape)
     if lay.granularity == "tensor":
         return np.asarray(levels.min() if levels.size else 0).reshape(pshape)
     if lay.granularity == "channel":

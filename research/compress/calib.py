@@ -37,6 +37,8 @@ from research.parallel import distributed, sharding
 
 STATS = ("hessian", "sqnorm")
 _BLOCK_PATH = re.compile(r"layers/(\d+)/((?:attn|mlp)/\w+)/kernel")
+# The leaves that map the final hidden states to logits: an untied head's kernel (D, V), a tied embedding (V, D).
+HEAD_PATHS = ("lm_head/kernel", "embed/embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +141,17 @@ def fisher(calib: Calibration, params):
 
 
 def block_targets(paths) -> dict[int, list[str]]:
-    """{block index: ["attn/q", ...]} for paths like "layers/3/attn/q/kernel"."""
+    """{block index: ["attn/q", ...]} for paths like "layers/3/attn/q/kernel" (head paths are skipped: `walk`
+    calibrates them after the last block)."""
     out: dict[int, list[str]] = {}
     for p in paths:
         m = _BLOCK_PATH.fullmatch(p)
+        if m is None and p in HEAD_PATHS:
+            continue
         if m is None:
-            raise errors.UserError(f"{p} is not a linear kernel inside a block; layer-wise methods handle only those")
+            raise errors.UserError(
+                f"{p} is not a linear kernel inside a block or the output head; layer-wise methods handle only those"
+            )
         out.setdefault(int(m.group(1)), []).append(m.group(2))
     return out
 
@@ -162,6 +169,12 @@ def _stat(x, kind):
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(graphdef, params, tokens, positions):
     return models.merge(graphdef, params).embed_tokens(tokens, positions)  # (B, L, D)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _final_stat(graphdef, params, x, kind):
+    """The statistic of the head's input: the final-normed hidden states of the last block's output x."""
+    return _stat(models.merge(graphdef, params).final_norm(x), kind)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
@@ -189,6 +202,7 @@ def walk(
     stat: str = "hessian",
     progress: bool | None = None,
     desc: str = "calibrate",
+    head: Callable | None = None,
 ):
     """Walks the blocks in order, calibrating each on the outputs of the already-rewritten blocks before it.
 
@@ -202,6 +216,9 @@ def walk(
       stat: "hessian" or "sqnorm".
       progress: show a progress bar (None: only on a terminal).
       desc: the progress bar's label.
+      head: None, or (statistic of the final-normed hidden states, number of tokens) -> None, called after every
+        block has been rewritten and run: the head's input statistic (an untied `lm_head` kernel's, or a tied
+        embedding's used as the head), computed on the outputs of the compressed blocks.
 
     Returns:
       params with the kernels `visit` returned.
@@ -217,7 +234,8 @@ def walk(
     xs = [_embed(calib.graphdef, params, b, p) for b, p in zip(batches, positions)]
     layers = {**params["layers"]}
     n_tokens = int(calib.inputs.size)
-    last = max(targets, default=-1)  # blocks after the last selected one are not run: their outputs feed nothing
+    # blocks after the last selected one are not run (their outputs feed nothing) unless the head is calibrated
+    last = len(layers) - 1 if head is not None else max(targets, default=-1)
     for i in tqdm(range(last + 1), desc=desc, disable=None if progress is None else not progress):
         names = targets.get(i, [])
         if names:
@@ -229,9 +247,12 @@ def walk(
             kernels = {name: _get(layers[i], name) for name in names}
             new = visit(i, total, n_tokens, kernels)
             layers[i] = calib.replicate(_set(layers[i], new))
-        if i < last:
+        if i < last or head is not None:
             xs = [_run_block(block_def, layers[i], x, pos, None)[0] for x, pos in zip(xs, positions)]  # propagate
-    return {**params, "layers": layers}
+    out = {**params, "layers": layers}
+    if head is not None:
+        head(sum(_final_stat(calib.graphdef, out, x, stat) for x in xs), n_tokens)
+    return out
 
 
 def _get(block_params, name):

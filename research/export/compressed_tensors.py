@@ -86,6 +86,8 @@ def _leaf(path: str, record, rule, dtype) -> tuple[dict, dict, bool] | str:
     bits = 4 if top <= 15 else 8  # a 2- or 3-bit grid is an int4 one (asymmetric: its zero is not 8)
     half = 2 ** (bits - 1)
     lay, shape = record.layout, np.asarray(record.codes).shape
+    if lay.transposed:
+        return f"its scales are per {lay.granularity} of the kernel (per input): compressed-tensors stores none such"
     if lay.granularity == "group" and shape[0] % lay.group_size:
         return f"its groups of {lay.group_size} do not divide its {shape[0]} inputs"
     u = np.asarray(record.codes).T  # (out, in)

@@ -169,7 +169,7 @@ def test_bad_bits_are_user_errors(bits):
 
 def test_bad_arguments_are_user_errors():
     with pytest.raises(errors.UserError, match="granularity"):
-        rtn.rtn(4, granularity="row")
+        rtn.rtn(4, granularity="rows")
     with pytest.raises(errors.UserError, match="group_size"):
         qat.qat(4, granularity="group", group_size=0)
     with pytest.raises(errors.UserError, match="not a valid regex"):

@@ -151,7 +151,7 @@ def test_bad_inputs():
         with pytest.raises(errors.UserError):
             kmeans.entries(bits)
     with pytest.raises(errors.UserError):
-        codebook.codebook(4, granularity="row")
+        codebook.codebook(4, granularity="column")
     with pytest.raises(errors.UserError):
         kmeans.fit(jnp.array([[0.0, jnp.nan, 1.0]]), 2)
     with pytest.raises(errors.UserError, match="Lloyd"):

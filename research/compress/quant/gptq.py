@@ -20,6 +20,11 @@ Conventions, and which published code each follows:
   before it; "static" fits every group up front on the original weights (llm-compressor; the reference's
   `static_groups`). With act-order the groups are always static, so they stay consecutive inputs. The block size
   is rounded to a multiple of the group size, so a group lies in one block.
+- The output head (`calib.HEAD_PATHS`): an untied `lm_head/kernel` (D, V) is a linear layer like the others, its
+  Hessian that of the final-normed hidden states, computed after every block is quantized (`calib.walk`'s
+  `head`); a tied `embed/embedding` (V, D) is quantized as the head kernel E.T it is, with a row layout
+  (`granularity="row"` or `"row-group"`: a scale per token, or per group along D), once for both of its uses
+  (the blocks were calibrated on the unquantized embedding's inputs).
 - Weights that are exactly zero on entry (pruned by an earlier transform in a chain) are held at the zero code
   and their error is propagated like any other, so pruning masks survive (SparseGPT-style joint compensation);
   a float-minimum grid has no zero code, so there they are quantized like any other weight.
@@ -200,7 +205,8 @@ def gptq(
       gguf: a GGUF block type ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"): the grid becomes that type's exact
         parametrisation (groups of 32, float16 scales; `grid.for_gguf`), so a GGUF export writes these codes as
         they are.
-      where: path regex of the kernels to quantize (linear kernels inside the blocks).
+      where: path regex of the kernels to quantize (linear kernels inside the blocks, and the output head: an
+        untied "lm_head/kernel", or a tied "embed/embedding" with a row granularity).
       blocksize: columns per lazy-update block.
       percdamp: damping of the Hessian's diagonal, as a fraction of its mean.
       act_order: quantize inputs in order of decreasing diag(H).
@@ -223,30 +229,64 @@ def gptq(
         calib_data = calib.require(calib_data, "gptq")
         paths = core.select(params, where)
         flat = core.touched(params)
+        heads = [p for p in paths if p in calib.HEAD_PATHS]
         for p in paths:
+            _check_head(p, grid, tied="lm_head/kernel" not in flat)
             qgrid.check_shape(flat[p].shape, grid, p)
             qgrid.check_finite(flat[p], p)
         leaves = {}
+
+        def quantize(path, kernel, hessian, grid):
+            return quantize_layer(
+                kernel,
+                hessian,
+                grid,
+                blocksize=blocksize,
+                percdamp=percdamp,
+                act_order=act_order,
+                group_fit=group_fit,
+                name=path,
+            )
 
         def visit(i, stats, n_tokens, kernels):
             out = {}
             for name, k in kernels.items():
                 path = f"layers/{i}/{name}/kernel"
-                c, s, z = quantize_layer(
-                    k,
-                    stats[name],
-                    grid,
-                    blocksize=blocksize,
-                    percdamp=percdamp,
-                    act_order=act_order,
-                    group_fit=group_fit,
-                    name=path,
-                )
+                c, s, z = quantize(path, k, stats[name], grid)
                 leaves[path] = (c, s, z)
                 out[name] = qgrid.dequantize(c, s, z, grid).astype(k.dtype)
             return out
 
-        calib.walk(calib_data, params, paths, visit, stat="hessian", desc="gptq")
+        def head(hessian, n_tokens):
+            for p in heads:
+                if grid.layout.transposed:  # a tied embedding (V, D): the head kernel E.T (D, V), per token
+                    columns = dataclasses.replace(grid, granularity=grid.layout.columns.granularity)
+                    c, s, z = quantize(p, flat[p].T, hessian, columns)
+                    leaves[p] = (c.T, s, z)
+                else:
+                    leaves[p] = quantize(p, flat[p], hessian, grid)
+
+        calib.walk(calib_data, params, paths, visit, stat="hessian", desc="gptq", head=head if heads else None)
         return rtn_lib.codes_state(params, leaves, grid)
 
     return core.Transform(init, rtn_lib.dequantizer(grid), export=rtn_lib.exporter(grid))
+
+
+def _check_head(path: str, grid: qgrid.Grid, tied: bool) -> None:
+    """UserError when `grid`'s layout cannot be GPTQ's for `path` (row layouts are the tied embedding's only)."""
+    if path == "embed/embedding":
+        if not tied:
+            raise errors.UserError(
+                "gptq: embed/embedding of an untied model is only a lookup table (no Hessian); quantize it with "
+                "rtn, qat or codebook"
+            )
+        if not grid.layout.transposed:
+            raise errors.UserError(
+                "gptq quantizes the tied embed/embedding (V, D) as the head kernel it is: use granularity='row' (a "
+                "scale per token) or 'row-group' (groups along D)"
+            )
+    elif grid.layout.transposed:
+        raise errors.UserError(
+            f"gptq: granularity {grid.granularity!r} is for the tied embedding table; {path} is a kernel (use "
+            "'channel' or 'group')"
+        )

@@ -34,6 +34,9 @@ broadcast through `layout.expand`):
   "group":   (ceil(in / g), *out) one per g consecutive inputs of each output column; when g does not divide
              the input dimension the last group is shorter (as in the GPTQ reference code: SmolLM2's 576 inputs
              in groups of 128 are four of 128 and one of 64)
+  "row", "row-group": "channel" and "group" of the transposed 2-D leaf: one scale per row, or per g consecutive
+             entries of a row; for embedding tables (V, D), whose rows are tokens (GGUF's embedding blocks are
+             "row-group" 32)
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ class Grid:
     Attributes:
       bits: code width, an int in 2..8.
       symmetric: symmetric (zero fixed at 2**(bits-1)) or asymmetric (zero point fitted) grid.
-      granularity: "tensor", "channel" (per output column) or "group" (groups along the input dimension).
-      group_size: inputs per group for granularity "group"; must divide the input dimension.
+      granularity: "tensor", "channel" (per output column), "group" (groups along the input dimension), "row"
+        (per row of a 2-D leaf: an embedding's tokens) or "row-group" (groups along each row).
+      group_size: entries per group for the grouped granularities.
       zero: "integer" (a zero-point code) or "float" (a float minimum, GGUF Q4_1-style).
       sym_scale: symmetric scale convention, "full" (max|w| / (2**(b-1) - 1)), "reference" (/ (2**(b-1) - 0.5)) or
         "signed" (the signed largest-magnitude weight / -2**(b-1), llama.cpp's Q4_0).
@@ -90,7 +94,8 @@ class Grid:
         if self.granularity not in GRANULARITIES:
             raise errors.UserError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         g = self.group_size
-        if self.granularity == "group" and (isinstance(g, bool) or not isinstance(g, int | np.integer) or g < 1):
+        bad = isinstance(g, bool) or not isinstance(g, int | np.integer) or g < 1
+        if self.granularity in ("group", "row-group") and bad:
             raise errors.UserError(f"group_size must be a positive integer, got {g!r}")
 
     @property
@@ -159,6 +164,17 @@ def check_shape(shape, grid: Grid, path: str = "weight") -> None:
     """Raises UserError when `grid` cannot quantize a leaf of `shape` (not a kernel, or groups wider than it)."""
     if grid.granularity == "tensor":
         return
+    if grid.layout.transposed:
+        if len(shape) != 2:
+            raise errors.UserError(
+                f"{path} has shape {tuple(shape)}: granularity {grid.granularity!r} needs a 2-D table (rows, cols); "
+                "use 'channel' / 'group' for kernels or narrow the path pattern"
+            )
+        if grid.granularity == "row-group" and grid.group_size > shape[1]:
+            raise errors.UserError(
+                f"group size {grid.group_size} exceeds the row length {shape[1]} of {path}; choose a smaller group_size"
+            )
+        return
     if len(shape) < 2:
         raise errors.UserError(
             f"{path} has shape {tuple(shape)}: granularity {grid.granularity!r} needs an (in, out) kernel; "
@@ -179,6 +195,9 @@ def check_finite(w, path: str = "weight") -> None:
 
 def reduce(x, grid: Grid, op):
     """Reduces a (in, *out) array to the scale shape of `grid` with op (jnp.min, jnp.max, jnp.sum...)."""
+    if grid.layout.transposed:  # the column layout of the transposed table
+        check_shape(x.shape, grid)
+        x, grid = x.T, dataclasses.replace(grid, granularity=grid.layout.columns.granularity)
     if grid.granularity == "tensor":
         return op(x)
     if grid.granularity == "channel":

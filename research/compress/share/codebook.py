@@ -14,7 +14,9 @@ State: a dict of three trees, each mirroring params with None at untouched leave
 Problems (P) by granularity, for a kernel (in, out):
   "tensor":  P = 1, the whole leaf (any shape);
   "channel": P = out, row o holds column kernel[:, o];
-  "group":   P = out * in // group_size, row o * (in // group_size) + j holds kernel[j*g:(j+1)*g, o].
+  "group":   P = out * in // group_size, row o * (in // group_size) + j holds kernel[j*g:(j+1)*g, o];
+  "row", "row-group": the same of a 2-D table's transpose (an embedding (V, D): a codebook per token, or per g
+             consecutive entries of a token's row; `research.codes`).
 
 Gradients (trained=True): apply is `codebook[indices] + (params - stop_gradient(params))`, so the train step's
 gradient w.r.t. a raw weight is dL/d(its effective weight), and its gradient w.r.t. the codebook (the trained state,
@@ -41,7 +43,12 @@ WEIGHTINGS = ("none", "fisher")
 
 
 def _check_leaf(path, w, granularity, group_size):
-    if granularity != "tensor" and w.ndim < 2:
+    if granularity in ("row", "row-group"):
+        if w.ndim != 2:
+            raise errors.UserError(f"{granularity} codebooks need a 2-D table (rows, cols); {path} has shape {w.shape}")
+        if granularity == "row-group" and w.shape[1] % group_size:
+            raise errors.UserError(f"group_size {group_size} must divide the row length {w.shape[1]} of {path}")
+    elif granularity != "tensor" and w.ndim < 2:
         raise errors.UserError(f"{granularity} codebooks need a kernel (in, out); {path} has shape {w.shape}")
     if granularity == "group":
         n_in = w.size // w.shape[-1]
@@ -72,7 +79,8 @@ def codebook(
     Args:
       bits: index width, 1..8 (k = 2**bits centroids).
       where: path regex of the leaves to share.
-      granularity: "tensor", "channel" (per output column) or "group" (groups along the input dim of a column).
+      granularity: "tensor", "channel" (per output column), "group" (groups along the input dim of a column),
+        "row" (per row of a 2-D table: an embedding's tokens) or "row-group" (groups along each row).
       group_size: the group length for granularity="group"; must divide the input dimension.
       init: k-means initialisation, one of `kmeans.INITS` ("linear" is Deep Compression's best).
       iters: at most this many Lloyd iterations (they stop once no centroid moves).
