@@ -67,18 +67,7 @@ def write(path, meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]], *
         dict may give a section's (entropy bound, Huffman size) in bits.
     """
     path = files.check_writable(path, overwrite=overwrite)
-    offset, records = 0, []
-    for leaf, sections in zip(leaves, blobs, strict=True):
-        bounds = leaf.pop("bounds", {})
-        entry = dict(leaf, sections={})
-        for name, data in sections.items():
-            bound, huffman = bounds.get(name, (None, None))
-            entry["sections"][name] = dict(
-                offset=offset, length=len(data), crc32=crc(data), bound_bits=bound, huffman_bits=huffman
-            )
-            offset += len(data)
-        records.append(entry)
-    header = zlib.compress(json.dumps(dict(format=FORMAT, version=VERSION, meta=meta, leaves=records)).encode(), 9)
+    header = _header(meta, leaves, blobs)
     digest = hashlib.sha256()
     with files.atomic_file(path, overwrite=overwrite) as f:
 
@@ -94,6 +83,28 @@ def write(path, meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]], *
                 put(data)
         f.write(digest.digest() + END)
     return path.stat().st_size
+
+
+def _header(meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]]) -> bytes:
+    """The compressed header of a file of these leaves (`write`'s arguments; the leaf dicts are not changed)."""
+    offset, records = 0, []
+    for leaf, sections in zip(leaves, blobs, strict=True):
+        bounds = leaf.get("bounds", {})
+        entry = {k: v for k, v in leaf.items() if k != "bounds"}
+        entry["sections"] = {}
+        for name, data in sections.items():
+            bound, huffman = bounds.get(name, (None, None))
+            entry["sections"][name] = dict(
+                offset=offset, length=len(data), crc32=crc(data), bound_bits=bound, huffman_bits=huffman
+            )
+            offset += len(data)
+        records.append(entry)
+    return zlib.compress(json.dumps(dict(format=FORMAT, version=VERSION, meta=meta, leaves=records)).encode(), 9)
+
+
+def overhead(meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]]) -> int:
+    """Bytes of a file of these leaves beyond their sections: framing, header and footer."""
+    return _FIXED.size + len(_header(meta, leaves, blobs)) + 4 + FOOTER
 
 
 class Reader:

@@ -32,6 +32,8 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -427,11 +429,13 @@ def _run(job: _Job, atomic, t0: float) -> dict:
         c = cfg.calibration
         inputs = calib_lib.sample(job.calib_tokens, c.n, c.length, c.seed, job.m.cfg.max_seq_len)
         calib = calib_lib.Calibration(job.m.graphdef, inputs, c.batch_size, job.mesh if job.spread else None)
+    _reserve_header(job)
     with job.timed("compress"):
         transform, cstate, base, stages, offset = _staged(job, calib)
         effective = jax.block_until_ready(transform.apply(base, cstate))
     _check_finite(effective, "compression")
     at_init = compress_report.summarize(effective, transform.masks(cstate))
+    allocations = _allocations(job, cstate)
     with job.timed("eval_compressed"):
         after = job.evaluate(effective, "eval compressed", job.out_graphdef)
     packed_at_init = None
@@ -490,6 +494,7 @@ def _run(job: _Job, atomic, t0: float) -> dict:
         "workdir": str(out),
         "packed": None,  # process 0's: written with the file
         "packed_compressed": packed_at_init,
+        **({"allocation": allocations} if allocations else {}),
     }
     # Process 0 writes the result; a failure there (disk full) stops every process with the same status.
     with distributed.together("process 0 failed to write the result; see its error"):
@@ -509,6 +514,14 @@ def _write(job: _Job, atomic, summary: dict, effective, params, cstate, transfor
             packed = _pack(effective, exported, tmp / "model.zlm", job.pack_meta(out_cfg), job.progress)
         summary["packed"] = packed
         summary["packed_compressed"] = summary["packed_compressed"] or packed
+        for a in summary.get("allocation", []):  # the budget bounds the file as saved
+            a.update(file_bytes=packed["file_bytes"], within_budget=packed["file_bytes"] <= a["budget_bytes"])
+            if not a["within_budget"]:
+                warnings.warn(
+                    f"the packed file ({packed['file_bytes']:,} bytes) exceeds the mixed budget "
+                    f"({a['budget_bytes']:,.0f}): fine-tuning changed the codes' entropy",
+                    stacklevel=2,
+                )
         summary["seconds"] = {**job.times, "total": time.time() - t0}
         files.write_json(tmp / "summary.json", summary)
 
@@ -546,6 +559,26 @@ def _staged(job: _Job, calib):
         states.append(part.init(effective, jax.random.fold_in(key, len(ts)), calib))
         ts.append(part)
     return core.chain(*ts), tuple(states), raw, stages, offset
+
+
+def _reserve_header(job: _Job) -> None:
+    """Gives each mixed entry the bytes the file's metadata will take (its budget counts the whole file)."""
+    for i, spec in enumerate(job.specs):
+        if spec.get("method") == "mixed" and "reserve_bytes" not in spec:
+            meta = json.dumps(job.pack_meta(job.out_cfg)).encode()
+            job.parts[i] = registry.make(**spec, reserve_bytes=len(zlib.compress(meta, 9)) + HEADER_MARGIN)
+
+
+HEADER_MARGIN = 256  # bytes: mixed's header estimate lands within ~100 of the file's (tests/compress/test_mixed.py)
+
+
+def _allocations(job: _Job, cstate) -> list[dict]:
+    """`mixed.report` of every mixed entry of the compress list."""
+    from research.compress import mixed
+
+    specs = [s for s, p in zip(job.specs, job.parts) if isinstance(p, core.Transform)]
+    states = (cstate,) if len(job.parts) == 1 else cstate
+    return [mixed.report(s, job.m.params, st) for s, st in zip(specs, states) if s.get("method") == "mixed"]
 
 
 def _pack(params, exported: dict, path, meta: dict, progress=False) -> dict:

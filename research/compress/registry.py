@@ -22,20 +22,22 @@ METHODS = {
     "sparsegpt": ("prune.sparsegpt", "sparsegpt"),
     "structured": ("prune.structured", "structured"),
     "codebook": ("share.codebook", "codebook"),
+    "vq": ("share.vq", "vq"),
     "rtn": ("quant.rtn", "rtn"),
     "gptq": ("quant.gptq", "gptq"),
     "qat": ("quant.qat", "qat"),
+    "mixed": ("mixed", "mixed"),
 }
-# Methods whose init reads calibration data (structured only with score="taylor" or "activation", codebook only
-# with weighting="fisher").
-CALIBRATED = {"snip", "wanda", "sparsegpt", "structured", "gptq"}
+# Methods whose init reads calibration data (structured only with score="taylor" or "activation", codebook and vq
+# only with weighting="fisher").
+CALIBRATED = {"snip", "wanda", "sparsegpt", "structured", "gptq", "mixed"}
 
 
 def needs_calibration(spec: dict) -> bool:
     """Whether a compress entry {"method": ..., ...} reads calibration data."""
     if spec.get("method") == "structured":
         return spec.get("score", "magnitude") != "magnitude"
-    if spec.get("method") == "codebook":
+    if spec.get("method") in ("codebook", "vq"):
         return spec.get("weighting", "none") == "fisher"
     return spec.get("method") in CALIBRATED
 
