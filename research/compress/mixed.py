@@ -1,7 +1,9 @@
 """Mixed precision under a size budget: every leaf gets the candidate compression that costs the least measured
-loss while the packed file fits the budget (a multiple-choice knapsack, as in HAWQ-V3's ILP).
+loss while the packed file fits the budget (a multiple-choice knapsack, as in HAWQ-V3's ILP), or, with a loss
+budget, the smallest packed file whose predicted loss increase fits it.
 
     t = mixed([dict(method="rtn", bits=b) for b in (2, 3, 4, 8)], budget_bits_per_weight=3.0)
+    t = mixed([...], max_loss_increase=0.01)   # nats per token: the smallest file within it
     state = t.init(params, key, calib)      # calibration data: the sensitivities are measured on it
 
 `init` runs in three passes:
@@ -16,7 +18,8 @@ loss while the packed file fits the budget (a multiple-choice knapsack, as in HA
                backward pass in all), the second-order estimate of HAWQ / SqueezeLLM.
 3. The allocation: minimise the summed sensitivities subject to (bytes of the chosen options + the bytes of every
    leaf no option touches, packed as they are + the header) <= the budget, one option per leaf, solved exactly as
-   an integer program (`scipy.optimize.milp`, HiGHS).
+   an integer program (`scipy.optimize.milp`, HiGHS); with `max_loss_increase`, minimise the bytes subject to
+   the summed sensitivities <= it (the same program, objective and constraint swapped).
 The budget is the whole file's: `budget_bytes`, or `budget_bits_per_weight` x every parameter of the model / 8.
 The header's bytes are estimated (the leaf records, compressed) plus `reserve_bytes` for the file's metadata (the
 `compress` job fills in what its metadata takes), so the packed file lands within a few hundred bytes of the
@@ -55,6 +58,7 @@ def mixed(
     *,
     budget_bits_per_weight: float | None = None,
     budget_bytes: int | None = None,
+    max_loss_increase: float | None = None,
     where: str = core.BLOCK_KERNELS,
     sensitivity: str = "loss",
     reserve_bytes: int = 0,
@@ -66,7 +70,9 @@ def mixed(
       options: compress entries ({"method": name, **arguments}), each a candidate for the leaves its `where`
         (default: this `where`) selects; every selected leaf needs at least one.
       budget_bits_per_weight: the packed file's size as bits per parameter of the whole model.
-      budget_bytes: the packed file's size in bytes (give exactly one of the two budgets).
+      budget_bytes: the packed file's size in bytes.
+      max_loss_increase: instead of a size, the summed sensitivities (nats per token of calibration loss) the
+        smallest allocation may reach (give exactly one of the three budgets).
       where: path regex of the leaves to allocate.
       sensitivity: "loss" (measured per leaf and option) or "fisher" (the diagonal-Fisher estimate).
       reserve_bytes: bytes of the budget held back for the file's metadata.
@@ -84,11 +90,16 @@ def mixed(
             raise errors.UserError(f"a mixed option must be a {{'method': name, ...}} entry (not mixed), got {o!r}")
         specs.append({"where": where, **o})
     members = [registry.make(**s) for s in specs]  # every option checked here, before any work
-    if (budget_bits_per_weight is None) == (budget_bytes is None):
-        raise errors.UserError("mixed needs exactly one of budget_bits_per_weight= and budget_bytes=")
-    for name, v in (("budget_bits_per_weight", budget_bits_per_weight), ("budget_bytes", budget_bytes)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not v > 0):
-            raise errors.UserError(f"{name} must be a positive number, got {v!r}")
+    budgets = dict(
+        budget_bits_per_weight=budget_bits_per_weight, budget_bytes=budget_bytes, max_loss_increase=max_loss_increase
+    )
+    if sum(v is not None for v in budgets.values()) != 1:
+        raise errors.UserError(f"mixed needs exactly one of {', '.join(k + '=' for k in budgets)}")
+    for name, v in budgets.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v)):
+            raise errors.UserError(f"{name} must be a number, got {v!r}")
+        if v is not None and name != "max_loss_increase" and not v > 0:
+            raise errors.UserError(f"{name} must be positive, got {v!r}")
     if sensitivity not in SENSITIVITIES:
         raise errors.UserError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
     if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
@@ -100,7 +111,7 @@ def mixed(
         flat = tree.flatten(params)
         leaves = core.select(params, where)
         n_params = sum(int(np.size(x)) for x in flat.values())
-        budget = budget_bytes if budget_bytes is not None else budget_bits_per_weight * n_params / 8
+        budget = budget_bytes if budget_bytes is not None else (budget_bits_per_weight or np.inf) * n_params / 8
         t0 = time.time()
         states, tables = [], []
         for i, s in enumerate(specs):
@@ -123,7 +134,7 @@ def mixed(
         fixed, header = _fixed_bytes(flat, leaves, tables)
         available = budget - fixed - header - reserve_bytes
         t1 = time.time()
-        choice = allocate(sens, sizes, available, leaves, budget)
+        choice = allocate(sens, sizes, available, leaves, budget, max_loss_increase)
         t_alloc = time.time() - t1
         picked = {p: int(c) for p, c in zip(leaves, choice)}
         names = set(flat)
@@ -233,15 +244,17 @@ def _fixed_bytes(flat, leaves, tables):
     return fixed, container.overhead({}, records, blobs)
 
 
-def allocate(sens, sizes, available: float, leaves, budget: float) -> np.ndarray:
-    """The option per leaf minimising the summed sensitivity with the summed bytes <= available (an exact
-    multiple-choice knapsack by integer programming).
+def allocate(sens, sizes, available: float, leaves, budget: float, max_loss: float | None = None) -> np.ndarray:
+    """The option per leaf minimising the summed sensitivity with the summed bytes <= available, or (`max_loss`)
+    minimising the summed bytes with the summed sensitivity <= max_loss (an exact multiple-choice knapsack by
+    integer programming).
 
     Args:
       sens: (L, O) sensitivities (+inf where an option does not apply).
       sizes: (L, O) bytes (-1 where it does not apply).
-      available: bytes the allocated leaves may take.
+      available: bytes the allocated leaves may take (inf: no size bound).
       leaves, budget: for the message when no allocation fits.
+      max_loss: the loss budget, or None.
 
     Returns:
       (L,) int option indices.
@@ -266,11 +279,21 @@ def allocate(sens, sizes, available: float, leaves, budget: float) -> np.ndarray
     b = np.asarray(sizes, np.float64).ravel()[idx]
     one = np.zeros((n_l, idx.size))
     one[rows, np.arange(idx.size)] = 1.0
+    if max_loss is not None:
+        least = np.where(ok, sens, np.inf).min(axis=1).sum()
+        if least > max_loss:
+            raise errors.UserError(
+                f"mixed: even the most accurate option per leaf predicts a loss increase of {least:.4g} nats/token, "
+                f"above max_loss_increase={max_loss:g}; raise it or add options with more bits"
+            )
+        cost, bound = b, optimize.LinearConstraint(s[None], -np.inf, max_loss)
+    else:
+        cost, bound = s, optimize.LinearConstraint(b[None], -np.inf, available)
     res = optimize.milp(
-        c=s,
+        c=cost,
         integrality=np.ones(idx.size),
         bounds=optimize.Bounds(0, 1),
-        constraints=[optimize.LinearConstraint(one, 1, 1), optimize.LinearConstraint(b[None], -np.inf, available)],
+        constraints=[optimize.LinearConstraint(one, 1, 1), bound],
     )
     if res.x is None:
         raise errors.UserError(f"mixed: the allocation found no solution ({res.message})")
@@ -327,7 +350,8 @@ def report(spec: dict, params, state) -> dict:
     counts = np.bincount(choice, minlength=sizes.shape[1])
     return dict(
         options=[{k: v for k, v in dict(o).items()} for o in spec["options"]],
-        budget_bytes=budget,
+        budget_bytes=budget if np.isfinite(budget) else None,
+        max_loss_increase=spec.get("max_loss_increase"),
         other_bytes=fixed,
         allocated_bytes=int(sum(r["bytes"] for r in rows)),
         leaves_per_option=[int(n) for n in counts],

@@ -515,6 +515,9 @@ def _write(job: _Job, atomic, summary: dict, effective, params, cstate, transfor
         summary["packed"] = packed
         summary["packed_compressed"] = summary["packed_compressed"] or packed
         for a in summary.get("allocation", []):  # the budget bounds the file as saved
+            if a["budget_bytes"] is None:  # a loss budget
+                a["file_bytes"] = packed["file_bytes"]
+                continue
             a.update(file_bytes=packed["file_bytes"], within_budget=packed["file_bytes"] <= a["budget_bytes"])
             if not a["within_budget"]:
                 warnings.warn(

@@ -26,6 +26,7 @@ METHODS = {
     "rtn": ("quant.rtn", "rtn"),
     "gptq": ("quant.gptq", "gptq"),
     "qat": ("quant.qat", "qat"),
+    "cast": ("quant.cast", "cast"),
     "mixed": ("mixed", "mixed"),
 }
 # Methods whose init reads calibration data (structured only with score="taylor" or "activation", codebook and vq

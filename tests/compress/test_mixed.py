@@ -172,3 +172,26 @@ def test_compress_job_reports_the_allocation_and_fine_tunes_under_it(tmp_path, c
     )  # one block: q k v o up down
     assert s["finetuned"] is not None
     assert cli.main(["eval", "--model", str(out)]) == 0
+
+
+def test_a_loss_budget_gives_the_smallest_allocation_within_it():
+    _, params, data = _tiny()
+    base = dict(method="mixed", options=OPTIONS)
+    loose = registry.make(**base, budget_bits_per_weight=32.0).init(params, jax.random.key(0), data)
+    sens = np.asarray(loose["sensitivity"], np.float64)
+    sizes = np.asarray(loose["bytes"])
+    limit = float(sens[:, 2].sum() + 0.5 * (sens[:, 0].sum() - sens[:, 2].sum()))  # between all-8 and all-2 bits
+    spec = dict(base, max_loss_increase=limit)
+    rep = mixed.report(spec, params, registry.make(**spec).init(params, jax.random.key(0), data))
+    assert rep["predicted_loss_increase"] <= limit + 1e-6 and rep["budget_bytes"] is None
+    choice = [r["option"] for r in rep["leaves"]]
+    # optimal: no single-leaf move to a smaller option stays within the limit
+    for i, c in enumerate(choice):
+        for o in range(3):
+            smaller = sizes[i, o] < sizes[i, c]
+            fits = sum(sens[j, choice[j]] for j in range(len(choice))) - sens[i, c] + sens[i, o] <= limit
+            assert not (smaller and fits), (i, c, o)
+    with pytest.raises(errors.UserError, match="most accurate option"):
+        mixed.mixed(OPTIONS, max_loss_increase=float(sens.min(axis=1).sum()) - 1.0).init(
+            params, jax.random.key(0), data
+        )
