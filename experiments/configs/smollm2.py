@@ -24,6 +24,7 @@ fitted at the start of each lazy block (the reference code's defaults); act-orde
 The dense model is a Q4_1 model: its block matrices already lie on 4-bit grids of 32 with fp16 scale and minimum.
 """
 
+import math
 from pathlib import Path
 
 from research.compress import pipeline
@@ -55,6 +56,29 @@ ROWS = {
 }
 
 
+# Mixed precision (`research/compress/mixed.py`): per block matrix Q4_1's own grid (exact on this model) or 3 bits
+# on the same grid, per embedding row block of 32 (tied: also the head) 8 bits (Q8_0's grid: exact) or 6 / 5 / 4;
+# the smallest file whose Fisher-estimated loss increase is within ln(1.01) / ln(1.05) nats per token (1% / 5% of
+# perplexity). Fisher from one backward pass per calibration window (batch 1: the per-window empirical Fisher).
+Q41 = dict(method="rtn", granularity="group", group_size=32, zero="float", param_dtype="float16")
+ROW32 = dict(method="rtn", granularity="row-group", group_size=32, param_dtype="float16", where="embed/embedding")
+MIXED_OPTIONS = [
+    *[dict(Q41, bits=b, where=r"layers/\d+/(attn|mlp)/\w+/kernel") for b in (4, 3)],
+    dict(ROW32, bits=8, symmetric=True),
+    *[dict(ROW32, bits=b, zero="float", symmetric=False) for b in (6, 5, 4)],
+]
+for pct in (1, 5):
+    ROWS[f"mixed_{pct}pct"] = [
+        dict(
+            method="mixed",
+            options=MIXED_OPTIONS,
+            where=r"layers/\d+/(attn|mlp)/\w+/kernel|embed/embedding",
+            max_loss_increase=round(math.log(1 + pct / 100), 6),
+            sensitivity="fisher",
+        )
+    ]
+
+
 # Raw in-domain calibration text (the "+raw" rows): WikiText-2 *test* from character 300,000 on, which lies beyond
 # the first 32 evaluated windows (65,536 tokens end near character 275,000), so it is disjoint from them; with
 # more windows (eval.max_windows > 32) it would overlap the evaluated text.
@@ -82,5 +106,7 @@ def get_config(row: str = "gptq4_g128"):
     )
     if raw:
         c.calibration.corpus = RAW_CALIBRATION
+    if row.startswith("mixed"):
+        c.calibration.batch_size = 1  # per-window Fisher
     c.wandb.mode = "disabled"
     return c
