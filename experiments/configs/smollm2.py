@@ -59,7 +59,8 @@ ROWS = {
 # Mixed precision (`research/compress/mixed.py`): per block matrix Q4_1's own grid (exact on this model) or 3 bits
 # on the same grid, per embedding row block of 32 (tied: also the head) 8 bits (Q8_0's grid: exact) or 6 / 5 / 4;
 # the smallest file whose Fisher-estimated loss increase is within ln(1.01) / ln(1.05) nats per token (1% / 5% of
-# perplexity). Fisher from one backward pass per calibration window (batch 1: the per-window empirical Fisher).
+# perplexity). Fisher from one backward pass per calibration window (batch 1: the per-window empirical Fisher) of
+# 512 tokens (a backward pass through 2048 tokens keeps every layer's attention probabilities: ~20 GB on CPU).
 Q41 = dict(method="rtn", granularity="group", group_size=32, zero="float", param_dtype="float16")
 ROW32 = dict(method="rtn", granularity="row-group", group_size=32, param_dtype="float16", where="embed/embedding")
 MIXED_OPTIONS = [
@@ -107,6 +108,6 @@ def get_config(row: str = "gptq4_g128"):
     if raw:
         c.calibration.corpus = RAW_CALIBRATION
     if row.startswith("mixed"):
-        c.calibration.batch_size = 1  # per-window Fisher
+        c.calibration.update(batch_size=1, length=512)  # per-window Fisher, windows short enough to backprop
     c.wandb.mode = "disabled"
     return c

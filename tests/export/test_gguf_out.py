@@ -239,3 +239,17 @@ def test_a_grid_the_model_rounds_to_bfloat16_is_written_as_the_model_computes(tm
     assert hows == {
         "grid codes as they are: the model computes with them rounded to its dtype, which this file does not"
     }
+
+
+@pytest.mark.parametrize("bits, kind", [(8, "Q8_0"), (4, "Q4_0")])
+def test_an_embedding_on_row_groups_of_32_is_a_gguf_block_type(tmp_path, bits, kind):
+    m = _source(tmp_path)  # GGUF stores an embedding (V, D) with blocks of 32 along D: ziplm's "row-group" 32
+    spec = dict(symmetric=True, granularity="row-group", group_size=32, param_dtype="float16", where="embed/embedding")
+    t = rtn.rtn(bits, sym_scale="signed" if bits == 4 else "full", **spec)
+    zlm = _packed(tmp_path, m, t)
+    rep = gguf_out.export(m.cfg, sources.load(str(zlm)).params, tmp_path / "o.gguf", codes=_codes(zlm))
+    assert {t["leaf"]: (t["type"], t["how"]) for t in rep["tensors"]}["embed/embedding"] == (
+        kind,
+        "grid codes as they are",
+    )
+    assert _same_leaves(sources.load(str(zlm)).params, sources.load(str(tmp_path / "o.gguf")).params) == []
