@@ -9,6 +9,9 @@ packer searches for structure of its own. A record describes the leaf's *effecti
     Grid(codes, scale, zero, layout)          value = (code - zero) * scale, or code * scale + zero with
                                               `float_zero` (a float minimum, GGUF Q4_1's parametrisation)
     Palette(indices, table, layout, keep)     value = table[problem, index], and 0.0 where keep is False
+    Vectors(indices, table, layout, keep)     vector quantization: the leaf cut into vectors of d weights, each
+                                              the sum over stages s of table[s, problem, indices[s, vector]]
+                                              (d values), and 0.0 where keep is False
 
 `decode` gives a record's values as float32 (NumPy), as the forward pass computes them; the packer checks them
 against the leaf bit for bit before it writes a byte. `compose` is how a chain's later member refines an earlier
@@ -30,6 +33,12 @@ included (a "row-group" grid's scales are (ceil(D / g), V)).
 
 A grid's last group may be shorter (ceil; SmolLM2's 576 inputs in groups of 128), a palette's groups must divide
 the inputs.
+
+Vectors (`Vectors`, `to_vectors`) are d consecutive *inputs* of one output column, kernel[j*d:(j+1)*d, o], or under
+the row layout d consecutive entries of a row of a 2-D table, table[v, j*d:(j+1)*d]. They tile a vector grid
+(`vector_grid`): (in / d, *out) for a kernel, (rows, cols / d) for a table, whose entries the indices are and which
+the layouts "tensor" (one codebook), "channel" (one per output column) and "row" (one per row) cut into problems
+exactly as they cut a leaf (`Layout.to_problems` of the grid).
 """
 
 from __future__ import annotations
@@ -192,7 +201,94 @@ class Palette:
     keep: np.ndarray | None = None
 
 
-Code = Masked | Grid | Palette
+@dataclasses.dataclass(frozen=True)
+class Vectors:
+    """Vector quantization: indices into one table of d-vectors per problem, summed over residual stages.
+
+    Attributes:
+      indices: uint8 (k <= 256) or uint16, (S, *vector_grid(leaf shape)): each stage's entry of every vector.
+      table: (S, P, k, d) float32, the entries the forward pass uses (already rounded to their storage type).
+      layout: "tensor", "channel" or "row" (`VECTOR_GRANULARITIES`): how the P problems tile the vector grid.
+      keep: bool, the leaf's shape, False where the value is 0.0 whatever its vector's entries (None: all kept).
+    """
+
+    indices: np.ndarray
+    table: np.ndarray
+    layout: Layout
+    keep: np.ndarray | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(np.shape(self.table)[-1])
+
+    @property
+    def stages(self) -> int:
+        return int(np.shape(self.table)[0])
+
+
+Code = Masked | Grid | Palette | Vectors
+VECTOR_GRANULARITIES = ("tensor", "channel", "row")
+
+
+def vector_grid(shape, layout: Layout, dim: int) -> tuple:
+    """The shape of the grid of d-vectors of a leaf of `shape` (see the module docstring).
+
+    Raises:
+      ValueError: a layout vectors do not take, or an axis the vectors cut that `dim` does not divide.
+    """
+    shape = tuple(shape)
+    if layout.granularity not in VECTOR_GRANULARITIES:
+        raise ValueError(f"vectors take the layouts {VECTOR_GRANULARITIES}, not {layout.granularity!r}")
+    if layout.transposed and len(shape) != 2:
+        raise ValueError(f"row layouts are for 2-D leaves, got shape {shape}")
+    if layout.granularity == "channel" and len(shape) < 2:
+        raise ValueError(f"channel vectors need a kernel (in, out), got shape {shape}")
+    axis = 1 if layout.transposed else 0
+    if not shape or shape[axis] % dim:
+        raise ValueError(f"vectors of {dim} do not tile axis {axis} of shape {shape}")
+    return shape[:axis] + (shape[axis] // dim,) + shape[axis + 1 :]
+
+
+def _leaf_shape(grid, layout: Layout, dim: int) -> tuple:
+    axis = 1 if layout.transposed else 0
+    return grid[:axis] + (grid[axis] * dim,) + grid[axis + 1 :]
+
+
+def to_vectors(w, layout: Layout, dim: int):
+    """A leaf as (P, m, d): the m vectors of each of its P problems, in the order of `Layout.to_problems` of the
+    vector grid (NumPy or JAX, traceable)."""
+    grid = vector_grid(w.shape, layout, dim)
+    if layout.transposed:  # (rows, cols): row v's vectors are already consecutive
+        return w.reshape(grid[0], grid[1], dim)
+    g = _xp(w).moveaxis(w.reshape(grid[0], dim, *grid[1:]), 1, -1)  # (*grid, d)
+    if layout.granularity == "tensor":
+        return g.reshape(1, -1, dim)
+    return g.reshape(-1, grid[-1], dim).transpose(1, 0, 2)  # (out, m, d): the columns of the last axis
+
+
+def from_vectors(v, layout: Layout, shape):
+    """Inverse of `to_vectors`: (P, m, d) back to a leaf of `shape`."""
+    shape, dim = tuple(shape), v.shape[-1]
+    grid = vector_grid(shape, layout, dim)
+    if layout.transposed:
+        return v.reshape(shape)
+    g = v if layout.granularity == "tensor" else v.transpose(1, 0, 2)
+    return _xp(v).moveaxis(g.reshape(*grid, dim), -1, 1).reshape(shape)
+
+
+def vector_values(indices, table, layout: Layout, keep=None):
+    """The float32 values of vector indices (S, *grid) into tables (S, P, k, d) (NumPy or JAX, traceable): the
+    stages' entries summed in stage order, 0.0 where `keep` is False."""
+    xp = _xp(table)
+    n_stages, n_problems, _, dim = table.shape
+    rows = xp.arange(n_problems)[:, None]
+    acc = None
+    for s in range(n_stages):
+        idx = layout.to_problems(indices[s]).astype(np.int32)  # (P, m)
+        e = table[s].astype(np.float32)[rows, idx]  # (P, m, d)
+        acc = e if acc is None else acc + e
+    out = from_vectors(acc, layout, _leaf_shape(tuple(indices.shape[1:]), layout, dim))
+    return out if keep is None else xp.where(keep, out, xp.zeros((), out.dtype))
 
 
 def grid_values(codes, scale, zero, layout: Layout, float_zero: bool = False):
@@ -212,13 +308,16 @@ def palette_values(indices, table, layout: Layout, keep=None):
 
 
 def decode(code: Code, like: np.ndarray | None = None) -> np.ndarray:
-    """A record's values as a NumPy array: float32 for grids and palettes, the dtype of `like` (the leaf it
+    """A record's values as a NumPy array: float32 for grids, palettes and vectors, the dtype of `like` (the leaf it
     masks, which a Masked record needs) for masks."""
     if isinstance(code, Grid):
         return grid_values(*map(np.asarray, (code.codes, code.scale, code.zero)), code.layout, code.float_zero)
     if isinstance(code, Palette):
         keep = None if code.keep is None else np.asarray(code.keep)
         return palette_values(np.asarray(code.indices), np.asarray(code.table), code.layout, keep)
+    if isinstance(code, Vectors):
+        keep = None if code.keep is None else np.asarray(code.keep)
+        return vector_values(np.asarray(code.indices), np.asarray(code.table), code.layout, keep)
     if isinstance(code, Masked):
         x = np.asarray(like)
         return np.where(np.asarray(code.mask), x, np.zeros((), x.dtype))
@@ -247,7 +346,7 @@ def compose(earlier: Code | None, later: Code) -> Code:
     """The record of a leaf that `later` re-coded after `earlier` (a chain's members, in order).
 
     A mask over a grid with a zero code keeps the grid (the pruned entries take the zero code); a mask over a
-    palette narrows its `keep`; otherwise the later record describes the values alone.
+    palette or vectors narrows its `keep`; otherwise the later record describes the values alone.
     """
     if not isinstance(later, Masked) or earlier is None:
         return later
@@ -256,7 +355,7 @@ def compose(earlier: Code | None, later: Code) -> Code:
         zero = np.broadcast_to(earlier.layout.expand(np.asarray(earlier.zero), mask.shape), mask.shape)
         codes = np.where(mask, np.asarray(earlier.codes), zero.astype(np.uint8))
         return dataclasses.replace(earlier, codes=codes)
-    if isinstance(earlier, Palette):
+    if isinstance(earlier, Palette | Vectors):
         keep = mask if earlier.keep is None else mask & np.asarray(earlier.keep)
         return dataclasses.replace(earlier, keep=keep)
     return later

@@ -1,6 +1,6 @@
 """Packing a model into the fewest bytes and back, exactly: per parameter leaf, the smallest exact representation.
 
-Every leaf is stored as one of five kinds, each a few sections (see `container` for the file around them):
+Every leaf is stored as one of six kinds, each a few sections (see `container` for the file around them):
 
   float    the values, bit-exact (`floats`: exponent and sign/mantissa streams, entropy-coded)
   masked   the positions of the non-zero entries (`masks`) and those entries, bit-exact; an entry counts as zero
@@ -11,6 +11,10 @@ Every leaf is stored as one of five kinds, each a few sections (see `container` 
            as a mask plus the codes off the zero code, whichever is smaller (N:M masks favour the second)
   palette  indices into a per-problem table of values (a codebook per tensor, channel or group, the layouts of
            `research.codes`), the table bit-exact; again joint or mask + kept indices
+  vectors  vector quantization (`codes.Vectors`): per residual stage one entropy-coded stream of the d-vectors'
+           indices (of every vector, or of those with a kept weight when that is smaller), the pruned positions as a
+           mask, and the tables of d-vectors bit-exact in the narrowest float type that holds them (float16 /
+           bfloat16 / float32)
   affine   blocks of B weights along one axis, each exactly fl(fl(d * (q - z)) + m) with 8-bit codes q and a
            per-block scale d and offset m (fp16 when exact, else fp32), found with no hint (`found`): the weights of
            dequantized GGUF (Q4_0, Q4_1, Q8_0), GPTQ or AWQ checkpoints; blocks that fit no grid are stored raw
@@ -18,7 +22,7 @@ Every leaf is stored as one of five kinds, each a few sections (see `container` 
 `encode_leaf` builds every kind that applies and keeps the smallest whose decoding gives back the leaf's exact bits
 (so a representation can never change a weight: at worst a leaf falls back to `float`). What a leaf is comes from
 the compression that made it: `core.export(transform, params, state)` gives a typed record per changed leaf
-(`research.codes`), and a grid or palette record is stored as it is, nothing guessed from names or shapes. The
+(`research.codes`), and a grid, palette or vectors record is stored as it is, nothing guessed from names or shapes. The
 rest (dense leaves, and the kept values of masked ones) is searched: a leaf with at most 256 distinct values
 becomes a per-tensor palette, a kernel whose sampled channels or blocks have few distinct values a palette per
 channel or block (`found.palette_problems`), and every float32 leaf is searched for affine blocks (`found.encode`,
@@ -40,7 +44,8 @@ from tqdm.auto import tqdm
 from research import codes, errors, tree
 from research.coding import container, entropy, floats, found, maskcode
 
-KINDS = ("float", "masked", "grid", "palette", "affine")
+KINDS = ("float", "masked", "grid", "palette", "vectors", "affine")
+CODED = ("grid", "palette", "vectors")  # the kinds that store a transform's record (`leaf_code`)
 PALETTE_MAX = 256
 
 
@@ -148,6 +153,45 @@ def _enc_palette(x, pal: codes.Palette, joint: bool):
     return record, sections
 
 
+TABLE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _narrowest(a: np.ndarray) -> str:
+    """The first of TABLE_DTYPES that holds every float32 value of `a` bit for bit."""
+    for name in TABLE_DTYPES[:-1]:
+        if codes.same_bits(a.astype(floats._numpy_dtype(name)).astype(np.float32), a):
+            return name
+    return "float32"
+
+
+def _live_vectors(keep: np.ndarray, lay: codes.Layout, dim: int) -> np.ndarray:
+    """(*grid) bool: the vectors with at least one kept weight (the others' indices carry nothing)."""
+    live = codes.to_vectors(keep, lay, dim).any(-1)  # (P, m)
+    return lay.from_problems(live, codes.vector_grid(keep.shape, lay, dim))
+
+
+def _enc_vectors(x, vec: codes.Vectors):
+    """The sections of vectors: a mask when weights are pruned, one index stream per stage (of every vector, or of
+    the vectors with a kept weight when that is smaller) and the tables in their narrowest exact float type."""
+    idx = np.asarray(vec.indices).astype(np.int64)  # (S, *grid)
+    table = np.asarray(vec.table, np.float32)  # (S, P, k, d)
+    keep = None if vec.keep is None else np.asarray(vec.keep).reshape(x.shape)
+    n_stages, _, k, dim = table.shape
+    tdtype = _narrowest(table)
+    record = dict(vec.layout.to_dict(), k=k, dim=dim, stages=n_stages, table_dtype=tdtype, masked=False)
+    streams = {f"indices{s}": entropy.encode(idx[s].ravel(), k) for s in range(n_stages)}
+    sections = {}
+    if keep is not None and not keep.all():
+        sections["mask"] = maskcode.encode(keep)
+        live = _live_vectors(keep, vec.layout, dim)
+        kept = {f"indices{s}": entropy.encode(idx[s][live], k) for s in range(n_stages)}
+        if sum(map(len, kept.values())) < sum(map(len, streams.values())):
+            record["masked"], streams = True, kept
+    sections.update(streams)
+    sections["entries"] = floats.encode(table.astype(floats._numpy_dtype(tdtype)))
+    return record, sections
+
+
 def _found_palette(x, n_problems) -> codes.Palette | None:
     """A palette of the distinct values of each problem (per tensor, channel or block), or None when a problem
     has more than PALETTE_MAX; `keep` marks the non-zero entries (0.0 is an entry of its table)."""
@@ -195,10 +239,29 @@ def _symbols(record, sections, shape):
     return sym, keep
 
 
-def leaf_code(record: dict, sections: dict) -> codes.Grid | codes.Palette:
-    """The code record a grid or palette leaf stores (what a transform exported; a levels-only grid gets the
-    smallest zero points that make its codes non-negative), so a packed model packs again as it was."""
+def _vectors_code(record: dict, sections: dict, shape: tuple) -> codes.Vectors:
+    lay, k, dim, n_stages = _layout(record), record["k"], record["dim"], record["stages"]
+    grid = codes.vector_grid(shape, lay, dim)
+    table = floats.decode(sections["entries"], record["table_dtype"], (n_stages, lay.n_problems(grid), k, dim))
+    keep = maskcode.decode(sections["mask"], shape) if "mask" in sections else None
+    live = _live_vectors(keep, lay, dim) if record["masked"] else np.ones(grid, bool)
+    idx = np.zeros((n_stages, *grid), np.int64)
+    for s in range(n_stages):
+        sym = entropy.decode(sections[f"indices{s}"]).astype(np.int64, copy=False)
+        if sym.size != int(live.sum()):
+            raise errors.CorruptData(f"{record['path']}: {sym.size} stage-{s} indices for {int(live.sum())} vectors")
+        idx[s][live] = sym
+    if idx.size and idx.max() >= k:
+        raise errors.CorruptData(f"{record['path']}: a vector index past its table")
+    return codes.Vectors(idx.astype(np.uint8 if k <= 256 else np.uint16), table.astype(np.float32), lay, keep)
+
+
+def leaf_code(record: dict, sections: dict) -> codes.Grid | codes.Palette | codes.Vectors:
+    """The code record a grid, palette or vectors leaf stores (what a transform exported; a levels-only grid gets
+    the smallest zero points that make its codes non-negative), so a packed model packs again as it was."""
     shape = tuple(record["shape"])
+    if record["kind"] == "vectors":
+        return _vectors_code(record, sections, shape)
     lay = _layout(record)
     sym, keep = _symbols(record, sections, shape)
     if record["kind"] == "palette":
@@ -247,12 +310,12 @@ def _group_min(levels: np.ndarray, lay: codes.Layout, pshape) -> np.ndarray:
 
 
 def codes_of(path) -> dict:
-    """{leaf path: code record} of the grid and palette leaves of a packed file (see `leaf_code`)."""
+    """{leaf path: code record} of the grid, palette and vectors leaves of a packed file (see `leaf_code`)."""
     r = container.Reader(path)
     return {
         leaf["path"]: leaf_code(leaf, {name: r.section(leaf, name) for name in leaf["sections"]})
         for leaf in r.leaves
-        if leaf["kind"] in ("grid", "palette")
+        if leaf["kind"] in CODED
     }
 
 
@@ -266,7 +329,7 @@ def decode_leaf(record: dict, sections: dict) -> np.ndarray:
         out = np.zeros(shape, floats._numpy_dtype(dtype))
         out[keep] = floats.decode(sections["values"], dtype, (int(keep.sum()),))
         return out
-    if kind in ("grid", "palette"):
+    if kind in CODED:
         return codes.decode(leaf_code(record, sections)).astype(floats._numpy_dtype(dtype))
     if kind == "affine":
         return found.decode(record, sections, shape)
@@ -293,12 +356,14 @@ def encode_leaf(path: str, x, code: codes.Code | None = None) -> tuple[dict, dic
     candidates = [("float", _enc_float(x1))]
     if x1.size and np.any(~_nonzero(x1)):
         candidates.append(("masked", _enc_masked(x1)))
-    checked = None  # the exported grid / palette, checked once from its own bytes
-    if isinstance(code, codes.Grid | codes.Palette):
-        kind = "grid" if isinstance(code, codes.Grid) else "palette"
-        symbols = code.codes if kind == "grid" else code.indices
-        if np.shape(symbols) == x.shape:
-            built = _enc_grid(x1, code) if kind == "grid" else _enc_palette(x1, code, joint=code.keep is None)
+    checked = None  # the exported grid / palette / vectors, checked once from its own bytes
+    if isinstance(code, codes.Grid | codes.Palette | codes.Vectors):
+        kind = {codes.Grid: "grid", codes.Palette: "palette", codes.Vectors: "vectors"}[type(code)]
+        if _fits(code, x.shape):
+            if kind == "vectors":
+                built = _enc_vectors(x1, code)
+            else:
+                built = _enc_grid(x1, code) if kind == "grid" else _enc_palette(x1, code, joint=code.keep is None)
             if _gives(dict(base, kind=kind, **built[0]), built[1], x1):
                 checked = len(candidates)
                 candidates.append((kind, built))
@@ -326,6 +391,20 @@ def encode_leaf(path: str, x, code: codes.Code | None = None) -> tuple[dict, dic
         raise RuntimeError(f"{path}: no representation decodes to the leaf's bits")  # float always does
     record["bounds"] = _bounds(sections)
     return record, sections
+
+
+def _fits(code, shape) -> bool:
+    """Whether a record's codes have the shape a leaf of `shape` needs."""
+    if isinstance(code, codes.Grid):
+        return np.shape(code.codes) == shape
+    if isinstance(code, codes.Palette):
+        return np.shape(code.indices) == shape
+    try:
+        grid = codes.vector_grid(shape, code.layout, code.dim)
+    except ValueError:
+        return False
+    table = np.shape(code.table)
+    return np.shape(code.indices) == (table[0], *grid) and table[1] == code.layout.n_problems(grid)
 
 
 def _gives(record: dict, sections: dict, x: np.ndarray) -> bool:

@@ -77,6 +77,8 @@ def _leaf(path: str, record, rule, dtype) -> tuple[dict, dict, bool] | str:
     """(tensors, scheme, exact) of one quantized Linear weight, or the reason it cannot be one."""
     if isinstance(record, codes_lib.Palette):
         return "it is a codebook, which compressed-tensors does not store (use --format gguf --type auto or hf)"
+    if isinstance(record, codes_lib.Vectors):
+        return "it is a vector codebook, which compressed-tensors does not store (use --format gguf --type auto or hf)"
     if record.float_zero:
         return "its grid has a float minimum (no integer zero point); quantize with zero='integer'"
     zero = np.asarray(record.zero, np.float32)

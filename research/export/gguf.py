@@ -193,6 +193,8 @@ def _block(kind: blocks.BlockType, values, record, rows, requantize: bool, path:
         why = f"{kind.name} cannot hold its grid exactly: {data}"
     elif isinstance(record, codes_lib.Palette):
         why = f"it is a codebook of {record.table.shape[-1]} values per problem, which no GGUF block type stores"
+    elif isinstance(record, codes_lib.Vectors):
+        why = f"it is a vector codebook ({record.dim}-vectors), which no GGUF block type stores"
     else:
         data = blocks.requantize(kind, values)
         exact = codes_lib.same_bits(blocks.dequantize(kind, data), values)
@@ -221,6 +223,8 @@ def _auto(values, record, rows):
     why = ""
     if isinstance(record, codes_lib.Palette):
         why = ": a codebook, which no GGUF block type stores"
+    elif isinstance(record, codes_lib.Vectors):
+        why = ": a vector codebook, which no GGUF block type stores"
     elif reasons:
         why = f": no block type holds its grid ({reasons[0]})"
     for kind in ("bf16", "f16"):  # a model read from an F16 / BF16 file goes back in its type (BF16 values most
@@ -262,7 +266,7 @@ def export(
     Args:
       cfg, params: the model; params are its effective (dequantized) values.
       out: the .gguf file to write (refused if it exists, unless `overwrite`).
-      codes: {leaf path: `codes.Grid` / `codes.Palette`} of a compressed model (`pack.codes_of`).
+      codes: {leaf path: `codes.Grid` / `codes.Palette` / `codes.Vectors`} of a compressed model (`pack.codes_of`).
       tokenizer: the model's tokenizer spec.
       type: "auto", "f32", "f16", "bf16", or a block type ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0").
       requantize: round compressed leaves the type cannot hold, instead of refusing them.

@@ -49,6 +49,8 @@ METHODS = [
     [dict(method="rtn", bits=4, granularity="group", group_size=32, zero="float", param_dtype="float16")],  # Q4_1
     [dict(method="qat", bits=4, learn_scale=True)],
     [dict(method="magnitude", sparsity=0.5), dict(method="codebook", bits=4)],
+    [dict(method="vq", bits=4, dim=4, stages=2)],
+    [dict(method="magnitude", sparsity=0.5), dict(method="vq", bits=6, dim=2, iters=20)],
     [
         dict(method="sparsegpt", sparsity=0.5, pattern="2:4"),
         dict(method="gptq", bits=4, granularity="group", group_size=16),
@@ -79,15 +81,16 @@ def test_every_transform_exports_codes_that_unpack_bit_identically(specs, tmp_pa
     loss = lambda p: float(train_step.loss_fn(jax.tree.map(jnp.asarray, p), graphdef, batch))  # noqa: E731
     assert loss(back) == loss(effective)
     kinds = {leaf["path"]: leaf["kind"] for leaf in container.Reader(out).leaves}
-    want = {"rtn": codes.Grid, "gptq": codes.Grid, "qat": codes.Grid, "codebook": codes.Palette}.get(
-        specs[-1]["method"], codes.Masked
-    )
+    want = {"rtn": codes.Grid, "gptq": codes.Grid, "qat": codes.Grid, "codebook": codes.Palette, "vq": codes.Vectors}
+    want = want.get(specs[-1]["method"], codes.Masked)
     assert exported and all(isinstance(c, want) for c in exported.values())
     for path in exported:  # a grid or palette is stored as itself (a mask leaves the values searched)
         if want is codes.Grid:
             assert kinds[path] == "grid", path
         if want is codes.Palette:
             assert kinds[path] == "palette", path
+        if want is codes.Vectors:
+            assert kinds[path] == "vectors", path
     assert rep["ratio_vs_fp32"] > 1.0
 
 
