@@ -104,7 +104,8 @@ def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
     c.eval.max_windows = windows or None
     c.eval.dense = row == "dense"
     c.eval.agreement = row != "dense"  # the dense row's "compressed" model is the dense one: KL 0, agreement 1
-    c.calibration.n = calib
+    if not row.startswith("mixed"):  # mixed rows measure their sensitivities on their config's own sample
+        c.calibration.n = calib
     t = time.time()
     s = pipeline.run(c, out, overwrite=True)
     s["llm_tables"] = {"windows": windows, "calib": calib}
@@ -141,9 +142,48 @@ def collect(summaries: dict) -> dict:
                 "tokens": r["tokens"],
                 "calibration": (s.get("calibration") or {}).get("corpus", "").replace(str(ROOT.parent), ".."),
                 "protocol": r["protocol"],
+                **({"allocation": _allocation(s["allocation"][0])} if s.get("allocation") else {}),
             }
         )
     return rows
+
+
+def _allocation(a: dict) -> dict:
+    """A mixed row's allocation, short: leaves per option and the option of every leaf."""
+    return dict(
+        options=a["options"],
+        leaves_per_option=a["leaves_per_option"],
+        predicted_loss_increase=a["predicted_loss_increase"],
+        max_loss_increase=a.get("max_loss_increase"),
+        seconds=a["seconds"],
+        leaves={r["leaf"]: r["option"] for r in a["leaves"]},
+    )
+
+
+def family(row: str) -> str:
+    for key in ("mixed", "sparsegpt50_", "magnitude", "wanda", "sparsegpt", "rtn", "gptq", "codebook", "q4_1", "dense"):
+        if row.startswith(key):
+            return {"sparsegpt50_": "prune + quantize", "q4_1": "rtn"}.get(key, key)
+    return "other"
+
+
+def frontier(rows: list[dict], source_bytes: int | None) -> dict:
+    """The largest ratio within 1% and 5% of the dense perplexity, and the GGUF source file's size."""
+    dense = next((r for r in rows if r["row"] == "dense"), None)
+    out = {"source_gguf_bytes": source_bytes}
+    for pct in (1, 5):
+        ok = [
+            r for r in rows if dense and r["packed_bytes"] and r["perplexity"] <= dense["perplexity"] * (1 + pct / 100)
+        ]
+        best = max(ok, key=lambda r: r["ratio_vs_fp32"], default=None)
+        out[f"best_within_{pct}pct"] = (
+            None
+            if best is None
+            else {
+                k: best[k] for k in ("row", "label", "perplexity", "packed_bytes", "ratio_vs_fp32", "bits_per_weight")
+            }
+        )
+    return out
 
 
 def _grid_words(m: dict) -> str:
@@ -170,16 +210,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + f"\n\n{meta['protocol']}; calibration: {meta['calibration']}.\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, source_bytes: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    fams = sorted({family(r["row"]) for r in rows})
+    for i, f in enumerate(fams):
+        mine = [r for r in rows if r["packed_bytes"] and family(r["row"]) == f]
+        ax.scatter(
+            [r["packed_bytes"] / 1e6 for r in mine], [r["perplexity"] for r in mine], s=30, color=f"C{i}", label=f
+        )
+    dense = next((r for r in rows if r["row"] == "dense"), None)
+    if dense:
+        for pct, ls in ((1, ":"), (5, "--")):
+            ax.axhline(dense["perplexity"] * (1 + pct / 100), color="gray", ls=ls, lw=1, label=f"dense + {pct}%")
+    if source_bytes:
+        ax.axvline(source_bytes / 1e6, color="k", lw=1, ls="-.", label="its GGUF file (Q4_1, 5.85 bits/weight)")
     for r in rows:
         if r["packed_bytes"]:
-            ax.scatter(r["packed_bytes"] / 1e6, r["perplexity"], s=30)
             ax.annotate(
                 r["label"],
                 (r["packed_bytes"] / 1e6, r["perplexity"]),
@@ -192,6 +243,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M (Q4_1 GGUF) compressed: perplexity vs packed size")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -240,9 +292,13 @@ def main() -> int:
         + ",".join(r["row"] for r in table),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    files.write_json(RESULTS / "llm_tables.json", {"meta": meta, "rows": table})
+    gguf = zoo.cached("smollm2-135m")
+    source_bytes = Path(gguf).stat().st_size if gguf else None
+    files.write_json(
+        RESULTS / "llm_tables.json", {"meta": meta, "rows": table, "frontier": frontier(table, source_bytes)}
+    )
     (RESULTS / "llm_tables.md").write_text(markdown(table, meta))
-    plot(table, RESULTS / "llm_tables.png")
+    plot(table, RESULTS / "llm_tables.png", source_bytes)
     print(markdown(table, meta))
     return 0
 

@@ -132,6 +132,8 @@ def test_bad_arguments():
         mixed.mixed([dict(method="nope")], budget_bytes=10)
     with pytest.raises(errors.UserError, match="sensitivity"):
         mixed.mixed(OPTIONS, budget_bytes=10, sensitivity="hessian")
+    with pytest.raises(errors.UserError, match="needs measured sensitivities"):
+        mixed.mixed(OPTIONS, max_loss_increase=0.01, sensitivity="fisher")
     _, params, data = _tiny()
     with pytest.raises(errors.UserError, match="short of the smallest allocation"):
         mixed.mixed(OPTIONS, budget_bits_per_weight=0.5).init(params, jax.random.key(0), data)
