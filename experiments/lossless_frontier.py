@@ -93,7 +93,7 @@ def candidates() -> dict:
             [dict(method="qat", bits=b, granularity="channel"), *WHOLE],
             FT,
         )
-    for d, bits in ((2, 4), (3, 6), (4, 8)):
+    for d, bits in ((2, 4), (4, 6), (4, 8)):
         out[f"vq {bits}-bit d{d} tensor + ft"] = ([dict(method="vq", bits=bits, dim=d, lr=1e-3)], FT)
     for bpw in BUDGETS:
         spec = dict(
