@@ -138,28 +138,12 @@ def codebook(
                 key=jax.random.fold_in(key, i),
             )
             books[path], idxs[path], keeps[path] = cb, lay.from_problems(idx, w.shape), keep
-        return {
-            "codebook": core.touched_tree(params, books),
-            "indices": core.touched_tree(params, idxs),
-            "keep": core.touched_tree(params, keeps),
-        }
+        return shared_state(params, books, idxs, keeps)
 
-    def entries(cb):
-        """The entries the forward pass uses; trained, their gradient reaches the float32 entries unchanged."""
-        if trained:
-            return core.straight_through(lambda c: stored_entries(c, entry_dtype), cb)
-        return stored_entries(cb, entry_dtype)
+    def values(idx, table, keep):
+        return codes.palette_values(idx, table, lay, keep)
 
-    def apply(params, state):
-        def one(cb, p, idx, keep):
-            w = codes.palette_values(idx, entries(cb), lay, keep).astype(p.dtype)
-            return w + jnp.where(keep, p - jax.lax.stop_gradient(p), 0) if trained else w
-
-        return core.map_touched(one, state["codebook"], params, state["indices"], state["keep"])
-
-    def learn(state, grads, step):
-        books = jax.tree.map(lambda cb, g: cb - lr * g, state["codebook"], grads["codebook"])
-        return dict(state, codebook=books)
+    apply, learn = shared(values, entry_dtype, trained, lr)
 
     def update(params, state, grads, step):
         def reassign():
@@ -187,6 +171,42 @@ def codebook(
 
 def _none(x):
     return x is None
+
+
+def shared_state(params, books: dict, idxs: dict, keeps: dict) -> dict:
+    """The state of a shared-weight method ({"codebook", "indices", "keep"}, trees mirroring params) from
+    {path: array} dicts."""
+    return {
+        "codebook": core.touched_tree(params, books),
+        "indices": core.touched_tree(params, idxs),
+        "keep": core.touched_tree(params, keeps),
+    }
+
+
+def shared(values, entry_dtype: str, trained: bool, lr: float, stored=None):
+    """(apply, learn) of a shared-weight state: the effective leaf is values(indices, entries, keep), the entries
+    rounded to their storage type (`stored`, default `stored_entries`); trained, the gradient reaches the float32
+    entries straight through the rounding and the raw weights through a (p - stop_gradient(p)) term, and `learn`
+    takes an SGD step of `lr` on the entries (the module docstring's gradients; `vq` shares them)."""
+    stored = stored or stored_entries
+
+    def entries(cb):
+        if trained:
+            return core.straight_through(lambda c: stored(c, entry_dtype), cb)
+        return stored(cb, entry_dtype)
+
+    def apply(params, state):
+        def one(cb, p, idx, keep):
+            w = values(idx, entries(cb), keep).astype(p.dtype)
+            return w + jnp.where(keep, p - jax.lax.stop_gradient(p), 0) if trained else w
+
+        return core.map_touched(one, state["codebook"], params, state["indices"], state["keep"])
+
+    def learn(state, grads, step):
+        books = jax.tree.map(lambda cb, g: cb - lr * g, state["codebook"], grads["codebook"])
+        return dict(state, codebook=books)
+
+    return apply, learn
 
 
 def stored_entries(cb, entry_dtype: str):

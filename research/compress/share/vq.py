@@ -48,7 +48,7 @@ import numpy as np
 from research import codes, errors
 from research.compress import calib as calib_lib
 from research.compress import core
-from research.compress.share import vkmeans
+from research.compress.share import codebook, vkmeans
 
 log = logging.getLogger(__name__)
 
@@ -190,27 +190,11 @@ def vq(
                 **dict(lay=lay, dim=dim, k=k, stages=stages, entry_dtype=entry_dtype, init=init, iters=iters),
             )
             books[path], idxs[path], keeps[path] = cb, idx.astype(index_dtype), keep
-        return {
-            "codebook": core.touched_tree(params, books),
-            "indices": core.touched_tree(params, idxs),
-            "keep": core.touched_tree(params, keeps),
-        }
+        return codebook.shared_state(params, books, idxs, keeps)
 
-    def entries(cb):
-        if trained:
-            return core.straight_through(lambda c: stored_entries(c, entry_dtype), cb)
-        return stored_entries(cb, entry_dtype)
-
-    def apply(params, state):
-        def one(cb, p, idx, keep):
-            w = codes.vector_values(idx, entries(cb), lay, keep).astype(p.dtype)
-            return w + jnp.where(keep, p - jax.lax.stop_gradient(p), 0) if trained else w
-
-        return core.map_touched(one, state["codebook"], params, state["indices"], state["keep"])
-
-    def learn(state, grads, step):
-        books = jax.tree.map(lambda cb, g: cb - lr * g, state["codebook"], grads["codebook"])
-        return dict(state, codebook=books)
+    apply, learn = codebook.shared(
+        lambda idx, table, keep: codes.vector_values(idx, table, lay, keep), entry_dtype, trained, lr, stored_entries
+    )
 
     def export(params, state):
         books, idxs, keeps = (core.touched(state[k]) for k in ("codebook", "indices", "keep"))
