@@ -54,8 +54,8 @@ LABELS = {
     "sparsegpt50_gptq4": "SparseGPT 50% -> GPTQ 4-bit g128",
     "q4_1_requant": "RTN 4-bit g32, float minimum, fp16 (Q4_1's grid)",
     "gptq_q4_0": "GPTQ 4-bit on Q4_0's grid (symmetric g32, fp16 scales)",
-    "mixed_1pct": "mixed: Q4_1 / 3-bit blocks, 8..4-bit embedding rows, Fisher loss <= ln 1.01",
-    "mixed_5pct": "mixed: Q4_1 / 3-bit blocks, 8..4-bit embedding rows, Fisher loss <= ln 1.05",
+    "mixed_1pct": "mixed: Q4_1 / 3-bit blocks, 8..4-bit embedding rows, measured loss <= ln 1.01",
+    "mixed_5pct": "mixed: Q4_1 / 3-bit blocks, 8..4-bit embedding rows, measured loss <= ln 1.05",
 }
 
 
