@@ -83,7 +83,8 @@ def export(t: Transform, params, state) -> dict:
 def chain(*transforms: Transform) -> Transform:
     """Composes transforms left to right; each sees the previous ones' effective parameters.
 
-    The chained state is a tuple of the members' states; `masks` is the elementwise AND of the members' masks;
+    The chained state is a tuple of the members' states (None: a member that touches no leaf, skipped by every
+    function; `mixed` leaves the options no leaf chose so); `masks` is the elementwise AND of the members' masks;
     `export` composes the members' records leaf by leaf (`codes.compose`: a later member's record of a leaf
     replaces or refines an earlier one's).
     """
@@ -97,32 +98,35 @@ def chain(*transforms: Transform) -> Transform:
         return tuple(states)
 
     def apply(params, state):
-        for t, s in zip(transforms, state):
+        for t, s in _live(transforms, state):
             params = t.apply(params, s)
         return params
 
     def update(params, state, grads, step):
         new = []
         for t, s in zip(transforms, state):
-            s = t.update(params, s, grads, step)
-            params = t.apply(params, s)
+            if s is not None:
+                s = t.update(params, s, grads, step)
+                params = t.apply(params, s)
             new.append(s)
         return tuple(new)
 
     def masks(state):
         out = None
-        for t, s in zip(transforms, state):
+        for t, s in _live(transforms, state):
             m = t.masks(s)
             if m is not None:
                 out = m if out is None else combine_masks(out, m)
         return out
 
     def learn(state, grads, step):
-        return tuple(s if t.learn is None else t.learn(s, g, step) for t, s, g in zip(transforms, state, grads))
+        return tuple(
+            s if s is None or t.learn is None else t.learn(s, g, step) for t, s, g in zip(transforms, state, grads)
+        )
 
     def export_fn(params, state):
         out: dict = {}
-        for t, s in zip(transforms, state):
+        for t, s in _live(transforms, state):
             new = export(t, params, s)
             after = t.apply(params, s)
             before_flat, after_flat = tree.flatten(params), tree.flatten(after)
@@ -136,6 +140,11 @@ def chain(*transforms: Transform) -> Transform:
         return out
 
     return Transform(init, apply, update, masks, learn if any(t.learn for t in transforms) else None, export_fn)
+
+
+def _live(transforms, state):
+    """(member, state) pairs of a chain's members that hold a state."""
+    return [(t, s) for t, s in zip(transforms, state) if s is not None]
 
 
 def select(params, pattern: str) -> list[str]:

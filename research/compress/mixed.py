@@ -138,9 +138,9 @@ def mixed(
         missing = [p for p in leaves if not any(p in tb for tb in tables)]
         if missing:
             raise errors.UserError(f"mixed: no option applies to {missing[0]} (and {len(missing) - 1} more)")
-        sizes, sens = _measure(params, leaves, tables, calib, sensitivity, progress)
+        sizes, sens, encoded = _measure(params, leaves, tables, calib, sensitivity, progress)
         t_measure = time.time() - t0
-        fixed, header = _fixed_bytes(flat, leaves, tables)
+        fixed, header = _fixed_bytes(flat, encoded)
         available = budget - fixed - header - reserve_bytes
         t1 = time.time()
         choice = allocate(sens, sizes, available, leaves, budget, max_loss_increase)
@@ -157,49 +157,29 @@ def mixed(
             "budget": jnp.asarray([budget, fixed + header + reserve_bytes], jnp.float32),
         }
 
+    chain = core.chain(*members)  # over disjoint leaves; an option no leaf chose holds None and is skipped
+
     def apply(params, state):
-        for t, s in zip(members, state["members"]):
-            if s is not None:
-                params = t.apply(params, s)
-        return params
+        return chain.apply(params, state["members"])
 
     def update(params, state, grads, step):
-        new = []
-        for t, s in zip(members, state["members"]):
-            if s is not None:
-                s = t.update(params, s, grads, step)
-                params = t.apply(params, s)
-            new.append(s)
-        return {**state, "members": tuple(new)}
-
-    def masks(state):
-        out = None
-        for t, s in zip(members, state["members"]):
-            m = None if s is None else t.masks(s)
-            if m is not None:
-                out = m if out is None else core.combine_masks(out, m)
-        return out
+        return {**state, "members": chain.update(params, state["members"], grads, step)}
 
     def learn(state, grads, step):
-        new = tuple(
-            s if s is None or t.learn is None else t.learn(s, g, step)
-            for t, s, g in zip(members, state["members"], grads["members"])
-        )
-        return {**state, "members": new}
+        return {**state, "members": chain.learn(state["members"], grads["members"], step)}
+
+    def masks(state):
+        return chain.masks(state["members"])
 
     def export(params, state):
-        out = {}
-        for t, s in zip(members, state["members"]):
-            if s is not None:
-                out.update(core.export(t, params, s))
-                params = t.apply(params, s)
-        return out
+        return chain.export(params, state["members"])
 
-    return core.Transform(init, apply, update, masks, learn if any(t.learn for t in members) else None, export)
+    return core.Transform(init, apply, update, masks, learn if chain.learn else None, export)
 
 
 def _measure(params, leaves, tables, calib, sensitivity, progress):
-    """(bytes (L, O) int, -1 where an option does not apply; sensitivity (L, O) float, +inf there)."""
+    """(bytes (L, O) int, -1 where an option does not apply; sensitivity (L, O) float, +inf there; {leaf: (record,
+    sections)} as its first applicable option packs it, for the header estimate)."""
     from research.coding import pack
 
     n_opt = len(tables)
@@ -219,34 +199,32 @@ def _measure(params, leaves, tables, calib, sensitivity, progress):
             return float(np.dot([float(loss(p, b)) for b in batches], weights) / weights.sum())
 
         dense = calib_loss(params_dev)
+    encoded: dict = {}
     jobs = [(li, oi) for li, p in enumerate(leaves) for oi in range(n_opt) if p in tables[oi]]
     for li, oi in tqdm(jobs, desc="mixed: sensitivity", disable=None if progress is None else not progress):
         p = leaves[li]
         value, record = tables[oi][p]
         rec, sections = pack.encode_leaf(p, value, record)
         sizes[li, oi] = sum(map(len, sections.values()))
+        encoded.setdefault(p, (rec, sections))
         if fisher is not None:
             d = value.astype(np.float64) - np.asarray(flat[p], np.float64)
             sens[li, oi] = 0.5 * float(np.sum(np.asarray(fisher[p], np.float64) * d * d))
         else:
             swapped = tree.map_with_path(lambda q, x, p=p, v=value: jnp.asarray(v) if q == p else x, params_dev)
             sens[li, oi] = calib_loss(calib.replicate(swapped)) - dense
-    return sizes, sens
+    return sizes, sens, encoded
 
 
-def _fixed_bytes(flat, leaves, tables):
+def _fixed_bytes(flat, encoded: dict):
     """(packed section bytes of the leaves no option touches, the file's other bytes: framing and the header with
-    every leaf's record as the first applicable option writes it, metadata aside)."""
+    every allocated leaf's record as `encoded` holds it, metadata aside)."""
     from research.coding import container, pack
 
     fixed, records, blobs = 0, [], []
     for p, x in flat.items():
-        if p in leaves:
-            value, code = next(tb[p] for tb in tables if p in tb)
-        else:
-            value, code = np.asarray(x), None
-        rec, sections = pack.encode_leaf(p, value, code)
-        if p not in leaves:
+        rec, sections = encoded[p] if p in encoded else pack.encode_leaf(p, np.asarray(x))
+        if p not in encoded:
             fixed += sum(map(len, sections.values()))
         records.append(rec)
         blobs.append(sections)

@@ -180,3 +180,15 @@ def test_a_member_that_re_values_a_leaf_without_a_record_drops_the_earlier_one()
     t = core.chain(rtn.rtn(4), core.Transform(lambda p, k, c: (), shift))
     exported, _ = _exported(t, params)
     assert exported == {}  # the grid no longer describes the values: dense floats, searched by the packer
+
+
+def test_a_chain_member_with_no_state_is_skipped():
+    params = {"a": jnp.arange(1.0, 9.0), "b": jnp.arange(-4.0, 4.0)}
+    first, second = magnitude.magnitude(0.5, where="a"), magnitude.magnitude(0.5, where="b")
+    t = core.chain(first, second)
+    state = (first.init(params, jax.random.key(0), None), None)  # as mixed leaves an option no leaf chose
+    out = t.apply(params, state)
+    np.testing.assert_array_equal(out["a"], [0, 0, 0, 0, 5, 6, 7, 8])
+    np.testing.assert_array_equal(out["b"], params["b"])  # the stateless member did nothing
+    assert t.update(params, state, params, 1)[1] is None
+    assert set(core.touched(t.masks(state))) == {"a"} and set(core.export(t, params, state)) == {"a"}
