@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   creates .venv, installs ziplm, runs the demo (train + evaluate the default model)
-#   make test   creates .venv, installs ziplm with its dev and parity (torch CPU) extras, runs the whole test suite
+#   make test   creates .venv, installs ziplm with its dev, parity (torch CPU) and harness (lm_eval) extras, runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-parity: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev,parity]'
+	$(PY) -m pip install -q -e '.[dev,parity,harness]'
 	touch $@
 
 demo: $(VENV)/.installed
