@@ -5,7 +5,11 @@
     ziplm train --config experiments/configs/shakespeare_char_cpu.py [--workdir DIR] [--config.train.lr=3e-4 ...]
     ziplm eval  --model SRC [--corpus SPEC] [--split val|train|all] [--protocol windows|gptq] [--window W]
                 [--stride S] [--devices N] [--json OUT]
+    ziplm eval  --model SRC --lastword [--lastword-limit N] [--lastword-min-words N] [--corpus SPEC] [--window W]
+                [--json OUT]
     ziplm sample --model SRC [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
+    ziplm lm-eval --model SRC --tasks a,b [--include-path DIR] [--limit N] [--num-fewshot K] [--batch-size B]
+                [--json OUT]
     ziplm export --model SRC --out DIR [--model-type gpt2|llama|...] [--dtype float32|bfloat16|float16] [--overwrite]
     ziplm export --model SRC --format gguf --out FILE.gguf [--type auto|f32|f16|bf16|q4_0|q4_1|q5_0|q5_1|q8_0]
                 [--requantize] [--overwrite]
@@ -17,6 +21,7 @@
     ziplm encode --model SRC IN OUT [--context C] [--chunk-len L] [--batch-size B] [--devices N] [--overwrite]
                 [--json OUT]
     ziplm decode --model SRC IN OUT [--devices N] [--overwrite]
+    ziplm sweep CONFIG [--jobs N] [--dry-run] [--only REGEX] [--table] [--wandb-yaml FILE] [--config.KEY=V ...]
 
 SRC is a run directory (ours), a compressed model (a `compress` directory or its model.zlm), a packed file (`pack`),
 a GGUF file, a model name fetched by `ziplm pull`, a Hugging Face checkpoint directory (config.json + safetensors),
@@ -67,6 +72,8 @@ def _eval(args, overrides) -> int:
     source = _model_arg(args)
     m = sources.load(source, args.step, args.dtype)
     tok = tokenizers.load(_tokenizer(args, m))
+    if args.lastword or args.lastword_limit or args.lastword_min_words:
+        return _lastword(args, m, tok, source)
     run = m.run_config
     spec = args.corpus or (run.data.corpus if run else None)
     if spec is None:
@@ -103,6 +110,36 @@ def _eval(args, overrides) -> int:
         from research import files
 
         files.write_json(Path(args.json), result)
+    return 0
+
+
+def _lastword(args, m, tok, source) -> int:
+    """`eval --lastword`: last-word accuracy on raw WikiText paragraphs (`research/eval/lastword.py`)."""
+    from research import files
+    from research.data import corpora
+    from research.eval import lastword
+
+    if args.corpus:
+        text = corpora.load(args.corpus).text
+    elif lastword.DEFAULT_TEXT.is_file():
+        text = lastword.DEFAULT_TEXT.read_text(encoding="utf-8")
+    else:
+        raise errors.UserError("--lastword needs raw WikiText text: --corpus wikitext:PATH/wiki.test.raw")
+    limit, words = _first(args.lastword_limit, lastword.LIMIT), _first(args.lastword_min_words, lastword.MIN_WORDS)
+    items = lastword.items(text, words, limit)
+    window = _first(args.window, min(m.cfg.max_seq_len, lastword.WINDOW))
+    what = lastword.selection(words, limit, args.corpus or "WikiText-2 raw test")
+    batch_size = _first(args.batch_size, lastword.BATCH_SIZE)
+    r = lastword.evaluate(m.graphdef, m.params, tok, items, window, batch_size, selection=what)
+    r.update(model=str(source), step=m.step)
+    lo, hi = r["interval"]
+    print(
+        f"last-word accuracy {r['accuracy']:.4f} (Wilson 95% {lo:.4f}..{hi:.4f}): {r['correct']} of {r['items']} "
+        f"items; last-word NLL {r['mean_nll_last_word']:.3f} nats; {r['truncated']} truncated, {r['seconds']:.0f} s"
+    )
+    print(f"protocol: {r['protocol']}")
+    if args.json:
+        files.write_json(Path(args.json), r)
     return 0
 
 
@@ -155,6 +192,31 @@ def _sample(args, overrides) -> int:
     print(args.prompt + tok.decode(out[0, len(prompt) :]))
     if new < args.max_new_tokens:
         print(f"(stopped after {new} new tokens: the model's context is {m.cfg.max_seq_len})", file=sys.stderr)
+    return 0
+
+
+def _lm_eval(args, overrides) -> int:
+    """lm-evaluation-harness tasks through research/eval/harness.py (offline unless the environment says so)."""
+    import importlib.util
+
+    _no_extra(overrides, "lm-eval")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise errors.UserError("lm-eval needs lm-evaluation-harness: pip install -e '.[harness]'")
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # before datasets and huggingface_hub read them
+        os.environ.setdefault(name, "1")
+    from research.eval import harness
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise errors.UserError("name the tasks: --tasks a,b (lm_eval's names, or those under --include-path)")
+    lm = harness.ZiplmLM(args.model, args.tokenizer, args.step, args.dtype, batch_size=args.batch_size)
+    kw = dict(include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot)
+    results = harness.evaluate(lm, tasks, **kw)
+    print(harness.table(results))
+    if args.json:
+        from research import files
+
+        files.write_json(Path(args.json), results)
     return 0
 
 
@@ -362,6 +424,23 @@ def _decode(args, overrides) -> int:
     return 0
 
 
+def _sweep(args, overrides) -> int:
+    from research.sweep import runner
+
+    return runner.run(
+        args.config,
+        overrides,
+        workdir=args.workdir,
+        n_jobs=args.jobs,
+        dry_run=args.dry_run,
+        overwrite=args.overwrite,
+        only=args.only,
+        point=args.point,
+        wandb_yaml=args.wandb_yaml,
+        table_only=args.table,
+    )
+
+
 def _no_extra(overrides, command):
     if overrides:
         raise errors.UserError(f"unrecognised argument {overrides[0]!r} for {command} (see ziplm {command} --help)")
@@ -497,6 +576,9 @@ def _parser() -> argparse.ArgumentParser:
         help="split each batch's windows over this many devices (default: 1; in a multi-process run, all of them)",
     )
     e.add_argument("--json", help="also write the result to this JSON file")
+    e.add_argument("--lastword", action="store_true", help="last-word accuracy on raw WikiText (not perplexity)")
+    e.add_argument("--lastword-limit", type=_positive, help="last-word items: the first N paragraphs (default 300)")
+    e.add_argument("--lastword-min-words", type=_positive, help="last-word items: least context words (default 40)")
     s_ = sub.add_parser("sample", help="print a continuation of a prompt")
     _model_args(s_)
     s_.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -505,6 +587,18 @@ def _parser() -> argparse.ArgumentParser:
     s_.add_argument("--top-k", type=_positive, default=None, help="sample among the k most likely tokens")
     s_.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     s_.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (slow baseline)")
+    le = sub.add_parser("lm-eval", help="evaluate a model on lm-evaluation-harness tasks (the harness extra)")
+    _model_args(le)
+    le.add_argument("--tasks", required=True, help="comma-separated task names (lm_eval's, or under --include-path)")
+    le.add_argument("--include-path", action="append", help="a directory of task YAML files (repeatable)")
+    le.add_argument("--limit", type=_positive, help="documents per task (default: all)")
+    le.add_argument(
+        "--num-fewshot",
+        type=_number(int, lambda v: v >= 0, "an integer >= 0"),
+        help="few-shot examples (default: each task's own)",
+    )
+    le.add_argument("--batch-size", type=_positive, help="requests per forward pass (default 16)")
+    le.add_argument("--json", help="also write lm_eval's results to this JSON file")
     x = sub.add_parser(
         "export",
         help="write a model for other runtimes: Hugging Face, GGUF (llama.cpp), compressed-tensors (vLLM)",
@@ -583,6 +677,16 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("output", help="the file to write")
     de.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     de.add_argument("--devices", type=_positive, help="the device count the file was encoded with (default: 1)")
+    sw = sub.add_parser("sweep", help="run every point of a sweep config (axes of overrides), skipping finished ones")
+    sw.add_argument("config", help="sweep config file with get_config() (see research/sweep/__init__.py)")
+    sw.add_argument("--workdir", help="where the points go (default: the config's, else runs/sweeps/<name>)")
+    sw.add_argument("--jobs", type=_positive, default=1, help="points run at once, in child processes (default 1)")
+    sw.add_argument("--dry-run", action="store_true", help="list the points, their overrides and status; run none")
+    sw.add_argument("--only", help="run only the points whose name matches this regular expression")
+    sw.add_argument("--point", help="run this one point (what --jobs starts in each child process)")
+    sw.add_argument("--overwrite", action="store_true", help="rerun points that ran with another config")
+    sw.add_argument("--table", action="store_true", help="only rewrite the table and plots from finished points")
+    sw.add_argument("--wandb-yaml", help="write a `wandb sweep` YAML over the points instead of running them")
     return p
 
 
@@ -606,12 +710,14 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _demo,
         "pull": _pull,
         "sample": _sample,
+        "lm-eval": _lm_eval,
         "export": _export,
         "compress": _compress,
         "pack": _pack,
         "inspect": _inspect,
         "encode": _encode,
         "decode": _decode,
+        "sweep": _sweep,
     }
     try:
         _check_outputs(args)

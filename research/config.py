@@ -63,7 +63,7 @@ def base_config() -> mlc.ConfigDict:
     c.mesh = dict(data=-1, model=1, rules="fsdp")
     # W&B: "offline" (default; writes under the run directory, no network), "online", or "disabled".
     # The environment variable WANDB_MODE, when set, takes precedence.
-    c.wandb = dict(mode="offline", project="ziplm", entity=None, name=None)
+    c.wandb = dict(mode="offline", project="ziplm", entity=None, name=None, group=None, job_type=None, sweep=None)
     # Compression transforms to train under, as in a compress config's list (methods without calibration: QAT
     # from the start, gradual pruning during pre-training); [] trains the dense model.
     c.compress = []
@@ -138,6 +138,9 @@ NULLABLE = {
     "eval.max_windows": int,
     "wandb.entity": str,
     "wandb.name": str,
+    "wandb.group": str,
+    "wandb.job_type": str,
+    "wandb.sweep": str,
     "distributed.coordinator": str,
     "distributed.num_processes": int,
     "distributed.process_id": int,

@@ -48,7 +48,8 @@ class Logger:
     Args:
       workdir: the run directory.
       config: the run config as a plain dict (W&B's run config).
-      wandb_cfg: {"mode", "project", "entity", "name"}.
+      wandb_cfg: {"mode", "project", "entity", "name"}, and optionally "group", "job_type" (a sweep's name and
+        the point's methods) and "sweep" (JSON of {"point": name, override key: value, ...}, added to the W&B config).
       resume_step: on resume, records after this step (from the interrupted run, beyond its last checkpoint)
         are dropped from the JSONL, so the file holds one trajectory.
     """
@@ -77,14 +78,18 @@ class Logger:
 
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
+            sweep = wandb_cfg.get("sweep")
             self._wandb = wandb.init(
                 project=wandb_cfg.get("project"),
                 entity=wandb_cfg.get("entity"),
                 name=wandb_cfg.get("name"),
+                group=wandb_cfg.get("group"),
+                job_type=wandb_cfg.get("job_type"),
                 dir=str(workdir),
-                config=config,
+                config={**config, "sweep": json.loads(sweep)} if sweep else config,
                 mode=mode,
-                id=run_id,
+                # Under `wandb agent` the agent names the run; else one id per run directory, kept on resume.
+                id=None if os.environ.get("WANDB_SWEEP_ID") else run_id,
                 resume="allow",
                 settings=wandb.Settings(silent=True, init_timeout=30),
             )

@@ -105,7 +105,7 @@ def base_config() -> mlc.ConfigDict:
         agreement=False,
         dense=True,
     )
-    c.wandb = dict(mode="offline", project="ziplm", entity=None, name=None)
+    c.wandb = dict(mode="offline", project="ziplm", entity=None, name=None, group=None, job_type=None, sweep=None)
     return c
 
 
