@@ -43,7 +43,7 @@ paper: $(VENV)/.installed
 			&& pdflatex -interaction=nonstopmode -halt-on-error -output-directory=build paper.tex; } >build/make.log 2>&1 \
 			&& echo "built paper/build/paper.pdf" || { tail -n 30 build/make.log; exit 1; }; \
 	else \
-		echo "no TeX engine: tables are in paper/generated/; for the PDF: sudo apt-get install --no-install-recommends texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended latexmk"; \
+		echo "no TeX engine: tables are in paper/generated/; for the PDF: sudo apt-get update && sudo apt-get install --no-install-recommends texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended latexmk"; \
 	fi
 
 clean:

@@ -772,7 +772,10 @@ def published(out: Path, nums: Numbers) -> list:
     made = []
     for path in sorted(EXPERIMENTS.glob("published_*.json")):
         d = load(path)
-        body = [[r["label"], ppl(r.get("perplexity")), ppl(r.get("paper"))] for r in d.get("rows", [])]
+        body = [
+            [r["label"], ppl(r.get("perplexity")), r.get("paper_text") or ppl(r.get("paper"))]
+            for r in d.get("rows", [])
+        ]
         caption = (
             f"Reproducing {d.get('paper', path.stem)} on {d.get('model', 'OPT-125M')}: measured WikiText-2 "
             f"perplexity beside the paper's. Protocol: {sentence(d.get('protocol'))} Calibration: "

@@ -88,3 +88,15 @@ def test_optional_lastword_column(tmp_path, monkeypatch):
     gen.generate(tmp_path / "out")
     md = (tmp_path / "out" / "llm_tables.md").read_text()
     assert "last word acc." in md and "0.250" in md
+
+
+def test_a_published_table_result_becomes_a_table(tmp_path, monkeypatch):
+    gen = _generate_module()
+    src = tmp_path / "results"
+    src.mkdir()
+    rows = [dict(row="gptq3", label="GPTQ 3-bit per channel", perplexity=60.0, paper=53.85, paper_text="53.85")]
+    (src / "published_gptq.json").write_text(json.dumps(dict(paper="GPTQ", protocol="p", command="c", rows=rows)))
+    monkeypatch.setattr(gen, "EXPERIMENTS", src)
+    gen.generate(tmp_path / "out")
+    md = (tmp_path / "out" / "published_gptq.md").read_text()
+    assert "| GPTQ 3-bit per channel | 60.00 | 53.85 |" in md

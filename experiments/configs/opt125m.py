@@ -18,8 +18,10 @@ blocks of 128, no act-order; RTN is the same grid without error feedback (the re
 Pruning: every block linear layer to the same sparsity (magnitude per layer, the reference's `--gmp`; Wanda per
 output row; SparseGPT with blocks of 128); embeddings, positions, norms and the tied head stay dense.
 
-Expected results: not measured on this machine (no OPT-125M checkpoint can be downloaded here); see
-`experiments/published_tables.py` for the papers' numbers it prints beside the measured ones.
+Expected results: not measured on this machine (no OPT-125M checkpoint can be downloaded here). The papers'
+WikiText-2 perplexities for these rows: dense 27.66 (SparseGPT) / 27.65 (GPTQ); magnitude 50% 193, SparseGPT 50%
+36.85, SparseGPT 4:8 58.66 (SparseGPT Table 1); RTN / GPTQ 4-bit 37.28 / 31.12, 3-bit 1.3e3 / 53.85 (GPTQ Table
+3); `experiments/published_tables.py` prints them beside the measured ones.
 """
 
 from pathlib import Path
@@ -39,6 +41,7 @@ ROWS = {
     "magnitude24": [dict(method="magnitude", pattern="2:4")],
     "wanda24": [dict(method="wanda", pattern="2:4")],
     "sparsegpt24": [dict(method="sparsegpt", pattern="2:4")],
+    "sparsegpt48": [dict(method="sparsegpt", pattern="4:8")],
     "rtn4": [dict(method="rtn", bits=4, **CHANNEL)],
     "gptq4": [dict(method="gptq", bits=4, **CHANNEL)],
     "rtn3": [dict(method="rtn", bits=3, **CHANNEL)],

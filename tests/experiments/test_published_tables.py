@@ -42,7 +42,9 @@ def test_a_table_runs_end_to_end_and_prints_both_columns(tiny_opt, tmp_path, cap
     assert [r["row"] for r in result["rows"]] == rows.split(",")
     for r in result["rows"]:
         assert r["perplexity"] > 1 and r["label"] in printed
-        assert r["paper"] == published_tables.TABLES[table]["paper_ppl"].get(r["row"])
+        paper = published_tables.TABLES[table]["paper_ppl"][r["row"]]
+        assert r["paper_text"] == paper and r["paper"] == float(paper)
+        assert any(line.startswith(r["label"]) and line.endswith(f" {paper}") for line in printed.splitlines())
     assert result["command"].startswith(f"python experiments/published_tables.py {table} --model ")
     assert "32 tokens" in result["protocol"] or "windows of 32" in result["protocol"]
     # a second run finds every row finished and runs nothing
