@@ -325,10 +325,11 @@ def quant_study(out: Path, nums: Numbers) -> list:
         for key in ("oneshot", "finetuned"):
             vals = [(r.get(key) or {}).get("loss") for r in rows if r["bits"] == b]
             best[(b, key)] = min((v for v in vals if v is not None), default=None)
+    shown = [b for b in bits if b <= 4] or bits  # the low widths, where methods differ; all are in the JSON
     body = []
     for m, g in keys:
         line = [QUANT_NAMES.get(m, m), gran(g)]
-        for b in bits:
+        for b in shown:
             r = by.get((m, g, b))
             if r is None:
                 line.append("-")
@@ -346,9 +347,12 @@ def quant_study(out: Path, nums: Numbers) -> list:
         body.append(line)
     mid_bits = 4 if 4 in bits else bits[len(bits) // 2]
     ft = (d.get("finetune") or {}).get("steps")
+    others = ", ".join(str(b) for b in bits if b not in shown) or "none"
     caption = (
         f"Quantization study: validation loss (nats/char) of the same model with its block linear kernels "
-        f"quantized, one-shot / after {ft} fine-tuning steps ('-': not run; * the best of its column). Bits per "
+        f"quantized, one-shot / after {ft} fine-tuning steps ('-': not run; * the best of its column), at "
+        f"{', '.join(str(b) for b in shown)} bits (other widths run: {others}; see the JSON and the figure). "
+        "Bits per "
         f"weight at {mid_bits} bits count codes, scales, zero points and codebook entries from the state. "
         f"Dense: {f(d['dense']['loss'])}; dense fine-tuned: {f(d['dense_finetuned']['loss'])}. "
         f"Protocol: {sentence(d.get('protocol'))} Calibration: {sentence(d.get('calibration'))} "
@@ -356,8 +360,8 @@ def quant_study(out: Path, nums: Numbers) -> list:
         "Source: experiments/results/quant_study.json (python experiments/quant_study.py)."
     )
     t = Table(
-        "quant_study", caption, ["method", "granularity", *[f"{b} bits" for b in bits], f"bits/weight at {mid_bits}"],
-        body, align="ll" + "r" * (len(bits) + 1),
+        "quant_study", caption, ["method", "granularity", *[f"{b} bits" for b in shown], f"bits/weight at {mid_bits}"],
+        body, align="ll" + "r" * (len(shown) + 1),
     )  # fmt: skip
     nums.add("quantDenseLoss", f(d["dense"]["loss"]), "quant_study.json dense.loss")
     nums.add("quantDenseFtLoss", f(d["dense_finetuned"]["loss"]), "quant_study.json dense_finetuned.loss")
@@ -380,16 +384,22 @@ def quant_study(out: Path, nums: Numbers) -> list:
             if (m, g, b) in by
         )
         marker = "o" if m in ("rtn", "gptq", "gptq+a8") else "s"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + "-", ms=3, color=f"C{i % 10}",
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + "-", ms=3, color=plt.cm.tab20(i % 20),
                 label=f"{QUANT_NAMES.get(m, m)}, {gran(g)}")  # fmt: skip
     ax.axhline(d["dense"]["loss"], color="k", lw=0.8, ls="--", label="dense")
     ax.axhline(d["dense_finetuned"]["loss"], color="gray", lw=0.8, ls=":", label="dense + FT")
     ax.set_xlabel("bits per weight (codes + scales + tables)")
     ax.set_ylabel("validation loss (nats/char)")
-    ax.set_yscale("log")
-    ax.set_title("quantization: fine-tuned where the method fine-tunes, else one-shot")
-    ax.grid(alpha=0.3)
-    ax.legend(ncol=2, fontsize=6)
+    ax.set_xscale("log")
+    top = max(r["bits_per_weight"] for r in rows)
+    ax.set_xticks([t for t in (2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if t <= top * 1.1])
+    ax.xaxis.set_major_formatter(_scalar())
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    lows = [(r.get("finetuned") or r["oneshot"])["loss"] for r in rows]
+    ax.set_ylim(min(lows) - 0.005, d["dense"]["loss"] * 1.06)
+    ax.set_title("fine-tuned where the method fine-tunes, else one-shot (points above the axis are cut)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(ncol=1, fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return [t, *save_figure(fig, out, "quant_study")]
 
 
@@ -660,11 +670,12 @@ def llm_tables(out: Path, nums: Numbers) -> list:
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    pts = [r for r in rows if r.get("packed_bytes")]
-    ax.scatter([r["packed_bytes"] / 1e6 for r in pts], [r["perplexity"] for r in pts], s=14, color="C0")
-    for r in pts:
-        ax.annotate(r["row"], (r["packed_bytes"] / 1e6, r["perplexity"]), fontsize=6, xytext=(2, 2),
-                    textcoords="offset points")  # fmt: skip
+    pts = sorted((r for r in rows if r.get("packed_bytes")), key=lambda r: (r["packed_bytes"], r["perplexity"]))
+    fams = list(dict.fromkeys(_family(r) for r in pts))
+    for i, fam in enumerate(fams):
+        mine = [r for r in pts if _family(r) == fam]
+        ax.scatter([r["packed_bytes"] / 1e6 for r in mine], [r["perplexity"] for r in mine], s=14,
+                   color=plt.cm.tab10(i % 10), label=fam, zorder=3)  # fmt: skip
     if dense:
         ax.axhline(dense["perplexity"] * 1.01, color="gray", ls=":", lw=0.8, label="dense + 1%")
         ax.axhline(dense["perplexity"] * 1.05, color="gray", ls="--", lw=0.8, label="dense + 5%")
@@ -674,9 +685,17 @@ def llm_tables(out: Path, nums: Numbers) -> list:
     ax.set_ylabel("WikiText-2 perplexity (GPTQ protocol)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
     ax.set_title("SmolLM2-135M (from its Q4_1 GGUF), compressed")
+    ax.legend(fontsize=6, ncol=2)
     return [t, *save_figure(fig, out, "llm_tables")]
+
+
+def _family(r: dict) -> str:
+    """An LLM row's method family, from its methods: 'dense' for the zero-sparsity row, chains joined by '+'."""
+    methods = [m.get("method", "?") for m in r.get("methods") or []]
+    if r["row"] == "dense" or not methods:
+        return "dense"
+    return " + ".join(dict.fromkeys(methods))
 
 
 def deploy(out: Path, nums: Numbers) -> list:
