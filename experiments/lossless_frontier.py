@@ -2,10 +2,11 @@
 validation bits per byte stays within 1% of the dense model's, over the compression methods of the repository, on
 the Tiny Shakespeare model.
 
-    python experiments/lossless_frontier.py            # ~40 min on 2 CPU cores; rows are cached under runs/frontier-*
-    python experiments/lossless_frontier.py --tolerance 0.005 --only "mixed @ 2.0 bpw + ft"
+    python experiments/lossless_frontier.py            # ~40 min on 2 CPU cores; points cached in runs/sweeps/
+    python experiments/lossless_frontier.py --tolerance 0.005 --only "mixed"
 
-Every candidate is one `ziplm compress` config (pipeline.run) on runs/shakespeare_char_cpu: pruning (magnitude,
+Every candidate is one point of the sweep experiments/sweeps/lossless_frontier.py (`ziplm sweep` runs it; this
+script runs it, then finds the frontier), a compress config on runs/shakespeare_char_cpu: pruning (magnitude,
 SparseGPT; 30-70%, with 200 fine-tuning steps), GPTQ (3-8 bits, per channel and in groups of 32), codebooks (3-6
 bits per tensor and per channel), vector codebooks (`vq`), QAT (2-4 bits, 200 steps), the staged combinations
 (prune -> fine-tune -> GPTQ / codebooks), and the whole-model rows: QAT of the block kernels with the tied
@@ -25,7 +26,6 @@ method family, the Pareto frontier, the two tolerance lines).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,32 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.sweeps import study  # noqa: E402
+from experiments.sweeps.lossless_frontier import FT  # noqa: E402
 from research import config as config_lib  # noqa: E402
 from research import files, sources  # noqa: E402
-from research.compress import pipeline  # noqa: E402
+from research.sweep import runner  # noqa: E402
 from research.train import loop  # noqa: E402
 
-FT = 200
-BUDGETS = (1.6, 1.8, 2.0, 2.2, 2.5, 3.0)  # bits per weight of the whole file, for the mixed rows
-TABLES = "embed/embedding|pos_embed/embedding"
-SMALL = r"(.*/)?\w*norm/(scale|bias)|.*/bias"
-WHOLE = [  # the tables on per-row grids, the norms in bfloat16
-    dict(method="qat", bits=4, where=TABLES, granularity="row"),
-    dict(method="cast", dtype="bfloat16", where=SMALL),
-]
-
-
-def mixed_options() -> list:
-    """The candidates of the mixed rows: per kernel QAT 2/3/4 bits per channel, per table 3/4/6-bit row grids,
-    per norm float8 or bfloat16."""
-    return [
-        *[
-            dict(method="qat", bits=b, granularity="channel", where=r"layers/\d+/(attn|mlp)/\w+/kernel")
-            for b in (2, 3, 4)
-        ],
-        *[dict(method="qat", bits=b, granularity="row", where=TABLES) for b in (3, 4, 6)],
-        *[dict(method="cast", dtype=d, where=SMALL) for d in ("float8_e4m3fn", "bfloat16")],
-    ]
+SWEEP = str(ROOT / "experiments" / "sweeps" / "lossless_frontier.py")
 
 
 def family(name: str) -> str:
@@ -68,97 +50,38 @@ def family(name: str) -> str:
     return "other"
 
 
-def candidates() -> dict:
-    """{name: (compress list, fine-tuning steps at the end)}."""
-    g32 = dict(granularity="group", group_size=32)
-    sym = dict(symmetric=True, group_fit="sweep")  # the grid the committed results used (gptq's earlier default)
-    out = {"dense + ft": ([dict(method="magnitude", sparsity=0.0)], FT)}
-    for s in (0.3, 0.5, 0.7):
-        out[f"magnitude {s:.0%} + ft"] = ([dict(method="magnitude", sparsity=s)], FT)
-        out[f"sparsegpt {s:.0%} + ft"] = ([dict(method="sparsegpt", sparsity=s)], FT)
-    for b in (8, 6, 5, 4, 3):
-        out[f"gptq {b}-bit channel"] = ([dict(method="gptq", bits=b, granularity="channel", **sym)], 0)
-        out[f"gptq {b}-bit g32"] = ([dict(method="gptq", bits=b, **g32, **sym)], 0)
-    for b in (6, 5, 4, 3):
-        out[f"codebook {b}-bit tensor"] = ([dict(method="codebook", bits=b, entry_dtype="float16")], 0)
-    for b in (4, 3):
-        out[f"codebook {b}-bit channel int8 + ft"] = (
-            [dict(method="codebook", bits=b, granularity="channel", entry_dtype="int8", lr=1e-3)],
-            FT,
-        )
-        out[f"qat {b}-bit channel + ft"] = ([dict(method="qat", bits=b, granularity="channel")], FT)
-    out["qat 2-bit channel + ft"] = ([dict(method="qat", bits=2, granularity="channel")], FT)
-    for b in (3, 2):
-        out[f"qat {b}-bit channel + tables 4-bit rows + norms bf16 + ft"] = (
-            [dict(method="qat", bits=b, granularity="channel"), *WHOLE],
-            FT,
-        )
-    for d, bits in ((2, 4), (4, 6), (4, 8)):
-        out[f"vq {bits}-bit d{d} tensor + ft"] = ([dict(method="vq", bits=bits, dim=d, lr=1e-3)], FT)
-    for bpw in BUDGETS:
-        spec = dict(
-            method="mixed", options=mixed_options(), where=rf"layers/\d+/(attn|mlp)/\w+/kernel|{TABLES}|{SMALL}"
-        )
-        out[f"mixed @ {bpw} bpw + ft"] = ([dict(spec, budget_bits_per_weight=bpw)], FT)
-    for s in (0.3, 0.5):
-        for b in (4, 3):
-            out[f"sparsegpt {s:.0%} + ft + gptq {b}-bit g32"] = (
-                [dict(method="sparsegpt", sparsity=s), dict(finetune=FT), dict(method="gptq", bits=b, **g32, **sym)],
-                0,
-            )
-        out[f"magnitude {s:.0%} + ft + codebook 4-bit tensor"] = (
-            [dict(method="magnitude", sparsity=s), dict(finetune=FT), dict(method="codebook", bits=4)],
-            0,
-        )
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "runs/shakespeare_char_cpu"))
     p.add_argument("--tolerance", type=float, default=0.01)
-    p.add_argument("--only", help="comma-separated candidate names (default: all)")
+    p.add_argument("--only", help="regular expression over the point names (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="points run at once (child processes)")
     p.add_argument("--out", default=str(ROOT / "experiments/results/lossless_frontier.json"))
     args = p.parse_args(argv)
     t_start = time.time()
-    base = Path(args.model).resolve()
-    if not sources.is_run(base):
-        loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), base)
-    cands = candidates()
-    if args.only:
-        cands = {k: v for k, v in cands.items() if k in args.only.split(",")}
+    if not sources.is_run(study.MODEL):
+        loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), study.MODEL)
+    status = runner.run(SWEEP, [], n_jobs=args.jobs, only=args.only)
     rows, dense = [], None
-    for name, (compress, steps) in cands.items():
-        workdir = base.parent / ("frontier-" + "".join(c if c.isalnum() else "-" for c in name))
-        if not (workdir / "summary.json").exists():
-            cfg = pipeline.base_config()
-            cfg.model = str(base)
-            cfg.compress = compress
-            cfg.calibration.update(n=128, length=64, batch_size=32)
-            cfg.finetune.update(steps=steps, lr=3e-4, min_lr=3e-5, warmup_steps=10, log_every=50)
-            cfg.eval.batch_size = 256
-            cfg.wandb.mode = "disabled"
-            pipeline.run(cfg, workdir, overwrite=True, progress=False)
-        s = json.loads((workdir / "summary.json").read_text())
+    for r in runner.finished(SWEEP):
+        s = r["result"]
         dense = s["dense"]
         final = s["finetuned"] or s["compressed"]
         rows.append(
             dict(
-                name=name,
-                compress=compress,
-                finetune_steps=steps,
+                name=r["label"],
+                compress=r["overrides"]["compress"],
+                finetune_steps=r["overrides"]["finetune.steps"],
                 bits_per_byte=final["bits_per_byte"],
                 loss=final["loss"],
                 packed_bytes=s["packed"]["file_bytes"],
                 ratio_vs_fp32=s["packed"]["ratio_vs_fp32"],
                 ratio_vs_bf16=s["packed"]["ratio_vs_bf16"],
                 bits_per_weight=s["packed"]["bits_per_weight"],
-                family=family(name),
-                workdir=str(workdir),
+                family=family(r["label"]),
+                workdir=s["workdir"],
                 **({"allocation": _allocation(s["allocation"][0])} if s.get("allocation") else {}),
             )
         )
-        print(f"{name:44s} {final['bits_per_byte']:.4f} bits/byte  x{s['packed']['ratio_vs_fp32']:.2f}", flush=True)
     limit = dense["bits_per_byte"] * (1 + args.tolerance)
     dense_ft = next((r for r in rows if r["name"] == "dense + ft"), None)
     limit_ft = dense_ft["bits_per_byte"] * (1 + args.tolerance) if dense_ft else None
@@ -174,7 +97,7 @@ def main(argv=None) -> int:
     best, best_ft = best_within(limit), best_within(limit_ft)
     result = dict(
         experiment="lossless frontier: largest packed compression ratio within tolerance of the dense bits per byte",
-        command="python " + " ".join(["experiments/lossless_frontier.py", *sys.argv[1:]]),
+        command="python experiments/lossless_frontier.py (= ziplm sweep experiments/sweeps/lossless_frontier.py)",
         protocol="Tiny Shakespeare validation split, non-overlapping windows of 64 characters; ratio = 4 bytes x "
         "parameters / packed file bytes (model.zlm, every byte counted)",
         tolerance=args.tolerance,
@@ -199,7 +122,7 @@ def main(argv=None) -> int:
                 f"fp32, {r['bits_per_byte']:.4f} bits/byte"
             )
     print(f"wrote {out} and {out.with_suffix('.png')}")
-    return 0
+    return status
 
 
 def _allocation(a: dict) -> dict:

@@ -11,6 +11,7 @@ A sweep config is a Python file whose `get_config()` returns a ConfigDict (or di
     axes     a list of groups; the points are the product over groups. A group is a dict {override key: list}
              whose lists are zipped, or a list of override dicts (one option each; a "label" entry names the
              option in the point's name and in the table)
+    extra    optional list of override dicts (with "label"): points outside the product (a control, a baseline)
     collect  optional {column: dotted path in the result} (default: research/sweep/table.py DEFAULTS)
     plot     optional dict or list of dicts: x, y, hue, logx, logy, title, file
     wandb    optional {mode, project, entity}: the points' W&B settings (default: the base config's; offline)

@@ -8,6 +8,7 @@ A sweep config is a Python file whose `get_config()` returns (see research/sweep
     axes   = [{"compress.0.method": ["magnitude", "wanda"]},                 # one group: its lists are zipped
               {"compress.0.sparsity": [0.3, 0.5], "finetune.steps": [0, 200]},
               [{"label": "2:4", "compress.0.pattern": "2:4"}, {...}]]        # or a list of override sets
+    extra  = [{"label": "dense + ft", "compress.0.sparsity": 0.0}]          # optional points outside the product
     collect, plot, wandb                    # research/sweep/table.py, research/sweep/runner.py
 
 The points are the product over groups of each group's options. Within a dict group the lists are zipped (they
@@ -68,7 +69,7 @@ def check(cfg: mlc.ConfigDict, path: str = "the sweep config") -> None:
         raise errors.UserError(f"{path}: job must be one of {', '.join(JOBS)}, got {cfg.job!r}")
     if not re.fullmatch(r"[\w.+-]+", str(cfg.name)):
         raise errors.UserError(f"{path}: name {cfg.name!r} must be letters, digits and . _ + - (it names a directory)")
-    points(cfg.axes)  # every axis checked before anything runs
+    of(cfg)  # every axis checked before anything runs
 
 
 def _options(group, i: int) -> list[tuple[str | None, dict]]:
@@ -110,8 +111,14 @@ def _plain(v):
     return v
 
 
-def points(axes) -> list[Point]:
-    """The points of `axes` in order (the first group varies slowest).
+def of(cfg: mlc.ConfigDict) -> list[Point]:
+    """The points of a sweep config: its axes' product, then its `extra` points (controls, baselines)."""
+    return points(cfg.axes, cfg.get("extra") or ())
+
+
+def points(axes, extra=()) -> list[Point]:
+    """The points of `axes` in order (the first group varies slowest), then one point per option of `extra` (a
+    list of override dicts like a list group, outside the product: a control or a baseline).
 
     Raises:
       UserError: a malformed group, a key set by two groups, or two points with one name.
@@ -137,6 +144,9 @@ def points(axes) -> list[Point]:
             else:
                 parts.append(",".join(f"{short[k]}={show(v)}" for k, v in option.items()))
         out.append(Point(index, _dirname(",".join(p for p in parts if p) or "base"), overrides, labels))
+    for label, option in _options(list(extra), len(groups)) if extra else ():
+        name = label if label is not None else ",".join(f"{k}={show(v)}" for k, v in option.items()) or "base"
+        out.append(Point(len(out), _dirname(name), option, {"label": label} if label is not None else {}))
     seen = {}
     for p in out:
         if p.name in seen:

@@ -42,8 +42,8 @@ def run(
 ) -> int:
     """Runs the sweep of `config_path`; returns the exit status (0: every selected point finished)."""
     sweep = points_lib.load(config_path, overrides)
-    pts = points_lib.points(sweep.axes)
-    root = Path(workdir or sweep.get("workdir") or Path("runs") / "sweeps" / str(sweep.name)).expanduser().absolute()
+    pts = points_lib.of(sweep)
+    root = _root(sweep, workdir)
     selected = _select(pts, only, point)
     for p in selected:  # every point's config built (and checked) before anything runs
         jobs.config(sweep, p)
@@ -81,6 +81,23 @@ def run(
                 print(f"[{i}/{len(todo)}] {p.name}: FAILED: {e}", file=sys.stderr, flush=True)
             table.write(sweep, table.rows(sweep, pts, root), root)
     return _finish(sweep, pts, root, failed)
+
+
+def finished(config_path: str, overrides: list[str] = (), workdir: str | None = None) -> list[dict]:
+    """The table rows of a sweep's finished points, each with its job's whole result under "result" (what a study's
+    analysis reads after `run`)."""
+    sweep = points_lib.load(config_path, list(overrides))
+    root = _root(sweep, workdir)
+    out = []
+    for row in table.rows(sweep, points_lib.of(sweep), root):
+        if row["status"] == "done":
+            row["result"] = table.read(root / row["point"] / jobs.RESULT[sweep.job])
+            out.append(row)
+    return out
+
+
+def _root(sweep, workdir: str | None) -> Path:
+    return Path(workdir or sweep.get("workdir") or Path("runs") / "sweeps" / str(sweep.name)).expanduser().absolute()
 
 
 def _select(pts, only: str | None, point: str | None):

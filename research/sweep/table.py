@@ -78,9 +78,9 @@ def rows(sweep, pts, workdir: Path) -> list[dict]:
         for k, v in p.overrides.items():
             name = points_lib.column(k, keys)
             row[k if name in collect else name] = v if not isinstance(v, list | dict) else points_lib.show(v)
-        marker = _read(point_dir / "point.json")
+        marker = read(point_dir / "point.json")
         row["seconds"] = marker.get("seconds") if state == "done" else None
-        result = _read(point_dir / jobs.RESULT[sweep.job]) if state == "done" else {}
+        result = read(point_dir / jobs.RESULT[sweep.job]) if state == "done" else {}
         for column, path in collect.items():
             row[column] = lookup(result, path) if result else None
         if state == "failed":
@@ -90,7 +90,7 @@ def rows(sweep, pts, workdir: Path) -> list[dict]:
     return out
 
 
-def _read(path: Path) -> dict:
+def read(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError):

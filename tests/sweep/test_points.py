@@ -81,3 +81,9 @@ def test_sweep_config_is_checked(tmp_path):
     f.write_text("def get_config():\n    return dict(name='a', job='eval')\n")
     with pytest.raises(errors.UserError, match="no 'axes' entry"):
         points.load(str(f))
+
+
+def test_extra_points_follow_the_product():
+    pts = points.points([{"a": [1, 2]}], extra=[{"label": "control", "a": 0, "b": 1}, {"c": 3}])
+    assert [p.name for p in pts] == ["a=1", "a=2", "control", "c=3"]
+    assert pts[2].overrides == {"a": 0, "b": 1} and pts[2].labels == {"label": "control"} and pts[3].index == 3

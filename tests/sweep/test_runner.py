@@ -86,7 +86,7 @@ def test_compress_sweep_runs_skips_and_tables(run, tmp_path, capsys):
     with pytest.raises(errors.UserError, match="ran with another config"):
         runner.run(cfg, ["--config.base.finetune.steps=2"], workdir=str(out))
     assert runner.run(cfg, ["--config.base.finetune.steps=2"], workdir=str(out), only="wanda,2:4", overwrite=True) == 0
-    rows = table.rows(points.load(cfg, ["--config.base.finetune.steps=2"]), points.points(points.load(cfg).axes), out)
+    rows = table.rows(points.load(cfg, ["--config.base.finetune.steps=2"]), points.of(points.load(cfg)), out)
     assert [r["status"] for r in rows] == ["stale", "stale", "stale", "done"]
     assert json.loads((out / "method=wanda,2:4" / "summary.json").read_text())["finetune"]["steps"] == 2
 
@@ -124,7 +124,7 @@ def test_train_sweep_resumes_an_interrupted_point(tmp_path):
         """,
     )
     sweep = points.load(cfg)
-    first = points.points(sweep.axes)[0]
+    first = points.of(sweep)[0]
     out = tmp_path / "out"
     with pytest.raises(loop.Interrupted):
         loop.train(jobs.config(sweep, first), out / first.name, stop_at=2)
@@ -180,7 +180,7 @@ def test_eval_and_encode_sweeps_run_the_commands(run, tmp_path):
 def test_wandb_group_job_type_and_sweep_yaml(run, tmp_path, monkeypatch):
     cfg = _write(tmp_path, COMPRESS.format(run=str(run), steps=0, second="wanda"))
     sweep = points.load(cfg)
-    p = points.points(sweep.axes)[3]
+    p = points.of(sweep)[3]
     c = jobs.config(sweep, p)
     assert (c.wandb.group, c.wandb.name, c.wandb.job_type) == ("tiny", "method=wanda,2:4", "wanda")
     c.compress = [{"method": "sparsegpt"}, {"finetune": 10}, {"method": "gptq"}]

@@ -1,0 +1,37 @@
+"""The study sweeps of experiments/sweeps/: every config loads, builds every point's config (overrides checked)
+and has the points its docstring promises; the frontier's points are its candidates."""
+
+import pytest
+
+from research import cli
+from research.sweep import jobs, points
+from tests.test_cli import TINY
+
+SWEEPS = {"prune_study": 34, "quant_study": 86, "lossless_frontier": 43, "text_models": 5}
+
+
+@pytest.fixture(scope="module")
+def study_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("study") / "run"
+    assert cli.main(["train", "--workdir", str(path), *TINY]) == 0
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZIPLM_STUDY_MODEL", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_study_sweeps_build_every_point(study_model, name):
+    sweep = points.load(f"experiments/sweeps/{name}.py")
+    pts = points.of(sweep)
+    assert len(pts) == SWEEPS[name]
+    for p in pts:
+        cfg = jobs.config(sweep, p)
+        assert cfg.model == str(study_model) and cfg.compress
+    assert len({jobs.digest("compress", jobs.config(sweep, p)) for p in pts}) == len(pts)
+
+
+def test_missing_study_model_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZIPLM_STUDY_MODEL", str(tmp_path / "nothing"))
+    assert cli.main(["sweep", "experiments/sweeps/prune_study.py", "--dry-run"]) == 2
+    assert "train it first" in capsys.readouterr().err
