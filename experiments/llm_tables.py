@@ -2,6 +2,7 @@
 
     ziplm pull smollm2-135m
     python experiments/llm_tables.py [--rows gptq4_g128,sparsegpt50] [--windows 16] [--calib 32] [--workdir runs]
+    python experiments/llm_tables.py --lastword-only [--rows dense,rtn4_g128]   # add last-word accuracy only
 
 Each row is one `compress` run of that config (cached: a row whose `runs/llm-<row>/summary.json` exists and was
 made with the same windows and calibration is not run again, so an interrupted sweep continues; the written table
@@ -10,9 +11,20 @@ already in the committed `llm_tables.json`), evaluated with
 the GPTQ protocol (disjoint windows of 2048 tokens of WikiText-2 raw test; `--windows` takes a prefix, all 140
 with `--windows 0`), calibrated on `--calib` x 2048 tokens of the WikiText-2 validation text, packed. Columns:
 perplexity, bits per byte, KL(dense || compressed) per token (nats), top-1 agreement with the dense model,
-packed bytes and ratios vs fp32 / bf16, wall time of the row. Writes `experiments/results/llm_tables.json`, a
+packed bytes and ratios vs fp32 / bf16, wall time of the row, and last-word accuracy ("lastword": LAMBADA-style
+greedy exact match of the last word of the first 300 WikiText-2 test paragraphs with >= 40 words of context,
+`research/eval/lastword.py`; the same items for every row, with a Wilson 95% interval) of the row's packed model (the
+dense row: the GGUF file itself). Writes `experiments/results/llm_tables.json`, a
 Markdown table (`llm_tables.md`) and a plot (`llm_tables.png`: perplexity against packed size). The dense model is
 SmolLM2-135M-Instruct in Q4_1 (its GGUF release), not the bf16 release: state it with any number from here.
+
+Last-word accuracy is computed for every row run here, and for a cached row that lacks it (from its model.zlm, without
+compressing or evaluating it again). `--lastword-only` adds it to rows of the committed `llm_tables.json` and
+changes nothing else there: a row without a run directory is compressed again with its config and the committed
+windows and calibration, evaluated on one window only (the number is discarded), into `runs/llm-<row>-recreated`;
+its packed size must equal the committed `packed_bytes` (else it stops: the row would not be the same model); the
+last-word result goes into the row (JSON written after each row, so an interrupted run keeps what it finished) and
+the directory is removed. Rows without it show "—" in the Markdown table.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,8 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.configs import smollm2  # noqa: E402
-from research import errors, files  # noqa: E402
+from research import errors, files, sources  # noqa: E402
 from research.compress import pipeline  # noqa: E402
+from research.data import tokenizers  # noqa: E402
+from research.eval import lastword  # noqa: E402
 from research.models import zoo  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
@@ -90,6 +105,62 @@ def committed_rows(windows: int, calib: int, skip: set[str]) -> list[dict]:
     return [r for r in old.get("rows", []) if r["row"] not in skip]
 
 
+# Last-word accuracy: the same items, window and batch for every row (a row's result counts when its protocol
+# string equals this setting's).
+LASTWORD = dict(min_words=lastword.MIN_WORDS, limit=lastword.LIMIT, window=lastword.WINDOW, batch_size=8)
+WIKITEXT_RAW = smollm2.SHARED / "raw" / "wiki.test.raw"
+
+
+def lastword_row(row: str, model: str) -> dict:
+    """Last-word accuracy of a row's model (a compress directory, or the GGUF for the dense row)."""
+    text = WIKITEXT_RAW.read_text(encoding="utf-8")
+    items = lastword.items(text, LASTWORD["min_words"], LASTWORD["limit"])
+    m = sources.load(model)
+    tok = tokenizers.load(m.tokenizer)
+    r = lastword.evaluate(
+        m.graphdef,
+        m.params,
+        tok,
+        items,
+        LASTWORD["window"],
+        LASTWORD["batch_size"],
+        selection=lastword.selection(LASTWORD["min_words"], LASTWORD["limit"]),
+        progress=False,
+        desc=f"last word {row}",
+    )
+    r["model"] = "the GGUF file" if row == "dense" else Path(model).name + "/model.zlm"
+    print(
+        f"{row}: last-word accuracy {r['accuracy']:.4f} [{r['interval'][0]:.4f}, {r['interval'][1]:.4f}] "
+        f"({r['correct']}/{r['items']}), {r['tokens'] / r['seconds']:.0f} tokens/s, {r['seconds']:.0f} s",
+        flush=True,
+    )
+    return r
+
+
+def current(r: dict | None) -> bool:
+    """Whether a stored last-word result was made with this script's items and window."""
+    return bool(r) and r.get("protocol") == lastword_protocol_string()
+
+
+def lastword_protocol_string() -> str:
+    """The protocol string `lastword.evaluate` writes under LASTWORD (without running it)."""
+    sel = lastword.selection(LASTWORD["min_words"], LASTWORD["limit"])
+    return lastword.protocol(sel, LASTWORD["window"])
+
+
+def with_lastword(row: str, s: dict, workdir: Path) -> dict:
+    """The summary with its "lastword" entry, computed from the row's model.zlm (or the GGUF) when it is missing;
+    the summary file is rewritten with it (nothing is compressed or evaluated again)."""
+    if current(s.get("lastword")):
+        return s
+    model = str(zoo.cached("smollm2-135m")) if row == "dense" else str(workdir / f"llm-{row}")
+    s["lastword"] = lastword_row(row, model)
+    done = workdir / f"llm-{row}" / "summary.json"
+    if done.is_file():
+        files.write_json(done, s)
+    return s
+
+
 def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
     if row.endswith("+raw") and not 0 < windows <= smollm2.RAW_MAX_WINDOWS:
         raise errors.UserError(
@@ -99,7 +170,7 @@ def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
     out = workdir / f"llm-{row}"
     done = out / "summary.json"
     if (s := cached(row, windows, calib, workdir)) is not None:
-        return s
+        return with_lastword(row, s, workdir)
     c = smollm2.get_config(row)
     c.eval.max_windows = windows or None
     c.eval.dense = row == "dense"
@@ -111,7 +182,83 @@ def run_row(row: str, windows: int, calib: int, workdir: Path) -> dict:
     s["llm_tables"] = {"windows": windows, "calib": calib}
     s["wall_seconds"] = time.time() - t
     files.write_json(done, s)
-    return s
+    return with_lastword(row, s, workdir)
+
+
+def recreate(row: str, committed: dict, windows: int, calib: int, workdir: Path) -> Path:
+    """The row's compressed model made again (same config, windows and calibration as the committed row), evaluated
+    on one window only; its packed size must equal the committed row's.
+
+    Returns:
+      The compress directory (`runs/llm-<row>-recreated`).
+    """
+    out = workdir / f"llm-{row}-recreated"
+    c = smollm2.get_config(row)
+    c.eval.update(max_windows=1, dense=False, agreement=False)  # the model, not its evaluation, is wanted here
+    if not row.startswith("mixed"):
+        c.calibration.n = calib
+    summary = out / "summary.json"
+    made = json.loads(summary.read_text()) if summary.is_file() and (out / "model.zlm").is_file() else None
+    if made is None or (made["methods"], made["calibration"]["n"]) != ([dict(x) for x in c.compress], c.calibration.n):
+        t = time.time()
+        made = pipeline.run(c, out, overwrite=True)
+        print(f"{row}: compressed again in {time.time() - t:.0f} s", flush=True)
+    got, want = made["packed"]["file_bytes"], committed["packed_bytes"]
+    if got != want:
+        raise errors.UserError(
+            f"{row}: the re-created model packs to {got:,} bytes, the committed row to {want:,}: not the same model "
+            f"(kept in {out}); rerun the row in full: python experiments/llm_tables.py --rows {row} "
+            f"--windows {windows} --calib {calib}"
+        )
+    return out
+
+
+def lastword_only(rows: list[str], workdir: Path) -> int:
+    """Adds "lastword" to the committed table's rows (see the module docstring); nothing else changes."""
+    path = RESULTS / "llm_tables.json"
+    table = json.loads(path.read_text())
+    meta = table["meta"]
+    windows, calib = meta["windows"], int(meta["calibration"].split(" x ")[0])
+    by_row = {r["row"]: r for r in table["rows"]}
+    missing = [r for r in rows if r not in by_row]
+    if missing:
+        raise SystemExit(f"error: {missing} not in {path}; run them in full first (without --lastword-only)")
+    for row in rows:
+        committed = by_row[row]
+        if current(committed.get("lastword")):
+            print(f"{row}: has last-word accuracy already", flush=True)
+            continue
+        s = cached(row, windows, calib, workdir)
+        t = time.time()
+        if row == "dense":
+            model, made = str(zoo.cached("smollm2-135m")), None
+        elif s is not None and s["packed"]["file_bytes"] == committed["packed_bytes"]:
+            model, made = str(workdir / f"llm-{row}"), None
+        else:
+            try:
+                made = recreate(row, committed, windows, calib, workdir)
+            except errors.UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            model = str(made)
+        committed["lastword"] = lastword_row(row, model)
+        if s is not None:  # the cached run carries it too
+            s["lastword"] = committed["lastword"]
+            files.write_json(workdir / f"llm-{row}" / "summary.json", s)
+        meta["lastword"] = lastword_meta()
+        files.write_json(path, table)
+        (RESULTS / "llm_tables.md").write_text(markdown(table["rows"], meta))
+        if made is not None:
+            shutil.rmtree(made)
+        print(f"{row}: {time.time() - t:.0f} s in all", flush=True)
+    gguf = zoo.cached("smollm2-135m")
+    plot(table["rows"], RESULTS / "llm_tables.png", Path(gguf).stat().st_size if gguf else None)
+    print(markdown(table["rows"], meta))
+    return 0
+
+
+def lastword_meta() -> dict:
+    return {**LASTWORD, "protocol": lastword_protocol_string(), "text": "../shared/data/wikitext-2/raw/wiki.test.raw"}
 
 
 def collect(summaries: dict) -> dict:
@@ -143,6 +290,7 @@ def collect(summaries: dict) -> dict:
                 "calibration": (s.get("calibration") or {}).get("corpus", "").replace(str(ROOT.parent), ".."),
                 "protocol": r["protocol"],
                 **({"allocation": _allocation(s["allocation"][0])} if s.get("allocation") else {}),
+                **({"lastword": s["lastword"]} if current(s.get("lastword")) else {}),
             }
         )
     return rows
@@ -197,17 +345,35 @@ def _grid_words(m: dict) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = "| method | perplexity | bits/byte | KL (nats/token) | top-1 agree | packed MB | x fp32 | x bf16 | s |"
-    lines = [head, "|" + " --- |" * 9]
+    head = (
+        "| method | perplexity | bits/byte | KL (nats/token) | top-1 agree | last-word acc. | packed MB | x fp32 "
+        "| x bf16 | s |"
+    )
+    lines = [head, "|" + " --- |" * 10]
     for r in rows:
         mb = f"{r['packed_bytes'] / 1e6:.1f}" if r["packed_bytes"] else "-"
         fp32 = f"{r['ratio_vs_fp32']:.2f}" if r["ratio_vs_fp32"] else "-"
         bf16 = f"{r['ratio_vs_bf16']:.2f}" if r["ratio_vs_bf16"] else "-"
         lines.append(
             f"| {r['label']} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | {r['kl']:.4f} | "
-            f"{r['top1_agreement']:.4f} | {mb} | {fp32} | {bf16} | {r['seconds']:.0f} |"
+            f"{r['top1_agreement']:.4f} | {_lastword_cell(r)} | {mb} | {fp32} | {bf16} | {r['seconds']:.0f} |"
         )
-    return "\n".join(lines) + f"\n\n{meta['protocol']}; calibration: {meta['calibration']}.\n"
+    foot = f"\n\n{meta['protocol']}; calibration: {meta['calibration']}.\n"
+    if any("lastword" in r for r in rows):
+        lw = meta.get("lastword") or lastword_meta()
+        foot += (
+            f"\nLast-word acc.: {lw['protocol']} (range: the interval; — not measured yet; "
+            "`python experiments/llm_tables.py --lastword-only --rows ROW`).\n"
+        )
+    return "\n".join(lines) + foot
+
+
+def _lastword_cell(r: dict) -> str:
+    lw = r.get("lastword")
+    if not lw:
+        return "—"
+    lo, hi = lw["interval"]
+    return f"{lw['accuracy']:.3f} ({lo:.3f}-{hi:.3f})"
 
 
 def plot(rows: list[dict], path: Path, source_bytes: int | None = None) -> None:
@@ -216,7 +382,9 @@ def plot(rows: list[dict], path: Path, source_bytes: int | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    measured = [r for r in rows if r.get("lastword")]
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(16 if measured else 9, 6), squeeze=False)
+    ax = axes[0, 0]
     fams = sorted({family(r["row"]) for r in rows})
     for i, f in enumerate(fams):
         mine = [r for r in rows if r["packed_bytes"] and family(r["row"]) == f]
@@ -244,9 +412,38 @@ def plot(rows: list[dict], path: Path, source_bytes: int | None = None) -> None:
     ax.set_title("SmolLM2-135M (Q4_1 GGUF) compressed: perplexity vs packed size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    if measured:
+        _plot_lastword(axes[0, 1], measured, fams)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_lastword(ax, rows: list[dict], fams: list[str]) -> None:
+    """Last-word accuracy (Wilson 95% bars) against perplexity: does the downstream number order rows alike?"""
+    for i, f in enumerate(fams):
+        mine = [r for r in rows if family(r["row"]) == f]
+        if not mine:
+            continue
+        acc = [r["lastword"]["accuracy"] for r in mine]
+        err = [[a - r["lastword"]["interval"][0] for a, r in zip(acc, mine)]]
+        err.append([r["lastword"]["interval"][1] - a for a, r in zip(acc, mine)])
+        ax.errorbar([r["perplexity"] for r in mine], acc, yerr=err, fmt="o", ms=5, color=f"C{i}", label=f, capsize=2)
+    for r in rows:
+        ax.annotate(
+            r["label"],
+            (r["perplexity"], r["lastword"]["accuracy"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    lw = rows[0]["lastword"]
+    ax.set_xscale("log")
+    ax.set_xlabel("WikiText-2 perplexity (GPTQ protocol)")
+    ax.set_ylabel(f"last-word accuracy ({lw['items']} WikiText-2 test paragraphs, greedy exact match)")
+    ax.set_title("last-word accuracy (Wilson 95%) vs perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def main() -> int:
@@ -255,6 +452,11 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=16, help="evaluated 2048-token windows (0: all 140)")
     p.add_argument("--calib", type=int, default=32, help="calibration windows of 2048 tokens")
     p.add_argument("--workdir", default=str(ROOT / "runs"), help="where the rows' compress directories go")
+    p.add_argument(
+        "--lastword-only",
+        action="store_true",
+        help="only add last-word accuracy to rows of the committed table (re-creating their models if needed)",
+    )
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r.removesuffix("+raw") not in smollm2.ROWS]
@@ -262,6 +464,10 @@ def main() -> int:
         raise SystemExit(f"error: unknown row(s) {unknown}; rows: {', '.join(ORDER)} (each also as <row>+raw)")
     if zoo.cached("smollm2-135m") is None:
         raise SystemExit("error: SmolLM2-135M is not cached; run: ziplm pull smollm2-135m")
+    if not WIKITEXT_RAW.is_file():
+        raise SystemExit(f"error: {WIKITEXT_RAW} not found (the last-word items are its paragraphs)")
+    if args.lastword_only:
+        return lastword_only(rows, Path(args.workdir))
     summaries = {}
     for row in rows:
         t = time.time()
@@ -290,6 +496,7 @@ def main() -> int:
         "windows": args.windows,
         "command": f"python experiments/llm_tables.py --windows {args.windows} --calib {args.calib} --rows "
         + ",".join(r["row"] for r in table),
+        "lastword": lastword_meta(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     gguf = zoo.cached("smollm2-135m")
