@@ -66,7 +66,6 @@ def analyse(rows: list[dict]) -> dict:
                 oneshot={k: s["compressed"][k] for k in METRICS},
                 finetuned={k: s["finetuned"][k] for k in METRICS},
                 finetune_seconds=s["finetune"]["seconds"],
-                packed_bytes=s["packed"]["file_bytes"],
             )
         )
     cfg = config_lib.load(SWEEP)

@@ -265,7 +265,8 @@ class _Job:
         )  # fmt: skip
 
     def pack_meta(self, model_cfg) -> dict:
-        """The header of the packed result: model config, tokenizer, provenance and this compress config."""
+        """The header of the packed result: model config, tokenizer, provenance and this compress config (without its
+        W&B settings: logging is not provenance, and a sweep's names must not change a file's bytes)."""
         return artifact.meta(
             model_cfg,
             self.tok.spec,
@@ -274,7 +275,7 @@ class _Job:
             self.m.step,
             self.m.run_config,
             methods=[dict(x) for x in self.cfg.compress],
-            compress_config=json.loads(config_lib.to_json(self.cfg)),
+            compress_config={k: v for k, v in json.loads(config_lib.to_json(self.cfg)).items() if k != "wandb"},
         )
 
 
