@@ -32,12 +32,13 @@ METRICS = ("loss", "bits_per_byte", "accuracy")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=1, help="points run at once (child processes)")
+    p.add_argument("--only", help="regular expression over the point names (default: all)")
     p.add_argument("--out", default=str(ROOT / "experiments/results/prune_study.json"))
     args = p.parse_args(argv)
     if not sources.is_run(study.MODEL):
         print(f"training the study model into {study.MODEL}", flush=True)
         loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), study.MODEL)
-    status = runner.run(SWEEP, [], n_jobs=args.jobs)
+    status = runner.run(SWEEP, [], n_jobs=args.jobs, only=args.only)
     result = analyse(runner.finished(SWEEP))
     out = Path(args.out)
     files.write_json(out, result)
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
 
 def analyse(rows: list[dict]) -> dict:
     """The sweep's finished points as the study's result: protocol, dense, control and one row per point."""
-    control = next(r for r in rows if r["point"] == "dense-+-ft")["result"]
+    control = next((r["result"] for r in rows if r["point"] == "dense-+-ft"), None)
     first = rows[0]["result"]
     m = sources.load(first["source"])
     out_rows = []
@@ -79,7 +80,7 @@ def analyse(rows: list[dict]) -> dict:
         f"{cfg.base.calibration.seed}",
         finetune=dict(steps=ft.steps, lr=ft.lr, min_lr=ft.min_lr, warmup_steps=ft.warmup_steps, grad_clip=ft.grad_clip),
         dense={k: first["dense"][k] for k in METRICS},
-        dense_finetuned={k: control["finetuned"][k] for k in METRICS},
+        dense_finetuned={k: control["finetuned"][k] for k in METRICS} if control else None,
         rows=out_rows,
         devices=str(first["devices"]),
     )
@@ -99,7 +100,7 @@ def plot(result: dict, path: Path) -> None:
             for r in (r for r in result["rows"] if r["method"] == method and isinstance(r["level"], str)):
                 ax.plot(r["sparsity"], r[stage]["loss"], "s" if r["level"] == "2:4" else "^", color=line.get_color())
         ax.axhline(result["dense"]["loss"], color="k", ls="--", lw=1, label="dense")
-        if stage == "finetuned":
+        if stage == "finetuned" and result["dense_finetuned"]:
             ax.axhline(result["dense_finetuned"]["loss"], color="gray", ls=":", lw=1, label="dense fine-tuned")
         ax.set_title({"oneshot": "one-shot", "finetuned": f"fine-tuned {result['finetune']['steps']} steps"}[stage])
         ax.set_xlabel("sparsity of the block linear weights (squares 2:4, triangles 4:8)")

@@ -38,11 +38,12 @@ METRICS = ("loss", "bits_per_byte", "accuracy")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=1, help="points run at once (child processes)")
+    p.add_argument("--only", help="regular expression over the point names (default: all)")
     p.add_argument("--out", default=str(ROOT / "experiments/results/quant_study.json"))
     args = p.parse_args(argv)
     if not sources.is_run(study.MODEL):
         loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), study.MODEL)
-    status = runner.run(SWEEP, [], n_jobs=args.jobs)
+    status = runner.run(SWEEP, [], n_jobs=args.jobs, only=args.only)
     result = analyse(runner.finished(SWEEP))
     out = Path(args.out)
     files.write_json(out, result)

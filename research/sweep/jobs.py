@@ -6,8 +6,9 @@
             resumes an interrupted fine-tuning from its `.<point>.partial` checkpoints. Result: summary.json.
 - eval, encode: the base is a dict of the command's options (`model`, `corpus`, `window`, ... for eval; `model`,
             `input`, `chunk_len`, ... for encode: the keys of `ziplm eval --help` with "_" for "-"); the point
-            runs that command as the CLI does, writing result.json. `encode` also decodes the coded file and
-            checks that it gives the input back (`roundtrip` in the result) unless `verify=False`.
+            runs that command in a child process (its output in output.txt), writing result.json. `encode`
+            also decodes the coded file and checks that it gives the input back (`roundtrip` in the result)
+            unless `verify=False`. (The sweep never imports the CLI: research.cli imports the sweep.)
 
 A finished point has `point.json` (its overrides, the resolved config, a hash of it, the seconds it took); a point
 whose `point.json` holds another config's hash is "stale" (the sweep file changed) and is not rerun without
@@ -16,12 +17,15 @@ whose `point.json` holds another config's hash is "stale" (the sweep file change
 
 from __future__ import annotations
 
-import argparse
 import copy
 import difflib
+import functools
 import hashlib
 import json
+import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,11 +88,12 @@ def _options(job: str, cfg: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:
     return mlc.ConfigDict(options)
 
 
-def _command_options(job: str) -> set[str]:
-    from research import cli
-
-    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[job]
-    return {a.dest for a in sub._actions if a.dest not in ("help", "json", "output", "overwrite")}
+@functools.cache
+def _command_options(job: str) -> frozenset[str]:
+    """The options of `ziplm <job>` (from its --help: the sweep runs the command, it does not import the CLI)."""
+    out = subprocess.run([sys.executable, "-m", "research", job, "--help"], capture_output=True, text=True)
+    flags = {f.replace("-", "_") for f in re.findall(r"--([a-z][a-z0-9-]*)", out.stdout)}
+    return frozenset((flags | ({"input"} if job == "encode" else set())) - {"help", "json", "overwrite"})
 
 
 def job_type(job: str, cfg) -> str:
@@ -173,10 +178,13 @@ def _run_job(sweep, cfg, point_dir: Path, progress) -> dict:
     result = point_dir / RESULT[sweep.job]
     options = cfg.to_dict()
     verify = options.pop("verify", True) if sweep.job == "encode" else False
-    _cli(_argv(sweep.job, dict(options), point_dir, result))
+    _cli(_argv(sweep.job, dict(options), point_dir, result), point_dir)
     if verify:
         decoded = point_dir / "decoded.bin"
-        _cli(["decode", "--model", str(options["model"]), str(point_dir / "coded.bin"), str(decoded), "--overwrite"])
+        _cli(
+            ["decode", "--model", str(options["model"]), str(point_dir / "coded.bin"), str(decoded), "--overwrite"],
+            point_dir,
+        )
         same = Path(options["input"]).read_bytes() == decoded.read_bytes()
         decoded.unlink()
         if not same:
@@ -205,12 +213,14 @@ def _argv(job: str, options: dict, point_dir: Path, result: Path) -> list[str]:
     return argv + ["--json", str(result)]
 
 
-def _cli(argv: list[str]) -> None:
-    from research import cli
-
-    code = cli.main(argv)
-    if code != 0:
-        raise PointFailed(f"ziplm {' '.join(argv)} exited with status {code}")
+def _cli(argv: list[str], point_dir: Path) -> None:
+    """Runs `ziplm ARGV` in a child process, its output appended to `<point>/output.txt`."""
+    with (point_dir / "output.txt").open("a") as log:
+        done = subprocess.run([sys.executable, "-m", "research", *argv], stdout=log, stderr=subprocess.PIPE, text=True)
+        log.write(done.stderr)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [""])[-1]
+        raise PointFailed(f"ziplm {argv[0]} exited with status {done.returncode}: {last}")
 
 
 def _log(sweep, cfg, point_dir: Path, result: dict) -> None:

@@ -223,3 +223,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "matches no point" in capsys.readouterr().err
     assert cli.main(["sweep", cfg, "--point", "seed=2"]) == 2
     assert "no point named 'seed=2'" in capsys.readouterr().err
+
+
+def test_eval_options_are_checked_against_the_command(tmp_path, capsys):
+    cfg = _write(
+        tmp_path,
+        "def get_config():\n    return dict(name='x', job='eval', base=dict(model='m'), axes=[{'windw': [8]}])\n",
+    )
+    assert cli.main(["sweep", cfg, "--dry-run"]) == 2
+    assert "'windw' is not an option of ziplm eval (did you mean window?)" in capsys.readouterr().err
