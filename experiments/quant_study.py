@@ -82,13 +82,14 @@ def analyse(points: list[dict]) -> dict:
         if s.get("act_bits"):
             row["act_bits"] = s["act_bits"]
     cfg = config_lib.load(SWEEP)
+    n_weights = next(r["weights"] for r in rows.values() if "weights" in r)
     return dict(
         command="python experiments/quant_study.py (= ziplm sweep experiments/sweeps/quant_study.py)",
         model=first["source"],
         model_config=sources.load(first["source"]).cfg.to_dict(),
         protocol=f"Tiny Shakespeare validation split, {first['dense']['protocol']}, loss in nats/char",
-        quantized="block linear kernels; bits_per_weight = packed bytes of the quantized leaves (codes, scales, zero "
-        "points, codebooks; entropy-coded) x 8 / their number of weights",
+        quantized=f"block linear kernels, {n_weights} weights; bits_per_weight = packed bytes of the quantized leaves "
+        "(codes, scales, zero points, codebooks; entropy-coded) x 8 / their number of weights",
         calibration=f"{cfg.base.calibration.n} x {cfg.base.calibration.length} training windows, seed 0 (gptq)",
         settings=dict(
             group_size=sweep_cfg.GROUP_SIZE,

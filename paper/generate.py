@@ -352,8 +352,8 @@ def quant_study(out: Path, nums: Numbers) -> list:
         f"Quantization study: validation loss (nats/char) of the same model with its block linear kernels "
         f"quantized, one-shot / after {ft} fine-tuning steps ('-': not run; * the best of its column), at "
         f"{', '.join(str(b) for b in shown)} bits (other widths run: {others}; see the JSON and the figure). "
-        "Bits per "
-        f"weight at {mid_bits} bits count codes, scales, zero points and codebook entries from the state. "
+        f"Bits per weight at {mid_bits} bits: the packed file's bytes for the quantized leaves (entropy-coded codes, "
+        "scales, zero points and codebook entries) x 8 / their weights. "
         f"Dense: {f(d['dense']['loss'])}; dense fine-tuned: {f(d['dense_finetuned']['loss'])}. "
         f"Protocol: {sentence(d.get('protocol'))} Calibration: {sentence(d.get('calibration'))} "
         f"Quantized: {sentence(d.get('quantized'))} "
@@ -388,11 +388,12 @@ def quant_study(out: Path, nums: Numbers) -> list:
                 label=f"{QUANT_NAMES.get(m, m)}, {gran(g)}")  # fmt: skip
     ax.axhline(d["dense"]["loss"], color="k", lw=0.8, ls="--", label="dense")
     ax.axhline(d["dense_finetuned"]["loss"], color="gray", lw=0.8, ls=":", label="dense + FT")
-    ax.set_xlabel("bits per weight (codes + scales + tables)")
+    ax.set_xlabel("packed bits per weight (entropy-coded codes + scales + tables)")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_xscale("log")
-    top = max(r["bits_per_weight"] for r in rows)
-    ax.set_xticks([t for t in (2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if t <= top * 1.1])
+    low, top = min(r["bits_per_weight"] for r in rows), max(r["bits_per_weight"] for r in rows)
+    ticks = (0.125, 0.25, 0.5, 1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+    ax.set_xticks([t for t in ticks if low / 1.1 <= t <= top * 1.1])
     ax.xaxis.set_major_formatter(_scalar())
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     lows = [(r.get("finetuned") or r["oneshot"])["loss"] for r in rows]
