@@ -6,6 +6,7 @@ reported.
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -26,6 +27,13 @@ PEAKS = {
 def describe() -> str:
     """E.g. "1 x NVIDIA H100 80GB HBM3" or "1 x cpu"."""
     return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+
+
+def host_cpus() -> int:
+    """The CPU cores this process may run on (its affinity). XLA's CPU backend splits matmul reductions over that many
+    threads, so CPU results are bit-reproducible at the same core count only: `taskset -c 0` and two cores round a
+    calibration Hessian differently, and GPTQ / SparseGPT / Wanda then choose some codes or mask entries differently."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def slug() -> str:

@@ -43,7 +43,7 @@ import numpy as np
 
 from research import codes as codes_lib
 from research import config as config_lib
-from research import errors, files, log, models, sources, tree
+from research import errors, files, hardware, log, models, sources, tree
 from research.coding import artifact
 from research.coding import pack as coding_pack
 from research.compress import calib as calib_lib
@@ -490,7 +490,7 @@ def _run(job: _Job, atomic, t0: float) -> dict:
         "finetuned": tuned,
         "shrunk": shrunk,
         "finetune": ft,
-        "devices": {"processes": jax.process_count(), "mesh": dict(job.mesh.shape)},
+        "devices": {"processes": jax.process_count(), "mesh": dict(job.mesh.shape), "host_cpus": hardware.host_cpus()},
         "seconds": {**job.times, "total": time.time() - t0},
         "workdir": str(out),
         "packed": None,  # process 0's: written with the file

@@ -247,6 +247,7 @@ def train(
         "flops_per_token": flops,
         "mfu": tokens_per_s * flops / peak if tokens_per_s and peak else None,
         "devices": hardware.describe(),
+        "host_cpus": hardware.host_cpus(),  # CPU results reproduce bit for bit at the same count (hardware.host_cpus)
         "mesh": dict(mesh.shape),
         "wall_seconds": time.time() - t_start,
     }

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from research import log
+from research import hardware, log
 from tests import helpers
 from tests.test_cli import TINY
 
@@ -149,7 +149,8 @@ def test_two_processes_compress_like_one(source, tmp_path):
     assert "packed:" in outs[0][0] and "packed:" not in outs[1][0]  # process 0 alone reports and writes
     assert sorted(x.name for x in multi.iterdir()) == ["metrics.jsonl", "model.zlm", "summary.json"]
     a, b = (json.loads((d / "summary.json").read_text()) for d in (single, multi))
-    assert b["devices"] == {"processes": 2, "mesh": {"data": 8, "model": 1}} and a["devices"]["processes"] == 1
+    assert b["devices"] == {"processes": 2, "mesh": {"data": 8, "model": 1}, "host_cpus": hardware.host_cpus()}
+    assert a["devices"]["processes"] == 1
     # Calibration (Wanda's norms), the fine-tuning stage and every evaluation agree across layouts.
     assert a["sparsity"] == b["sparsity"] == 0.5
     for key in ("dense", "compressed"):
