@@ -376,6 +376,8 @@ def collect(summaries: dict) -> dict:
                 "protocol": r["protocol"],
                 **({"allocation": _allocation(s["allocation"][0])} if s.get("allocation") else {}),
                 **({"lastword": s["lastword"]} if current(s.get("lastword")) else {}),
+                # CPU rounding depends on the core count (research.hardware.host_cpus): what a rerun must match
+                **({"host_cpus": s["devices"]["host_cpus"]} if "host_cpus" in s.get("devices", {}) else {}),
             }
         )
     return rows
