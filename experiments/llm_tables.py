@@ -93,13 +93,12 @@ def cached(row: str, windows: int, calib: int, workdir: Path) -> dict | None:
     return None
 
 
-def committed_rows(windows: int, calib: int, skip: set[str]) -> list[dict]:
-    """Rows of the committed `llm_tables.json` made with the same windows and calibration and not in `skip`.
+def committed_rows(path: Path, windows: int, calib: int, skip: set[str]) -> list[dict]:
+    """Rows of the committed table `path` made with the same windows and calibration and not in `skip`.
 
     A fresh checkout has no `runs/` cache: running one new row there must add it to the committed table, not
     replace the table with that row alone.
     """
-    path = RESULTS / "llm_tables.json"
     if not path.is_file():
         return []
     old = json.loads(path.read_text())
@@ -378,6 +377,7 @@ def collect(summaries: dict) -> dict:
                 **({"lastword": s["lastword"]} if current(s.get("lastword")) else {}),
                 # CPU rounding depends on the core count (research.hardware.host_cpus): what a rerun must match
                 **({"host_cpus": s["devices"]["host_cpus"]} if "host_cpus" in s.get("devices", {}) else {}),
+                **({"device": s["devices"]["kind"]} if "kind" in s.get("devices", {}) else {}),
             }
         )
     return rows
@@ -546,6 +546,11 @@ def main() -> int:
     p.add_argument("--calib", type=int, default=32, help="calibration windows of 2048 tokens")
     p.add_argument("--workdir", default=str(ROOT / "runs"), help="where the rows' compress directories go")
     p.add_argument(
+        "--out",
+        default=str(RESULTS / "llm_tables"),
+        help="the table's path without suffix: writes OUT.json, OUT.md, OUT.png (e.g. a GPU run's llm_tables_gpu)",
+    )
+    p.add_argument(
         "--lastword-only",
         action="store_true",
         help="only add last-word accuracy to rows of the committed table (re-creating their models if needed)",
@@ -590,7 +595,8 @@ def main() -> int:
     if not summaries:
         raise SystemExit("error: no row finished; see the errors above")
     table = collect(summaries)
-    table += committed_rows(args.windows, args.calib, skip={r["row"] for r in table})
+    out = Path(args.out)
+    table += committed_rows(out.with_suffix(".json"), args.windows, args.calib, skip={r["row"] for r in table})
     table.sort(key=lambda r: (ORDER.index(r["row"].removesuffix("+raw")), r["row"]))
     first = next(iter(summaries.values()))
     meta = {
@@ -598,20 +604,20 @@ def main() -> int:
         "protocol": table[0]["protocol"] + f"; WikiText-2 raw test, {table[0]['tokens']:,} scored tokens",
         "calibration": f"{args.calib} x 2048 tokens at seeded random offsets of "
         + first["calibration"]["corpus"].replace(str(ROOT.parent), ".."),
-        "machine": f"{platform.machine()} CPU, jax {jax.__version__}, devices {jax.devices()[0].platform}",
+        # where the rows ran (a row's summary records its devices), not where this table is assembled
+        "machine": f"{platform.machine()} host, jax {jax.__version__}, "
+        + (first.get("devices", {}).get("kind") or f"devices {jax.devices()[0].platform}"),
         "windows": args.windows,
         "command": f"python experiments/llm_tables.py --windows {args.windows} --calib {args.calib} --rows "
         + ",".join(r["row"] for r in table),
         "lastword": lastword_meta(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     gguf = zoo.cached("smollm2-135m")
     source_bytes = Path(gguf).stat().st_size if gguf else None
-    files.write_json(
-        RESULTS / "llm_tables.json", {"meta": meta, "rows": table, "frontier": frontier(table, source_bytes)}
-    )
-    (RESULTS / "llm_tables.md").write_text(markdown(table, meta))
-    plot(table, RESULTS / "llm_tables.png", source_bytes)
+    files.write_json(out.with_suffix(".json"), {"meta": meta, "rows": table, "frontier": frontier(table, source_bytes)})
+    out.with_suffix(".md").write_text(markdown(table, meta))
+    plot(table, out.with_suffix(".png"), source_bytes)
     print(markdown(table, meta))
     return 0
 

@@ -490,7 +490,12 @@ def _run(job: _Job, atomic, t0: float) -> dict:
         "finetuned": tuned,
         "shrunk": shrunk,
         "finetune": ft,
-        "devices": {"processes": jax.process_count(), "mesh": dict(job.mesh.shape), "host_cpus": hardware.host_cpus()},
+        "devices": {
+            "processes": jax.process_count(),
+            "mesh": dict(job.mesh.shape),
+            "host_cpus": hardware.host_cpus(),
+            "kind": hardware.describe(),
+        },
         "seconds": {**job.times, "total": time.time() - t0},
         "workdir": str(out),
         "packed": None,  # process 0's: written with the file

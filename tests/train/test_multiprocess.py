@@ -149,6 +149,8 @@ def test_two_processes_compress_like_one(source, tmp_path):
     assert "packed:" in outs[0][0] and "packed:" not in outs[1][0]  # process 0 alone reports and writes
     assert sorted(x.name for x in multi.iterdir()) == ["metrics.jsonl", "model.zlm", "summary.json"]
     a, b = (json.loads((d / "summary.json").read_text()) for d in (single, multi))
+    kind = b["devices"].pop("kind")  # "8 x cpu": jax.device_count() across both processes
+    assert kind == "8 x cpu", kind
     assert b["devices"] == {"processes": 2, "mesh": {"data": 8, "model": 1}, "host_cpus": hardware.host_cpus()}
     assert a["devices"]["processes"] == 1
     # Calibration (Wanda's norms), the fine-tuning stage and every evaluation agree across layouts.
