@@ -56,8 +56,8 @@ EOF
     $PY -c "import jax, flax, optax, orbax.checkpoint as o, gguf, constriction; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
     say "MFU: GPT-2 124M train step, bf16, 1 GPU"
-    timeout 240 $PY benchmarks/sharded_step.py --shape 124m --dtype bfloat16 --devices 1 --steps 10 --rounds 2 2>&1 \
-        | grep -v Warn | tail -5 | tee -a "$LOG"
+    timeout 240 $PY benchmarks/sharded_step.py --shape 124m --dtype bfloat16 --devices 1 --steps 10 --rounds 1 2>&1 \
+        | grep -v Warn | tail -15 | tee -a "$LOG"
     collect
     ;;
 run)
