@@ -15,7 +15,9 @@ packed bytes and ratios vs fp32 / bf16, wall time of the row, and last-word accu
 greedy exact match of the last word of the first 300 WikiText-2 test paragraphs with >= 40 words of context,
 `research/eval/lastword.py`; the same items for every row, with a Wilson 95% interval) of the row's packed model (the
 dense row: the GGUF file itself). Writes `experiments/results/llm_tables.json`, a
-Markdown table (`llm_tables.md`) and a plot (`llm_tables.png`: perplexity against packed size). The dense model is
+Markdown table (`llm_tables.md`) and a plot (`llm_tables.png`: perplexity against packed size); `--out STEM` writes
+another table (the full-size GPU run: `--windows 0 --calib 128 --out experiments/results/llm_tables_gpu`, made by
+`benchmarks/gpu_session.sh`), merged with that file's rows of the same windows and calibration. The dense model is
 SmolLM2-135M-Instruct in Q4_1 (its GGUF release), not the bf16 release: state it with any number from here.
 
 Last-word accuracy is computed for every row run here, and for a cached row that lacks it (from its model.zlm, without
@@ -609,7 +611,12 @@ def main() -> int:
         + (first.get("devices", {}).get("kind") or f"devices {jax.devices()[0].platform}"),
         "windows": args.windows,
         "command": f"python experiments/llm_tables.py --windows {args.windows} --calib {args.calib} --rows "
-        + ",".join(r["row"] for r in table),
+        + ",".join(r["row"] for r in table)
+        + (
+            ""
+            if out == RESULTS / "llm_tables"
+            else f" --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
+        ),
         "lastword": lastword_meta(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -613,11 +613,10 @@ def _lastword(r: dict):
     return v if isinstance(v, (int, float)) else None
 
 
-def llm_tables(out: Path, nums: Numbers) -> list:
-    d = load(EXPERIMENTS / "llm_tables.json")
+def _llm_table(d: dict, name: str) -> Table:
+    """The table of an `llm_tables` result file (`name`: the file's stem, the table's name)."""
     rows, meta = d["rows"], d.get("meta") or {}
     lastword = any(_lastword(r) is not None for r in rows)
-    dense = next((r for r in rows if r["row"] == "dense"), None)
     header = ["method", "perplexity", "bits/byte", "KL", "top-1 agree"]
     header += ["last word acc."] if lastword else []
     header += ["packed MB", "x fp32", "bits/weight"]
@@ -629,7 +628,6 @@ def llm_tables(out: Path, nums: Numbers) -> list:
         line += [mb(r.get("packed_bytes")), f(r.get("ratio_vs_fp32"), 2), f(r.get("bits_per_weight"), 2)]
         body.append(line)
     windows = meta.get("windows")
-    tokens = rows[0].get("tokens") if rows else None
     fr = d.get("frontier") or {}
     caption = (
         f"The real LLM: {meta.get('model', 'SmolLM2-135M')}. The dense model is the Q4_1 GGUF release of "
@@ -638,12 +636,23 @@ def llm_tables(out: Path, nums: Numbers) -> list:
         "positions where both models predict the same token"
         + ("; last word acc.: LAMBADA-style last-word accuracy" if lastword else "")
         + f". Protocol: {sentence(meta.get('protocol'))}"
-        + (f" Evaluated on a prefix, the first {windows} windows, on CPU." if windows else "")
+        + (f" Evaluated on a prefix, the first {windows} windows." if windows else " Evaluated on every window.")
+        + (f" Run on {meta['machine']}." if meta.get("machine") else "")
         + f" Calibration: {sentence(meta.get('calibration'))} Ratios: float32 bytes / packed file bytes."
         + (f" The GGUF file itself is {mb(fr['source_gguf_bytes'])} MB." if fr.get("source_gguf_bytes") else "")
-        + f" Source: experiments/results/llm_tables.json ({meta.get('command', 'python experiments/llm_tables.py')})."
+        + f" Source: experiments/results/{name}.json ({meta.get('command', 'python experiments/llm_tables.py')})."
     )
-    t = Table("llm_tables", caption, header, body)
+    return Table(name, caption, header, body)
+
+
+def llm_tables(out: Path, nums: Numbers) -> list:
+    d = load(EXPERIMENTS / "llm_tables.json")
+    rows, meta = d["rows"], d.get("meta") or {}
+    dense = next((r for r in rows if r["row"] == "dense"), None)
+    windows = meta.get("windows")
+    tokens = rows[0].get("tokens") if rows else None
+    fr = d.get("frontier") or {}
+    t = _llm_table(d, "llm_tables")
     nums.add("llmWindows", str(windows or "all"), "llm_tables.json meta.windows")
     nums.add("llmTokens", f"{tokens:,}" if tokens else "-", "llm_tables.json rows[0].tokens")
     nums.add("llmRows", str(len(rows)), "llm_tables.json rows")
@@ -689,6 +698,25 @@ def llm_tables(out: Path, nums: Numbers) -> list:
     ax.set_title("SmolLM2-135M (from its Q4_1 GGUF), compressed")
     ax.legend(fontsize=6, ncol=2)
     return [t, *save_figure(fig, out, "llm_tables")]
+
+
+def llm_tables_gpu(out: Path, nums: Numbers) -> list:
+    """The same table at full size (every window, 128 calibration windows), from a GPU run."""
+    d = load(EXPERIMENTS / "llm_tables_gpu.json")
+    rows = d["rows"]
+    by = {r["row"]: r for r in rows}
+    nums.add("llmGpuRows", str(len(rows)), "llm_tables_gpu.json rows")
+    nums.add("llmGpuTokens", f"{rows[0]['tokens']:,}" if rows else "-", "llm_tables_gpu.json rows[0].tokens")
+    nums.add("llmGpuMachine", (d.get("meta") or {}).get("machine", "-"), "llm_tables_gpu.json meta.machine")
+    for row in ("dense", "sparsegpt50", "wanda50", "magnitude50", "rtn4_g128", "gptq4_g128", "rtn3_g128", "gptq3_g128"):
+        if row in by:
+            nums.add(f"llmGpuPpl{camel(row)}", ppl(by[row]["perplexity"]), f"llm_tables_gpu.json {row}.perplexity")
+    for bits in ("4", "3"):
+        g, q = by.get(f"gptq{bits}_g128"), by.get(f"rtn{bits}_g128")
+        if g and q:
+            word = "lower" if g["perplexity"] < q["perplexity"] else "higher"
+            nums.add(f"llmGpuGptqVsRtn{_DIGITS[int(bits)]}", word, f"llm_tables_gpu.json gptq{bits}_g128 vs rtn{bits}")
+    return [_llm_table(d, "llm_tables_gpu")]
 
 
 def _family(r: dict) -> str:
@@ -805,8 +833,8 @@ def published(out: Path, nums: Numbers) -> list:
     return made
 
 
-BUILDERS = [prune_study, quant_study, lossless_frontier, text_compression, llm_coding, llm_tables, deploy, packing,
-            published]  # fmt: skip
+BUILDERS = [prune_study, quant_study, lossless_frontier, text_compression, llm_coding, llm_tables, llm_tables_gpu,
+            deploy, packing, published]  # fmt: skip
 
 
 def generate(out: Path = OUT) -> list[Path]:
