@@ -8,7 +8,7 @@
 #        # SmolLM2 table rows in $ROWS at full size (140 windows, 128 x 2048 calibration) merged into
 #        # experiments/results/llm_tables_gpu.json, nanoGPT's GPU reference run, LM coding of all of WikiText-2 test
 #
-# Prepare here (all git-ignored; add /.whl/ and /.gpu/ to .git/info/exclude):
+# Prepare here (.whl/ and .gpu/ are git-ignored):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl constriction zstandard ml_collections gguf flax optax orbax-checkpoint
 #       (this checkout's versions; the image's own are used where they are not older)
