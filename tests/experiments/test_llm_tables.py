@@ -34,7 +34,7 @@ def test_a_missing_table_keeps_nothing(tmp_path):
 def test_the_written_table_names_its_out_path_in_its_command(tmp_path, monkeypatch):
     """The meta command of a table written to --out reruns into the same file (the GPU table is not the CPU one)."""
     out = tmp_path / "gpu" / "llm_tables_gpu"
-    summary = {"devices": {"kind": "1 x NVIDIA H200", "host_cpus": 16}, "calibration": {"corpus": "c"}}
+    summary = {"devices": {"kind": "1 x NVIDIA H200", "jax": "0.11.2", "host_cpus": 16}, "calibration": {"corpus": "c"}}
     monkeypatch.setattr(llm_tables, "run_row", lambda row, w, c, d: summary)
     monkeypatch.setattr(llm_tables, "cached", lambda *a: None)
     monkeypatch.setattr(llm_tables, "collect", lambda s: [_row("dense", 21.6)])
@@ -50,6 +50,6 @@ def test_the_written_table_names_its_out_path_in_its_command(tmp_path, monkeypat
     assert llm_tables.main() == 0
     d = json.loads(out.with_suffix(".json").read_text())
     assert d["meta"]["command"].endswith(f"--rows dense --out {out}")
-    assert d["meta"]["machine"].endswith("1 x NVIDIA H200")  # where the rows ran, from their summaries
+    assert d["meta"]["machine"].endswith("jax 0.11.2, 1 x NVIDIA H200")  # where the rows ran, from their summaries
     assert out.with_suffix(".md").read_text() == "table\n" and out.with_suffix(".png").is_file()
     assert (committed.stat().st_mtime_ns if committed.exists() else None) == before  # the CPU table is untouched

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from research import hardware, log
@@ -151,6 +152,7 @@ def test_two_processes_compress_like_one(source, tmp_path):
     a, b = (json.loads((d / "summary.json").read_text()) for d in (single, multi))
     kind = b["devices"].pop("kind")  # "8 x cpu": jax.device_count() across both processes
     assert kind == "8 x cpu", kind
+    assert b["devices"].pop("jax") == jax.__version__
     assert b["devices"] == {"processes": 2, "mesh": {"data": 8, "model": 1}, "host_cpus": hardware.host_cpus()}
     assert a["devices"]["processes"] == 1
     # Calibration (Wanda's norms), the fine-tuning stage and every evaluation agree across layouts.
