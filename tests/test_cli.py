@@ -46,6 +46,7 @@ def test_train_eval_resume_end_to_end(tmp_path):
     r = _run("train", "--workdir", str(run), *TINY)
     assert r.returncode == 0, r.stderr
     assert "val bits per byte" in r.stdout and "non-overlapping windows of 32 tokens" in r.stdout
+    assert "step 2: train loss 5." in r.stdout  # an evaluation off the logging steps shows its own step's loss
     assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= {p.name for p in run.iterdir()}
 
     r = _run("eval", "--workdir", str(run), "--window", "16", "--stride", "8", "--json", str(tmp_path / "e.json"))

@@ -196,8 +196,9 @@ def run(lp: Loop, state, *, stop_at: int | None = None, progress: bool | None = 
             if do_log or do_eval or do_save:
                 _check_finite(pending, state if do_save else None, lp.ckpts)
                 pending.clear()
-            if do_log:
+            if do_log or do_eval:  # an evaluation line shows its own step's loss, not the last logged one
                 last_loss = float(m["loss"])
+            if do_log:
                 lr = float(lp.schedule(s))
                 if lp.logger is not None:
                     record = {"loss": last_loss, "grad_norm": float(m["grad_norm"]), "lr": lr}
