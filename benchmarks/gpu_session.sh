@@ -3,7 +3,8 @@
 # network, /tmp kept while it stays warm, 64 MiB carried per call):
 #
 #   bash benchmarks/gpu_session.sh setup   # carry .gpu/a .gpu/data .whl: packages, data, half of the GGUF, and the
-#                                          # GPT-2 124M train-step MFU (benchmarks/results/sharded_step_124m_*.json)
+#                                          # GPT-2 124M train-step MFU, also with cuDNN's fused attention
+#                                          # (benchmarks/results/sharded_step_124m_*.json)
 #   BUDGET=480 bash benchmarks/gpu_session.sh run   # carry .gpu/b, timeout_s >= BUDGET + 60: the other half; the
 #        # SmolLM2 table rows in $ROWS at full size (140 windows, 128 x 2048 calibration) merged into
 #        # experiments/results/llm_tables_gpu.json, nanoGPT's GPU reference run, LM coding of all of WikiText-2 test

@@ -14,13 +14,16 @@ median step time per configuration (the best of `--rounds` alternating rounds) i
 1-device step of the same run.
 On a GPU (`--shape 124m --dtype bfloat16 --devices 1[,2,...]`: GPT-2 124M, batch 16 x 1024, one process per
 device count over the real devices) the same script reports absolute tokens/s and MFU (PaLM's FLOPs per token,
-`models.config.flops_per_token`, over `hardware.peak_flops`) of the dense, masked and fake-quant steps. Writes
+`models.config.flops_per_token`, over `hardware.peak_flops`) of the dense, masked and fake-quant steps, and of the
+dense step once more with cuDNN's fused flash attention in place of the default (XLA's, which materialises the
+(B, H, T, T) scores; a candidate for the low MFU measured on the H200), or why cuDNN refused it. Writes
 benchmarks/results/sharded_step[_124m]_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -36,6 +39,31 @@ SHAPES = {
     "demo": (dict(vocab_size=256, n_layer=4, n_head=4, d_model=128, max_seq_len=128, bias=False), 16, 128),
     "124m": (dict(vocab_size=50304, n_layer=12, n_head=12, d_model=768, max_seq_len=1024), 16, 1024),
 }
+
+
+@contextlib.contextmanager
+def _cudnn_attention(on: bool):
+    """While `on`, the model's training attention calls `jax.nn.dot_product_attention` with
+    implementation="cudnn" (fused flash attention) instead of the default, which is XLA's unfused one; a step
+    traced inside keeps it. Measures what fused attention would give before the model grows an option for it."""
+    import jax
+
+    from research.models import transformer
+
+    if not on:
+        yield
+        return
+    plain = transformer.causal_attention
+
+    def fused(q, k, v, dropout=0.0, rng=None, window=None):
+        assert (rng is None or dropout == 0.0) and window is None, "the benchmark's model has neither"
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    transformer.causal_attention = fused
+    try:
+        yield
+    finally:
+        transformer.causal_attention = plain
 
 
 def _child(devices: int, steps: int, shape: str, dtype: str, rounds: int) -> dict:
@@ -80,12 +108,28 @@ def _child(devices: int, steps: int, shape: str, dtype: str, rounds: int) -> dic
             graphdef, tx, seed=0, dropout=False, state_shardings=sh, batch_sharding=batch_sh, transform=transform
         )
         runs[name] = (step, state, sh)
+    out = {}
+    if jax.default_backend() == "gpu":  # the dense step again with cuDNN's fused attention (traced under `fused`)
+        runs["dense_cudnn_attention"] = (
+            step_lib.make_train_step(
+                graphdef, optim.make(t), seed=0, dropout=False, state_shardings=runs["dense"][2],
+                batch_sharding=batch_sh, transform=None,
+            ),
+            *runs["dense"][1:],
+        )  # fmt: skip
     # Rounds alternate the configurations; each keeps its best round's median (the least disturbed on a shared
     # machine), so a burst of load on one of them does not bias the ratios.
-    out = {}
     for _ in range(rounds):
-        for name, (step, state, sh) in runs.items():
-            median = statistics.median(common.timed_steps(step, fit.place(state, sh), batch, steps))
+        for name, (step, state, sh) in list(runs.items()):
+            try:
+                with _cudnn_attention(name == "dense_cudnn_attention"):
+                    median = statistics.median(common.timed_steps(step, fit.place(state, sh), batch, steps))
+            except Exception as e:  # cuDNN refused the shape or dtype: say so, keep the other configurations
+                if name != "dense_cudnn_attention":
+                    raise
+                out[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                del runs[name]
+                continue
             out[name] = min(out.get(name, median), median)
     out["tokens_per_step"] = bsz * seq
     out["flops_per_token"] = mc.flops_per_token(cfg, seq)
@@ -118,9 +162,16 @@ def main() -> None:
         )  # fmt: skip
         rows[n] = json.loads(r.stdout.strip().splitlines()[-1])
         r = rows[n]
+        fused = r.get("dense_cudnn_attention")
         print(
             f"{n} device(s): dense {r['dense'] * 1e3:.1f} ms, masked {r['masked'] * 1e3:.1f} ms, "
-            f"fake-quant {r['fake_quant'] * 1e3:.1f} ms",
+            f"fake-quant {r['fake_quant'] * 1e3:.1f} ms"
+            + (f", dense with cuDNN attention {fused * 1e3:.1f} ms" if fused else "")
+            + (
+                f" (cuDNN attention failed: {r['dense_cudnn_attention_error']})"
+                if "dense_cudnn_attention_error" in r
+                else ""
+            ),
             flush=True,
         )
     base = rows[min(rows)]["dense"]
@@ -141,9 +192,16 @@ def main() -> None:
                 "tokens_per_second_dense": r["tokens_per_step"] / r["dense"],
                 **{
                     f"mfu_{k}": r["tokens_per_step"] / r[k] * r["flops_per_token"] / r["peak_flops"]
-                    for k in ("dense", "masked", "fake_quant")
-                    if r["peak_flops"]
+                    for k in ("dense", "masked", "fake_quant", "dense_cudnn_attention")
+                    if r["peak_flops"] and k in r
                 },
+                # GPU only: the dense step with cuDNN's fused attention instead of XLA's (or why it failed)
+                **(
+                    {"cudnn_attention_vs_dense": r["dense_cudnn_attention"] / r["dense"]}
+                    if "dense_cudnn_attention" in r
+                    else {}
+                ),
+                **{k: r[k] for k in ("dense_cudnn_attention_error",) if k in r},
             }
             for n, r in sorted(rows.items())
         ],

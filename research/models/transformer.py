@@ -99,7 +99,8 @@ def causal_attention(q, k, v, dropout: float = 0.0, rng=None, window: int | None
       window: sliding window (each query sees at most this many keys, itself included); None sees all.
 
     Returns:
-      (B, T, H, hd). Without dropout this is `jax.nn.dot_product_attention` (fused kernels where available).
+      (B, T, H, hd). Without dropout this is `jax.nn.dot_product_attention` with its default implementation,
+      which in jax 0.10-0.11 is XLA's (the (B, H, T, T) scores materialised), not cuDNN's fused flash attention.
     """
     if rng is None or dropout == 0.0:
         local = None if window is None else (window - 1, 0)
