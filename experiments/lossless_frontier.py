@@ -35,10 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.sweeps import study  # noqa: E402
 from experiments.sweeps.lossless_frontier import FT  # noqa: E402
-from research import config as config_lib  # noqa: E402
-from research import files, sources  # noqa: E402
-from research.sweep import runner  # noqa: E402
-from research.train import loop  # noqa: E402
+from research import files  # noqa: E402
 
 SWEEP = str(ROOT / "experiments" / "sweeps" / "lossless_frontier.py")
 
@@ -58,11 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "experiments/results/lossless_frontier.json"))
     args = p.parse_args(argv)
     t_start = time.time()
-    if not sources.is_run(study.MODEL):
-        loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), study.MODEL)
-    status = runner.run(SWEEP, [], n_jobs=args.jobs, only=args.only)
+    status, finished = study.run_sweep(SWEEP, args.jobs, args.only)
     rows, dense = [], None
-    for r in runner.finished(SWEEP):
+    for r in finished:
         s = r["result"]
         dense = s["dense"]
         final = s["finetuned"] or s["compressed"]

@@ -22,8 +22,6 @@ sys.path.insert(0, str(ROOT))
 from experiments.sweeps import study  # noqa: E402
 from research import config as config_lib  # noqa: E402
 from research import files, sources  # noqa: E402
-from research.sweep import runner  # noqa: E402
-from research.train import loop  # noqa: E402
 
 SWEEP = str(ROOT / "experiments" / "sweeps" / "prune_study.py")
 METRICS = ("loss", "bits_per_byte", "accuracy")
@@ -35,11 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="regular expression over the point names (default: all)")
     p.add_argument("--out", default=str(ROOT / "experiments/results/prune_study.json"))
     args = p.parse_args(argv)
-    if not sources.is_run(study.MODEL):
-        print(f"training the study model into {study.MODEL}", flush=True)
-        loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), study.MODEL)
-    status = runner.run(SWEEP, [], n_jobs=args.jobs, only=args.only)
-    result = analyse(runner.finished(SWEEP))
+    status, finished = study.run_sweep(SWEEP, args.jobs, args.only)
+    result = analyse(finished)
     out = Path(args.out)
     files.write_json(out, result)
     plot(result, out.with_suffix(".png"))

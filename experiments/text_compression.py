@@ -16,6 +16,7 @@ Writes experiments/results/text_compression.json and .png.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,11 +34,12 @@ CODING = str(ROOT / "experiments" / "sweeps" / "text_coding.py")
 
 
 def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     t_start = time.time()
-    status = runner.run(MODELS, []) or runner.run(CODING, [])
+    status = study.run_sweep(MODELS)[0] or runner.run(CODING, [])  # the study model trained first where missing
     dense = text_coding.DATA / "dense.zlm"
     if not dense.exists():
-        artifact.pack_model(sources.load(str(study.MODEL)), dense)
+        artifact.pack_model(sources.load(str(study.model())), dense)
     results = {}
     for r in runner.finished(CODING):
         data = Path(r["overrides"]["input"]).read_bytes()

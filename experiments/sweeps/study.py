@@ -17,17 +17,37 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "runs" / "shakespeare_char_cpu"
 
 
+def model() -> Path:
+    """The study model: MODEL, or the run that the environment variable ZIPLM_STUDY_MODEL names (the tests' tiny
+    run)."""
+    return Path(os.environ.get("ZIPLM_STUDY_MODEL", MODEL))
+
+
+def run_sweep(sweep: str, jobs: int = 1, only: str | None = None) -> tuple[int, list[dict]]:
+    """What the study scripts run: trains the study model where it is missing (~10 min on 2 CPU cores), runs the
+    sweep's unfinished points (`jobs` at once, those whose names match the regular expression `only`), and returns
+    the sweep's exit status and its finished points."""
+    from research import config as config_lib
+    from research.sweep import runner
+    from research.train import loop
+
+    if not sources.is_run(model()):
+        print(f"training the study model into {model()}", flush=True)
+        loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), model())
+    status = runner.run(sweep, [], n_jobs=jobs, only=only)
+    return status, runner.finished(sweep)
+
+
 def base(finetune_steps: int = 200):
-    """The study's compress config (magnitude 50% until the sweep's axes say otherwise) on MODEL, or on the run
-    that the environment variable ZIPLM_STUDY_MODEL names (the tests' tiny run)."""
-    model = Path(os.environ.get("ZIPLM_STUDY_MODEL", MODEL))
-    if not sources.is_run(model):
+    """The study's compress config (magnitude 50% until the sweep's axes say otherwise) on `model()`."""
+    model_dir = model()
+    if not sources.is_run(model_dir):
         raise errors.UserError(
-            f"the study model {model} is missing: train it first with `ziplm train --config "
-            f"experiments/configs/shakespeare_char_cpu.py --workdir {model}` (~10 min on 2 CPU cores)"
+            f"the study model {model_dir} is missing: train it first with `ziplm train --config "
+            f"experiments/configs/shakespeare_char_cpu.py --workdir {model_dir}` (~10 min on 2 CPU cores)"
         )
     cfg = pipeline.base_config()
-    cfg.model = str(model)
+    cfg.model = str(model_dir)
     cfg.calibration.update(n=128, length=64, batch_size=32)
     cfg.finetune.update(steps=finetune_steps, lr=3e-4, min_lr=3e-5, warmup_steps=10, log_every=50)
     cfg.eval.batch_size = 256

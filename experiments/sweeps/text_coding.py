@@ -44,7 +44,7 @@ def data_files() -> list[dict]:
 
 def models() -> list[dict]:
     compressed = Path(text_models.get_config()["workdir"])
-    return [{"label": "dense", "model": str(study.MODEL)}] + [
+    return [{"label": "dense", "model": str(study.model())}] + [
         {"label": p["label"], "model": str(compressed / p["label"] / "model.zlm")} for p in text_models.POINTS
     ]
 

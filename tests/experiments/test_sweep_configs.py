@@ -35,3 +35,20 @@ def test_missing_study_model_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ZIPLM_STUDY_MODEL", str(tmp_path / "nothing"))
     assert cli.main(["sweep", "experiments/sweeps/prune_study.py", "--dry-run"]) == 2
     assert "train it first" in capsys.readouterr().err
+
+
+def test_study_scripts_train_the_model_their_sweeps_use(study_model, tmp_path, monkeypatch):
+    """`study.run_sweep` (prune_study, quant_study, lossless_frontier) trains the model that `study.base` reads,
+    ZIPLM_STUDY_MODEL's where it is set, and only when it is missing."""
+    from experiments.sweeps import study
+    from research.sweep import runner
+    from research.train import loop
+
+    trained, ran = [], []
+    monkeypatch.setattr(loop, "train", lambda cfg, workdir: trained.append(str(workdir)))
+    monkeypatch.setattr(runner, "run", lambda sweep, overrides, n_jobs, only: ran.append((sweep, n_jobs, only)) or 0)
+    monkeypatch.setattr(runner, "finished", lambda sweep: [{"point": "p"}])
+    assert study.run_sweep("s.py", 2, "x") == (0, [{"point": "p"}]) and trained == []  # the tiny run exists
+    monkeypatch.setenv("ZIPLM_STUDY_MODEL", str(tmp_path / "missing"))
+    study.run_sweep("s.py")
+    assert trained == [str(tmp_path / "missing")] and ran == [("s.py", 2, "x"), ("s.py", 1, None)]
