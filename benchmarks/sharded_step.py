@@ -42,17 +42,14 @@ SHAPES = {
 
 
 @contextlib.contextmanager
-def _cudnn_attention(on: bool):
-    """While `on`, the model's training attention calls `jax.nn.dot_product_attention` with
-    implementation="cudnn" (fused flash attention) instead of the default, which is XLA's unfused one; a step
-    traced inside keeps it. Measures what fused attention would give before the model grows an option for it."""
+def _cudnn_attention():
+    """Inside, the model's training attention calls `jax.nn.dot_product_attention` with implementation="cudnn"
+    (fused flash attention) instead of the default, which is XLA's unfused one; a step traced inside keeps it.
+    Measures what fused attention would give before the model grows an option for it."""
     import jax
 
     from research.models import transformer
 
-    if not on:
-        yield
-        return
     plain = transformer.causal_attention
 
     def fused(q, k, v, dropout=0.0, rng=None, window=None):
@@ -122,12 +119,12 @@ def _child(devices: int, steps: int, shape: str, dtype: str, rounds: int) -> dic
     for _ in range(rounds):
         for name, (step, state, sh) in list(runs.items()):
             try:
-                with _cudnn_attention(name == "dense_cudnn_attention"):
+                with _cudnn_attention() if name == "dense_cudnn_attention" else contextlib.nullcontext():
                     median = statistics.median(common.timed_steps(step, fit.place(state, sh), batch, steps))
             except Exception as e:  # cuDNN refused the shape or dtype: say so, keep the other configurations
                 if name != "dense_cudnn_attention":
                     raise
-                out[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                out[f"{name}_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
                 del runs[name]
                 continue
             out[name] = min(out.get(name, median), median)

@@ -31,9 +31,10 @@ def run_sweep(sweep: str, jobs: int = 1, only: str | None = None) -> tuple[int, 
     from research.sweep import runner
     from research.train import loop
 
-    if not sources.is_run(model()):
-        print(f"training the study model into {model()}", flush=True)
-        loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), model())
+    model_dir = model()
+    if not sources.is_run(model_dir):
+        print(f"training the study model into {model_dir}", flush=True)
+        loop.train(config_lib.load(str(ROOT / "experiments/configs/shakespeare_char_cpu.py")), model_dir)
     status = runner.run(sweep, [], n_jobs=jobs, only=only)
     return status, runner.finished(sweep)
 
