@@ -117,3 +117,77 @@ def _names(cfg) -> dict[str, str]:
     for name in ("token_embd.weight", "output_norm.weight", "output.weight"):
         out[name] = zgguf.hf_name(name)
     return out
+
+
+def write_vocab(
+    path,
+    family: str,
+    tokens: list[str],
+    *,
+    types: list[int] | None = None,
+    merges: list[str] | None = None,
+    scores: list[float] | None = None,
+    pre: str | None = None,
+    bos: int | None = None,
+    eos: int | None = None,
+    unk: int | None = None,
+    pad: int | None = None,
+    add_bos: bool | None = None,
+    add_space_prefix: bool | None = None,
+) -> None:
+    """Writes a vocabulary-only GGUF file (no tensors) whose `tokenizer.ggml.*` metadata is the arguments."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(family)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    if types is not None:
+        w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges is not None:
+        w.add_token_merges(merges)
+    for value, add in ((bos, w.add_bos_token_id), (eos, w.add_eos_token_id), (unk, w.add_unk_token_id)):
+        if value is not None:
+            add(value)
+    if pad is not None:
+        w.add_pad_token_id(pad)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_gpt2_vocab(path, tokenizer_dir, pre: str = "gpt-2") -> None:
+    """GPT-2's vocabulary (a directory with vocab.json and merges.txt) as a byte-level GGUF tokenizer with the
+    pre-tokenizer `pre`, laid out as llama.cpp's converter writes it."""
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m for m in (tokenizer_dir / "merges.txt").read_text().split("\n")[1:] if m]
+    eot = vocab["<|endoftext|>"]
+    write_vocab(
+        path, "gpt2", tokens, types=[3 if t == "<|endoftext|>" else 1 for t in tokens], merges=merges, pre=pre,
+        bos=eot, eos=eot, add_bos=False,
+    )  # fmt: skip
+
+
+def write_sentencepiece_vocab(path, text: str, size: int = 600, **kw) -> list[str]:
+    """A Llama-2-style SentencePiece vocabulary learned from `text` (BPE over "▁"-joined words, byte fallback):
+    <unk>, <s>, </s>, the 256 byte tokens <0xNN>, then pieces with descending scores and no merges, as llama.cpp
+    writes Llama 2 files. Returns the tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    learner.train_from_iterator([text], trainers.BpeTrainer(vocab_size=size, show_progress=False))
+    learned = sorted(learner.get_vocab().items(), key=lambda kv: kv[1])
+    head = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens = head + [t for t, _ in learned if t not in head]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - len(head))
+    scores = [0.0] * len(head) + [-float(i) for i in range(len(tokens) - len(head))]
+    write_vocab(path, "llama", tokens, types=types, scores=scores, bos=1, eos=2, unk=0, **kw)
+    return tokens

@@ -1,8 +1,8 @@
 """Tokenizers: byte-level (vocab 256, lossless for any bytes) and Hugging Face tokenizers from a local directory.
 
 A tokenizer spec is a string: "byte", or "hf:<dir or hub id>", or "gguf:<file.gguf>" (the tokenizer a GGUF
-file's metadata holds, converted once by `transformers` and cached), or a bare directory path. Hub ids resolve through
-`transformers` (and so `huggingface_hub`) when a network is available; a local directory works offline.
+file's metadata holds, built by `gguf_tokenizer` without torch and cached), or a bare directory path. Hub ids resolve
+through `transformers` (and so `huggingface_hub`) when a network is available; a local directory works offline.
 
 Every tokenizer exposes `encode(text) -> np.ndarray`, `decode(ids) -> str`, `vocab_size`, `fingerprint` (a hash
 that changes when the vocabulary does, used as a cache key) and `token_bytes` (UTF-8 byte length of each token
@@ -207,31 +207,30 @@ class HFTokenizer:
         return out
 
 
-def gguf_directory(path) -> Path:
-    """A tokenizer directory for the tokenizer a GGUF file's metadata holds, converted once and cached.
+# Bumped whenever `gguf_tokenizer.build` changes what it makes, so a cached conversion of an older build is not used.
+GGUF_BUILD = 2
 
-    The conversion is `transformers`' GGUF tokenizer support (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`);
-    the result is saved under `$ZIPLM_CACHE/tokenizers/gguf-<key>/`, the key a hash of the file's path, size and
-    modification time, and written to a temporary directory renamed into place.
+
+def gguf_directory(path) -> Path:
+    """A tokenizer directory for the tokenizer a GGUF file's metadata holds, built once and cached.
+
+    The tokenizer is built from the file's `tokenizer.ggml.*` metadata by `gguf_tokenizer.build` (no torch) and saved
+    under `$ZIPLM_CACHE/tokenizers/gguf-<key>/`, the key a hash of the file's path, size and modification time and of
+    the builder's version, written to a temporary directory renamed into place.
     """
+    from research.data import gguf_tokenizer
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise errors.UserError(f"GGUF file {path} does not exist (its tokenizer is read from it)")
     st = path.stat()
-    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{GGUF_BUILD}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("ZIPLM_CACHE", "~/.cache/ziplm")).expanduser() / "tokenizers"
     target = root / f"gguf-{key}"
     if has_files(target):
         return target
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:  # a GGUF file without (or with a damaged) tokenizer: transformers raises many types
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise errors.UserError(f"cannot build the tokenizer of {path}: {type(e).__name__}: {first}") from None
+    tok = gguf_tokenizer.build(path)
     try:
         with files.AtomicDir(target) as tmp:
             tok.save_pretrained(str(tmp))

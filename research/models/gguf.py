@@ -18,8 +18,8 @@ Refused with the reason: other architectures, RoPE scalings other than none and 
 Llama 3.1 files carry, or yarn), partial rotary dimensions.
 
 Tokenizer: the file's `tokenizer.ggml.*` metadata (none when its model is "none"; raw bytes when ziplm's export
-recorded `ziplm.tokenizer = "byte"`), converted by `transformers`' GGUF tokenizer support into a fast
-tokenizer and cached as a `tokenizer.json` directory (see `tokenizers.load("gguf:<file>")`), so it is built once.
+recorded `ziplm.tokenizer = "byte"`), rebuilt as a fast tokenizer by `data.gguf_tokenizer` (no torch) and cached as
+a `tokenizer.json` directory (see `tokenizers.load("gguf:<file>")`), so it is built once.
 """
 
 from __future__ import annotations
