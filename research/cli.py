@@ -70,17 +70,23 @@ def _eval(args, overrides) -> int:
 
     _no_extra(overrides, "eval")
     source = _model_arg(args)
+    lastword = args.lastword or args.lastword_limit or args.lastword_min_words
+    if lastword and args.max_windows:
+        raise errors.UserError(
+            "--max-windows applies to perplexity; for --lastword take fewer items: --lastword-limit N"
+        )
+    corpus = corpora.load(args.corpus) if args.corpus else None  # a bad spec fails here, before the model loads
     m = sources.load(source, args.step, args.dtype)
     tok = tokenizers.load(_tokenizer(args, m))
-    if args.lastword or args.lastword_limit or args.lastword_min_words:
-        return _lastword(args, m, tok, source)
+    if lastword:
+        return _lastword(args, m, tok, source, corpus)
     run = m.run_config
     spec = args.corpus or (run.data.corpus if run else None)
     if spec is None:
         raise errors.UserError(f"{source} is not a run of ours, so name the text: --corpus SPEC (e.g. wikitext:PATH)")
     split = args.split or ("val" if run else "all")
     if split == "all":
-        tokens = dataset.tokenize_cached(corpora.load(spec).text, tok)
+        tokens = dataset.tokenize_cached((corpus or corpora.load(spec)).text, tok)
     else:
         splits = dataset.prepare(spec, tok, run.data.val_fraction if run else 0.1)
         tokens = splits.val if split == "val" else splits.train
@@ -100,9 +106,18 @@ def _eval(args, overrides) -> int:
         raise errors.UserError(f"--window {protocol.window} exceeds the model's context ({context})")
     batch_size = _first(args.batch_size, run.eval.batch_size if run else 8)
     result = metrics.evaluate(
-        m.graphdef, m.params, tokens, tok.token_bytes, protocol, batch_size=batch_size, sharding=_spread(args.devices)
+        m.graphdef,
+        m.params,
+        tokens,
+        tok.token_bytes,
+        protocol,
+        batch_size=batch_size,
+        sharding=_spread(args.devices),
+        max_windows=args.max_windows,
     )
-    result.update(corpus=spec, split=split, step=m.step, model=str(source))
+    result.update(corpus=spec, split=split, step=m.step, model=str(source), max_windows=args.max_windows)
+    if args.max_windows:
+        result["protocol"] += f"; the first {args.max_windows} windows only"
     if not _is_main():  # in a multi-process run process 0 reports
         return 0
     print(report.eval_table(result))
@@ -113,14 +128,13 @@ def _eval(args, overrides) -> int:
     return 0
 
 
-def _lastword(args, m, tok, source) -> int:
+def _lastword(args, m, tok, source, corpus=None) -> int:
     """`eval --lastword`: last-word accuracy on raw WikiText paragraphs (`research/eval/lastword.py`)."""
     from research import files
-    from research.data import corpora
     from research.eval import lastword
 
-    if args.corpus:
-        text = corpora.load(args.corpus).text
+    if corpus is not None:
+        text = corpus.text
     elif lastword.DEFAULT_TEXT.is_file():
         text = lastword.DEFAULT_TEXT.read_text(encoding="utf-8")
     else:
@@ -570,6 +584,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=_positive, help="context window in tokens (default: the run's eval window)")
     e.add_argument("--stride", type=_positive, help="tokens between window starts (default: window, non-overlapping)")
     e.add_argument("--batch-size", type=_positive, help="windows per forward pass")
+    e.add_argument("--max-windows", type=_positive, help="evaluate only the protocol's first N windows (default: all)")
     e.add_argument(
         "--devices",
         type=_positive,

@@ -190,6 +190,27 @@ def test_eval_of_a_missing_step(tmp_path, capsys):
     _bad(["eval", "--workdir", str(tmp_path), "--stride", "0"], capsys, "stride")
 
 
+def test_eval_checks_its_corpus_before_loading_and_takes_a_prefix_of_windows(tmp_path, capsys, monkeypatch):
+    assert cli.main(["train", "--workdir", str(tmp_path / "run"), *TINY]) == 0
+    capsys.readouterr()
+    full, part = tmp_path / "full.json", tmp_path / "part.json"
+    assert cli.main(["eval", "--workdir", str(tmp_path / "run"), "--json", str(full)]) == 0
+    assert cli.main(["eval", "--workdir", str(tmp_path / "run"), "--max-windows", "3", "--json", str(part)]) == 0
+    a, b = json.loads(full.read_text()), json.loads(part.read_text())
+    assert b["tokens"] == 3 * 32 < a["tokens"] and b["max_windows"] == 3 and "first 3 windows only" in b["protocol"]
+    from research import sources
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sources, "load", no_load)
+    run = str(tmp_path / "run")
+    _bad(["eval", "--workdir", run, "--corpus", str(tmp_path / "typo.txt")], capsys, "typo.txt does not exist")
+    _bad(["eval", "--workdir", run, "--json", str(tmp_path / "no" / "e.json")], capsys, "directory of")
+    _bad(["eval", "--workdir", run, "--max-windows", "0"], capsys, "positive integer")
+    _bad(["eval", "--workdir", run, "--lastword", "--max-windows", "2"], capsys, "--lastword-limit")
+
+
 def test_eval_of_a_directory_that_is_not_a_run(tmp_path, capsys):
     _bad(["eval", "--workdir", str(tmp_path)], capsys, "is neither a run directory")
 
