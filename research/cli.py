@@ -425,17 +425,28 @@ def _decode(args, overrides) -> int:
     _no_extra(overrides, "decode")
     blob = _read_bytes(args.input)
     header, _ = lm.read_header(blob)  # a damaged file fails before the model is loaded
+    lm.check_output(header, args.max_output)  # and so does a claim past the limit
     m = None if header["stored"] else sources.load(args.model, args.step)  # a stored file needs no model
-    data, rep = lm.decode(blob, m, None if header["stored"] else _spread(args.devices))
-    if not _is_main():  # in a multi-process run process 0 writes and reports
+    sharding = None if header["stored"] else _spread(args.devices)
+    if not _is_main():  # in a multi-process run every process decodes; process 0 writes and reports
+        lm.decode(blob, m, sharding, out=_Discard(), max_output=0)
         return 0
-    files.write_bytes(args.output, data, overwrite=args.overwrite)
+    # Written as decoded, run by run, into a temporary file moved into place once the checksum holds.
+    with files.atomic_file(args.output, overwrite=args.overwrite) as f:
+        _, rep = lm.decode(blob, m, sharding, out=f, max_output=0, progress=None)
     how = "stored raw" if rep["stored"] else f"{rep['tokens']:,} tokens, {rep['tokens_per_s']:.1f} tokens/s"
     print(
-        f"{args.input} -> {args.output}: {len(data):,} bytes, checksum verified; {how}, "
-        f"{_rate(len(data), rep['seconds'])}"
+        f"{args.input} -> {args.output}: {rep['output_bytes']:,} bytes, checksum verified; {how}, "
+        f"{_rate(rep['output_bytes'], rep['seconds'])}"
     )
     return 0
+
+
+class _Discard:
+    """A binary file that keeps nothing (what a process other than 0 decodes into)."""
+
+    def write(self, data) -> int:
+        return len(data)
 
 
 def _sweep(args, overrides) -> int:
@@ -526,6 +537,22 @@ def _number(kind, ok, need: str):
     return parse
 
 
+def _size(text: str) -> int:
+    """An argparse type: a byte count, with an optional K, M, G or T suffix (powers of 1024)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in "KMGT" else ""
+    try:
+        value = float(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a size in bytes (e.g. 500M, 4G; 0: no limit), got {text!r}"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a size >= 0, got {text}")
+    return int(value * units[unit])
+
+
 _positive = _number(int, lambda v: v >= 1, "a positive integer")
 _step = _number(int, lambda v: v >= 0, "a step number >= 0")
 _temperature = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
@@ -554,6 +581,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from research.models import config as model_config
+
+    lm_limit = 2**30  # coding.lm.DEFAULT_MAX_OUTPUT (not imported here: --help stays free of jax)
 
     p = _Parser(prog="ziplm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command")
@@ -692,6 +721,13 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("output", help="the file to write")
     de.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     de.add_argument("--devices", type=_positive, help="the device count the file was encoded with (default: 1)")
+    de.add_argument(
+        "--max-output",
+        type=_size,
+        default=lm_limit,
+        help=f"refuse a file that claims more output than this (bytes, or 500M, 4G; 0: no limit; default "
+        f"{lm_limit >> 30}G): a crafted header cannot run a decode for hours",
+    )
     sw = sub.add_parser("sweep", help="run every point of a sweep config (axes of overrides), skipping finished ones")
     sw.add_argument("config", help="sweep config file with get_config() (see research/sweep/__init__.py)")
     sw.add_argument("--workdir", help="where the points go (default: the config's, else runs/sweeps/<name>)")

@@ -112,6 +112,16 @@ def _tokenizer_id(tok) -> bytes:
 
 
 _ESCAPED = re.compile("([\udc80-\udcff]+)")  # the bytes `surrogateescape` could not decode as UTF-8
+RUN_CHARS = 2**20  # a text run holds at most this many characters, so decoding holds one run's text at a time
+
+
+def _pieces(text: str):
+    """`text` cut into runs of at most RUN_CHARS characters, each cut after a newline where there is one."""
+    while len(text) > RUN_CHARS:
+        cut = text.rfind("\n", 0, RUN_CHARS) + 1 or RUN_CHARS
+        yield text[:cut]
+        text = text[cut:]
+    yield text
 
 
 def _runs(data: bytes, tok) -> tuple[list, np.ndarray, bytes]:
@@ -119,11 +129,13 @@ def _runs(data: bytes, tok) -> tuple[list, np.ndarray, bytes]:
     if tok.spec == "byte":
         return [["t", len(data), len(data)]], np.frombuffer(data, np.uint8).astype(np.int32), b""
     runs, ids, escapes = [], [], bytearray()
-    for i, part in enumerate(_ESCAPED.split(data.decode("utf-8", "surrogateescape"))):
+    parts = _ESCAPED.split(data.decode("utf-8", "surrogateescape"))
+    cut = [(piece, i % 2 == 0) for i, part in enumerate(parts) for piece in (_pieces(part) if i % 2 == 0 else [part])]
+    for part, is_text in cut:
         if not part:
             continue
         raw = part.encode("utf-8", "surrogateescape")
-        t = tok.encode(part) if i % 2 == 0 else None  # odd parts are the undecodable bytes
+        t = tok.encode(part) if is_text else None  # the other parts are the undecodable bytes
         if t is not None and tok.decode(t).encode("utf-8") == raw:
             runs.append(["t", len(raw), len(t)])
             ids.append(t)
@@ -134,17 +146,20 @@ def _runs(data: bytes, tok) -> tuple[list, np.ndarray, bytes]:
     return runs, tokens, bytes(escapes)
 
 
-def _join(runs, tokens: np.ndarray, escapes: bytes, tok) -> bytes:
-    out, ti, ei = bytearray(), 0, 0
+def _join(runs, tokens: np.ndarray, escapes: bytes, tok):
+    """Yields the input's bytes run by run (a byte-level model's long run in pieces of RUN_CHARS bytes)."""
+    ti, ei = 0, 0
     for kind, n_bytes, n_tokens in runs:
         if kind == "b":
-            out += escapes[ei : ei + n_bytes]
+            yield escapes[ei : ei + n_bytes]
             ei += n_bytes
             continue
-        piece = tokens[ti : ti + n_tokens]
-        out += piece.astype(np.uint8).tobytes() if tok.spec == "byte" else tok.decode(piece).encode("utf-8")
+        if tok.spec == "byte":
+            for lo in range(ti, ti + n_tokens, RUN_CHARS):
+                yield np.asarray(tokens[lo : min(lo + RUN_CHARS, ti + n_tokens)]).astype(np.uint8).tobytes()
+        else:
+            yield tok.decode(np.asarray(tokens[ti : ti + n_tokens])).encode("utf-8")
         ti += n_tokens
-    return bytes(out)
 
 
 def quantize(logits: jax.Array) -> jax.Array:
@@ -205,19 +220,37 @@ def cache_bytes(cfg, batch_size: int, capacity: int) -> int:
     return 2 * cfg.n_layer * batch_size * capacity * cfg.kv_heads * cfg.dim_head * jnp.dtype(cfg.dtype).itemsize
 
 
-def _run(m, p: Plan, batch_size: int, start: int, code, known=None, sharding=None) -> tuple[np.ndarray, float]:
+IN_MEMORY_TOKENS = 2**26  # past this many stream slots (256 MiB of int32), decoded tokens go to a temporary file
+
+
+def _token_array(batch_size: int, span: int) -> np.ndarray:
+    """A zeroed (B, span) int32 array: in memory, or memory-mapped onto an unnamed temporary file when large, so
+    a decode's memory stays bounded whatever length its file claims."""
+    if batch_size * span <= IN_MEMORY_TOKENS:
+        return np.zeros((batch_size, span), np.int32)
+    import tempfile
+
+    return np.memmap(tempfile.TemporaryFile(prefix="ziplm-tokens-"), np.int32, "w+", shape=(batch_size, span))
+
+
+def _run(
+    m, p: Plan, batch_size: int, start: int, code, known=None, sharding=None, progress: bool | None = False
+) -> tuple[np.ndarray, float]:
     """Drives the model over the streams, window by window.
 
     `code(freqs, sel, logp, live, pos)` gets the step's outputs (see `_coded_step`; `distributed.to_host`
     brings them to the host) and returns the (B,) tokens at stream position `pos` (the encoder knows them; the
     decoder decodes them), or None to stop; entries where `live` is False are ignored. `known` (B, span) are the
     encoder's tokens, passed to the step as `sym`. With `sharding` (a batch sharding) the streams, their cache and
-    the step's outputs are split over its devices, each process putting only its own streams' rows. Returns the
-    (B, span) tokens and the seconds spent in the model.
+    the step's outputs are split over its devices, each process putting only its own streams' rows. `progress`:
+    a bar of stream positions on stderr (None: when it is a terminal). Returns the (B, span) tokens and the
+    seconds spent in the model.
     """
+    from tqdm import tqdm
+
     from research.models import decode
 
-    tokens = np.zeros((batch_size, p.span), np.int32)
+    tokens = _token_array(batch_size, p.span) if known is None else np.zeros((batch_size, p.span), np.int32)
     if not p.windows:
         return tokens, 0.0
     zeros = np.zeros(batch_size, np.int32)
@@ -234,7 +267,10 @@ def _run(m, p: Plan, batch_size: int, start: int, code, known=None, sharding=Non
         layout = decode.KVCache(*(((rows,) * m.cfg.n_layer,) * 2), NamedSharding(sharding.mesh, P()))
         cache = jax.jit(lambda: decode.init_cache(m.cfg, batch_size, p.capacity), out_shardings=layout)()
     seconds = 0.0
+    show = _stderr_is_terminal() if progress is None else bool(progress)
+    bar = tqdm(total=p.span, unit="pos", desc="coding", disable=not show, leave=False)
     for lo, hi, ctx_lo in p.windows:
+        bar.update(lo - bar.n)
         prefix = np.full((batch_size, 1), start, np.int32) if lo == 0 else tokens[:, ctx_lo:lo]
         t0 = time.perf_counter()
         cache = decode.reset(cache)
@@ -251,10 +287,18 @@ def _run(m, p: Plan, batch_size: int, start: int, code, known=None, sharding=Non
             live = p.lengths > pos
             out = code(freqs, sel, logp, live, pos)
             if out is None:
+                bar.close()
                 return tokens, seconds
             tokens[:, pos] = np.where(live, out, 0)
-            x = tokens[:, pos : pos + 1]
+            x = np.array(tokens[:, pos : pos + 1])
+    bar.close()
     return tokens, seconds
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
 def _positive(name: str, v) -> None:
@@ -503,20 +547,56 @@ def read_header(blob: bytes) -> tuple[dict, bytes]:
     return header, payload
 
 
-def decode(blob: bytes, m, sharding=None) -> tuple[bytes, dict]:
+DEFAULT_MAX_OUTPUT = 2**30  # decode refuses files that claim more output than this unless told otherwise
+
+
+def check_output(header: dict, max_output: int | None) -> None:
+    """Refuses a file whose header claims more than `max_output` bytes of output (None or 0: no limit), before
+    any model work: a crafted header cannot make a decode run for hours or fill a disk unasked."""
+    if max_output and header["length"] > max_output:
+        raise errors.UserError(
+            f"the file claims {header['length']:,} bytes of output, more than the limit of {max_output:,}; if you"
+            f" trust it, raise the limit (--max-output {header['length']}, or 0 for none)"
+        )
+
+
+def with_header(blob: bytes, **changes) -> bytes:
+    """A coded file (not stored) with some header fields (`_FIELDS`, or `runs`) replaced and every checksum
+    recomputed: the crafted files of the fault-injection tests, which only the limits can refuse."""
+    header, payload = read_header(blob)
+    header.update(changes)
+    fields = [header[f] for f in _FIELDS] + [len(header["runs"])]
+    for kind, n_bytes, n_tokens in header["runs"]:
+        fields += [n_bytes << 1 | (kind == "b")] + ([n_tokens] if kind == "t" else [])
+    head = bytes(blob[: _FIXED.size]) + entropy.varints(fields)
+    return head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF) + payload
+
+
+def decode(
+    blob: bytes, m, sharding=None, *, out=None, max_output: int | None = DEFAULT_MAX_OUTPUT, progress=None
+) -> tuple[bytes | None, dict]:
     """The bytes `encode` coded, with the model `m` (the same one: checked by fingerprint), and a report.
 
     A stored file (see the module docstring) needs no model: `m` may then be None. `sharding`: the encoder's.
+    `out`: a binary file to write the bytes to as they are decoded (run by run; then None is returned in their
+    place), so memory stays bounded whatever the file's length: decoded tokens past `IN_MEMORY_TOKENS` live in an
+    unnamed temporary file. The caller commits `out` only when this returns (the hash is checked last).
+    `max_output`: refuse a file that claims more bytes (`check_output`). `progress`: see `_run`.
     """
     from research.data import tokenizers
 
     t_start = time.perf_counter()
     header, payload = read_header(blob)
+    check_output(header, max_output)
     if header["stored"]:
         seconds = time.perf_counter() - t_start
         n = len(payload)
-        return payload, dict(output_bytes=n, stored=True, tokens=0, seconds=seconds, model_seconds=0.0,
-                             coder_seconds=0.0, kb_per_s=n / 1e3 / max(seconds, 1e-9), tokens_per_s=0.0)  # fmt: skip
+        if out is not None:
+            out.write(payload)
+        return None if out is not None else payload, dict(
+            output_bytes=n, stored=True, tokens=0, seconds=seconds, model_seconds=0.0, coder_seconds=0.0,
+            kb_per_s=n / 1e3 / max(seconds, 1e-9), tokens_per_s=0.0,
+        )  # fmt: skip
     if m is None:
         raise errors.UserError("this file was coded with a model: decode it with the model it was coded with")
     have = fingerprint(m.cfg, m.params)[:16]
@@ -551,27 +631,56 @@ def decode(blob: bytes, m, sharding=None) -> tuple[bytes, dict]:
         return out
 
     p = plan(n, batch_size, context, chunk_len)
-    streams, model_seconds = _run(m, p, batch_size, header["start_token"], code, sharding=sharding)
-    tokens = np.concatenate([streams[i, : p.lengths[i]] for i in range(batch_size)]) if n else np.zeros(0, np.int32)
+    streams, model_seconds = _run(m, p, batch_size, header["start_token"], code, sharding=sharding, progress=progress)
+    tokens = _Concatenated(streams, p.lengths)
+    digest, written, kept = hashlib.sha256(), 0, []
     try:
-        data = _join(header["runs"], tokens, escapes, tok)
+        for piece in _join(header["runs"], tokens, escapes, tok):
+            digest.update(piece)
+            written += len(piece)
+            if written > header["length"]:
+                break
+            if out is not None:
+                out.write(piece)
+            else:
+                kept.append(piece)
+    except (OSError, errors.UserError):
+        raise
     except Exception as e:  # garbage tokens from a damaged file may not even decode
         raise errors.CorruptData(
             f"the decoded tokens do not form the input ({type(e).__name__}: the file is damaged)"
         ) from None
-    if len(data) != header["length"] or hashlib.sha256(data).hexdigest()[:16] != header["sha256_prefix"]:
+    if written != header["length"] or digest.hexdigest()[:16] != header["sha256_prefix"]:
         raise errors.CorruptData("the decoded bytes fail the input's SHA-256 (damaged file or a changed tokenizer)")
+    data = None if out is not None else b"".join(kept)
     seconds = time.perf_counter() - t_start
     rep = dict(
-        output_bytes=len(data),
+        output_bytes=written,
         stored=False,
         tokens=n,
         seconds=seconds,
         model_seconds=model_seconds,
         coder_seconds=coder_seconds,
-        kb_per_s=len(data) / 1e3 / max(seconds, 1e-9),
+        kb_per_s=written / 1e3 / max(seconds, 1e-9),
         tokens_per_s=n / max(seconds, 1e-9),
         context=context,
         cache_capacity=p.capacity,
     )
     return data, rep
+
+
+class _Concatenated:
+    """The streams' tokens in input order, (B, span) rows cut to their lengths, sliced without copying them all."""
+
+    def __init__(self, streams: np.ndarray, lengths: np.ndarray):
+        self.streams, self.lengths = streams, np.asarray(lengths)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
+
+    def __getitem__(self, cut: slice) -> np.ndarray:
+        lo, hi = cut.start, cut.stop
+        rows = []
+        for i in range(len(self.lengths)):
+            a, b = max(lo, self.starts[i]), min(hi, self.starts[i + 1])
+            if a < b:
+                rows.append(np.asarray(self.streams[i, a - self.starts[i] : b - self.starts[i]]))
+        return np.concatenate(rows) if rows else np.zeros(0, np.int32)

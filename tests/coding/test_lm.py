@@ -2,8 +2,8 @@
 against the model's log-loss, the cache sized to the window used, the stored fallback, damaged or tampered files
 and the wrong model refused."""
 
-import struct
-import zlib
+import functools
+import io
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from research import errors, models, sources, tree
-from research.coding import entropy, lm
+from research.coding import lm
 from research.models import config as model_config
 from research.models import decode as decode_lib
 from research.train import step as train_step
@@ -185,14 +185,7 @@ def test_a_tampered_header_is_refused_never_decoded_wrong():
             with pytest.raises(errors.CorruptData):
                 lm.decode(bad, BYTE)
 
-    def rewritten(**changes):
-        """The file with header fields changed and every checksum recomputed (a deliberate edit)."""
-        h = {**header, **changes}
-        fields = [h[k] for k in lm._FIELDS] + [len(h["runs"])]
-        for kind, n_bytes, n_tokens in h["runs"]:
-            fields += [n_bytes << 1 | (kind == "b")] + ([n_tokens] if kind == "t" else [])
-        head = blob[: lm._FIXED.size] + entropy.varints(fields)
-        return head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF) + payload
+    rewritten = functools.partial(lm.with_header, blob)  # header fields changed, checksums recomputed
 
     assert lm.decode(rewritten(), BYTE)[0] == TEXT
     for changes in (dict(context=15), dict(chunk_len=9), dict(batch_size=3), dict(start_token=32)):
@@ -213,6 +206,54 @@ def test_a_tampered_header_is_refused_never_decoded_wrong():
     ):
         with pytest.raises(errors.CorruptData, match=match):
             lm.read_header(rewritten(**changes))
+
+
+def test_a_claim_past_the_output_limit_is_refused_before_the_model_runs(tmp_path, capsys, monkeypatch):
+    from research import cli
+    from research.models import hf
+
+    blob, _ = lm.encode(TEXT, BYTE, chunk_len=8, batch_size=4, fallback=False)
+    claim = lm.MAX_EXPANSION * len(blob)  # the most `read_header` lets through, with every checksum right
+    crafted = lm.with_header(blob, length=claim, tokens=claim, runs=[["t", claim, claim]])
+    assert lm.read_header(crafted)[0]["length"] == claim
+
+    def no_model(*a, **k):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(lm, "_run", no_model)
+    with pytest.raises(errors.UserError, match=f"claims {claim:,} bytes of output, more than the limit"):
+        lm.decode(crafted, BYTE, max_output=claim - 1)
+    model, src, out = tmp_path / "model", tmp_path / "crafted.zlmt", tmp_path / "out"
+    hf.export(BYTE.cfg, BYTE.params, model, tokenizer="byte")
+    src.write_bytes(crafted)
+    assert cli.main(["decode", "--model", str(model), str(src), str(out), "--max-output", "1M"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--max-output" in err and "\n" not in err and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_decode_streams_its_output_with_tokens_on_disk(monkeypatch):
+    """Past IN_MEMORY_TOKENS the decoded tokens live in a memory-mapped temporary file, and the bytes go to the
+    output run by run (RUN_CHARS at a time): the same bytes as in memory."""
+    blob, _ = lm.encode(TEXT, UNIGRAM, chunk_len=8, batch_size=3, fallback=False)
+    made = []
+    real = lm._token_array
+    monkeypatch.setattr(lm, "IN_MEMORY_TOKENS", 16)
+    monkeypatch.setattr(lm, "RUN_CHARS", 37)
+    monkeypatch.setattr(lm, "_token_array", lambda *a: made.append(real(*a)) or made[-1])
+    out = io.BytesIO()
+    data, rep = lm.decode(blob, UNIGRAM, out=out)
+    assert data is None and out.getvalue() == TEXT and rep["output_bytes"] == len(TEXT)
+    assert isinstance(made[0], np.memmap)
+    assert lm.decode(blob, UNIGRAM)[0] == TEXT
+
+
+def test_long_text_is_cut_into_runs_after_newlines(monkeypatch):
+    monkeypatch.setattr(lm, "RUN_CHARS", 10)
+    text = "line one\nline two is longer than ten\nx\n" + "y" * 25
+    pieces = list(lm._pieces(text))
+    assert "".join(pieces) == text and all(len(p) <= 10 for p in pieces)
+    assert pieces[0] == "line one\n" and pieces[-1] == "y" * 5
 
 
 def test_bad_settings_are_user_errors():
