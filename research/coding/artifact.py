@@ -71,29 +71,55 @@ def meta(cfg, tokenizer, source, kind: str, step, run_config, **extra) -> dict:
     )
 
 
+def check_model(reader: container.Reader):
+    """The model a packed file's header describes, checked before anything is decoded: meta.model a valid model
+    config, the tokenizer a spec or None, the run config a dict or None, and the leaves exactly the config's
+    parameters with their shapes. Returns (cfg, graphdef, abstract params); CorruptData otherwise."""
+    from research import models, tree
+    from research.models import config as model_config
+
+    meta, where = reader.meta, reader.path
+    if not isinstance(meta.get("model"), dict):
+        raise errors.CorruptData(f"{where}: the header has no model config (meta.model); not a packed model")
+    try:
+        cfg = model_config.ModelConfig.from_dict(meta["model"])
+        graphdef, abstract = models.abstract(cfg)
+    except Exception as e:  # unknown keys, wrong types, impossible sizes: the config cannot build a model
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise errors.CorruptData(
+            f"{where}: the header's model config is invalid ({type(e).__name__}: {first})"
+        ) from None
+    for key in ("tokenizer", "source"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise errors.CorruptData(f"{where}: the header's {key} is {meta[key]!r}, not a string")
+    if meta.get("run_config") is not None and not isinstance(meta["run_config"], dict):
+        raise errors.CorruptData(f"{where}: the header's run config is not a record")
+    want = {p: list(a.shape) for p, a in tree.flatten(abstract).items()}
+    got = {leaf["path"]: list(leaf["shape"]) for leaf in reader.leaves}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [p for p in want if want[p] != got[p]]
+        raise errors.CorruptData(
+            f"{where}: the packed tensors do not match its model config (first: {diff[0]}: "
+            f"{got.get(diff[0])} in the file, {want.get(diff[0])} in the config)"
+        )
+    return cfg, graphdef, abstract
+
+
 def load(path):
     """(meta, model config, graphdef, params as jax arrays) of a packed file, every checksum checked."""
     import jax
     import jax.numpy as jnp
 
-    from research import models, tree
-    from research.models import config as model_config
-
+    cfg, graphdef, abstract = check_model(pack.open_file(path))
     meta, params = pack.unpack(path)
-    cfg = model_config.ModelConfig.from_dict(meta["model"])
-    graphdef, abstract = models.abstract(cfg)
-    want = {p: tuple(a.shape) for p, a in tree.flatten(abstract).items()}
-    got = {p: tuple(a.shape) for p, a in tree.flatten(params).items()}
-    if want != got:
-        diff = sorted(set(want) ^ set(got)) or [p for p in want if want[p] != got[p]]
-        raise errors.CorruptData(f"{path}: the packed tensors do not match its model config (first: {diff[0]})")
     return meta, cfg, graphdef, jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), abstract, params)
 
 
 def inspect(path, *, verify: bool = True) -> dict:
     """The contents of a packed file from its header (nothing is decoded): the report plus one row per leaf.
     With `verify`, the whole-file SHA-256 is checked too (reading the file, not decoding it)."""
-    r = container.Reader(path)
+    r = pack.open_file(path)
+    check_model(r)
     if verify:
         r.verify()
     rows = []

@@ -102,6 +102,23 @@ def _header(meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]]) -> by
     return zlib.compress(json.dumps(dict(format=FORMAT, version=VERSION, meta=meta, leaves=records)).encode(), 9)
 
 
+def header_of(data: bytes) -> dict:
+    """The header of a packed file's bytes, unchecked (for `with_header`)."""
+    (hlen,) = struct.unpack_from("<Q", data, 12)
+    return json.loads(zlib.decompress(data[_FIXED.size : _FIXED.size + hlen]))
+
+
+def with_header(data: bytes, header, raw: bytes | None = None) -> bytes:
+    """A packed file's bytes with another header (or raw header bytes) and every checksum recomputed (the header
+    CRC and the whole-file SHA-256), as an adversary would make it: the crafted files of the fault-injection
+    tests, which only the header's schema can refuse."""
+    (hlen,) = struct.unpack_from("<Q", data, 12)
+    raw = raw if raw is not None else zlib.compress(json.dumps(header).encode())
+    body = data[:12] + struct.pack("<Q", len(raw)) + raw + struct.pack("<I", crc(raw))
+    body += data[_FIXED.size + hlen + 4 : -FOOTER]
+    return body + hashlib.sha256(body).digest() + END
+
+
 def overhead(meta: dict, leaves: list[dict], blobs: list[dict[str, bytes]]) -> int:
     """Bytes of a file of these leaves beyond their sections: framing, header and footer."""
     return _FIXED.size + len(_header(meta, leaves, blobs)) + 4 + FOOTER
@@ -158,6 +175,8 @@ class Reader:
         if not isinstance(h, dict) or h.get("format") != FORMAT:
             got = h.get("format") if isinstance(h, dict) else type(h).__name__
             raise errors.CorruptData(f"{self.path}: header format {got!r}, expected {FORMAT!r}")
+        if h.get("version") != VERSION or isinstance(h.get("version"), bool):
+            bad(f"says version {h.get('version')!r}, not {VERSION}")
         if not isinstance(h.get("meta"), dict) or not isinstance(h.get("leaves"), list):
             bad("lacks its meta record or leaf list")
         end = 0
@@ -175,8 +194,12 @@ class Reader:
             if not _count(leaf.get("crc32")) or not isinstance(leaf.get("sections"), dict):
                 bad(f"{where} lacks its checksum or sections")
             for name, sec in leaf["sections"].items():
-                if not isinstance(sec, dict) or not (_count(sec.get("offset")) and _count(sec.get("length"))):
+                if not isinstance(sec, dict) or not all(_count(sec.get(k)) for k in ("offset", "length", "crc32")):
                     bad(f"{where} has a malformed section {name!r}")
+                for k in ("bound_bits", "huffman_bits"):  # sizes `report` adds up: None or a number >= 0
+                    v = sec.get(k)
+                    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0):
+                        bad(f"{where}: section {name!r} has {k} {v!r}")
                 if sec["offset"] != end:
                     bad(f"{where}: section {name!r} is not where the previous one ends")
                 end += sec["length"]

@@ -309,9 +309,97 @@ def _group_min(levels: np.ndarray, lay: codes.Layout, pshape) -> np.ndarray:
     return padded.reshape(-1, g, *levels.shape[1:]).min(axis=1)
 
 
+# The fields each kind's record must have (besides path, shape, dtype, kind, crc32, sections), with their checks:
+# the header schema every reader relies on, checked before anything is decoded or reported.
+def _is_dtype(v) -> bool:
+    return v in container.LEAF_DTYPES
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_positive(v) -> bool:
+    return _is_count(v) and v >= 1
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+_LAYOUT = {"layout": lambda v: v in codes.GRANULARITIES, "group": _is_count}
+SCHEMA = {
+    "float": ({}, {"values"}),
+    "masked": ({}, {"mask", "values"}),
+    "grid": (
+        {
+            **_LAYOUT,
+            "masked": _is_bool,
+            "scale_shape": lambda v: isinstance(v, list) and len(v) <= 8 and all(map(_is_count, v)),
+            "zero?": lambda v: v in ("integer", "float"),
+            "centered?": _is_bool,
+            "param_dtype?": _is_dtype,
+        },
+        {"symbols", "scale"},
+    ),
+    "palette": ({**_LAYOUT, "masked": _is_bool, "k": _is_positive}, {"symbols", "entries"}),
+    "vectors": (
+        {
+            **_LAYOUT,
+            "masked": _is_bool,
+            "k": _is_positive,
+            "dim": _is_positive,
+            "stages": _is_positive,
+            "table_dtype": _is_dtype,
+        },
+        {"entries"},
+    ),  # fmt: skip
+    "affine": (
+        {
+            "axis": lambda v: v in ("in", "last"),
+            "block": _is_positive,
+            "zero": _is_count,
+            "exceptions": _is_count,
+            "scale_dtype": _is_dtype,
+            "offset_dtype": _is_dtype,
+        },
+        {"codes", "scale", "offset"},
+    ),  # fmt: skip
+}
+
+
+def check_leaf(leaf: dict, where) -> None:
+    """A leaf record against `SCHEMA` (CorruptData naming the field): its kind, the fields its kind needs, a
+    layout `codes.Layout` accepts, and the sections it must have."""
+    kind = leaf["kind"]
+    if kind not in SCHEMA:
+        raise errors.CorruptData(f"{where}: {leaf['path']} has unknown kind {kind!r} (the file is damaged)")
+    fields, sections = SCHEMA[kind]
+    for name, ok in fields.items():
+        optional, key = name.endswith("?"), name.rstrip("?")
+        if (key in leaf or not optional) and not ok(leaf.get(key)):
+            raise errors.CorruptData(f"{where}: {leaf['path']} ({kind}) has {key} {leaf.get(key)!r} (damaged)")
+    if "layout" in fields:
+        try:
+            codes.Layout.of(leaf["layout"], leaf["group"])
+        except ValueError as e:
+            raise errors.CorruptData(f"{where}: {leaf['path']} has an invalid layout ({e})") from None
+    missing = sections - set(leaf["sections"])
+    if missing:
+        raise errors.CorruptData(f"{where}: {leaf['path']} ({kind}) lacks section(s) {sorted(missing)} (damaged)")
+
+
+def open_file(path) -> container.Reader:
+    """A `container.Reader` of a packed file whose every leaf record passed `check_leaf`."""
+    r = container.Reader(path)
+    for leaf in r.leaves:
+        check_leaf(leaf, r.path)
+    return r
+
+
 def codes_of(path) -> dict:
     """{leaf path: code record} of the grid, palette and vectors leaves of a packed file (see `leaf_code`)."""
-    r = container.Reader(path)
+    r = open_file(path)
     return {
         leaf["path"]: leaf_code(leaf, {name: r.section(leaf, name) for name in leaf["sections"]})
         for leaf in r.leaves
@@ -461,12 +549,12 @@ def pack(params, path, *, meta: dict, exported: dict | None = None, overwrite: b
         records.append(record)
         blobs.append(sections)
     container.write(path, meta, records, blobs, overwrite=overwrite)
-    return report(container.Reader(path))
+    return report(open_file(path))
 
 
 def unpack(path, *, verify: bool = True) -> tuple[dict, dict]:
     """(meta, params as a nested dict of NumPy arrays) of a packed file, every checksum checked."""
-    r = container.Reader(path)
+    r = open_file(path)
     if verify:
         r.verify()
     out: dict = {}

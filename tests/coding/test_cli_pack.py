@@ -51,3 +51,38 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
     _bad(["pack", "--model", str(tmp_path / "d.zlm"), "--out", str(tmp_path / "u2.zlm")], capsys, "fails its checksum")
     assert not (tmp_path / "u2.zlm").exists()
     _bad(["eval", "--model", str(tmp_path / "d.zlm")], capsys, "fails its checksum")
+
+
+def test_a_crafted_model_header_is_one_line_for_every_reader(run, tmp_path, capsys):
+    """Headers with valid checksums that no `pack` writes: the model schema (meta.model, the leaves matching the
+    config) refuses them in eval, pack, inspect and export alike, before anything is decoded."""
+    from research.coding import container
+
+    good = tmp_path / "good.zlm"
+    assert cli.main(["pack", "--model", str(run), "--out", str(good)]) == 0
+    capsys.readouterr()
+    data = good.read_bytes()
+
+    def crafted(edit):
+        h = container.header_of(data)
+        edit(h)
+        path = tmp_path / "crafted.zlm"
+        path.write_bytes(container.with_header(data, h))
+        return path
+
+    def huge(h):  # a consistent lie: one leaf claims a shape its config does not have
+        h["leaves"][0]["shape"] = [2**20, 2**19]
+
+    cases = {
+        "no model": (lambda h: h["meta"].pop("model"), "has no model config"),
+        "bad model": (lambda h: h["meta"]["model"].update(n_layer="two"), "model config is invalid"),
+        "huge shape": (huge, "do not match its model config"),
+        "tokenizer": (lambda h: h["meta"].update(tokenizer=7), "tokenizer is 7"),
+    }
+    for edit, match in cases.values():
+        f = crafted(edit)
+        _bad(["inspect", str(f)], capsys, match)
+        _bad(["eval", "--model", str(f)], capsys, match)
+        _bad(["pack", "--model", str(f), "--out", str(tmp_path / "again.zlm")], capsys, match)
+        _bad(["export", "--model", str(f), "--out", str(tmp_path / "hf")], capsys, match)
+        assert not (tmp_path / "again.zlm").exists() and not (tmp_path / "hf").exists()
