@@ -28,7 +28,8 @@ a GGUF file, a model name fetched by `ziplm pull`, a Hugging Face checkpoint dir
 or a hub id.
 
 A mistake in the input (a missing file, an unknown config key, a bad value) prints one line, "error: ...", and
-exits with status 2; an interrupted run exits with 130 after saving a checkpoint.
+exits with status 2; an interrupted run exits with 128 + the signal after saving a checkpoint (130 for Ctrl-C,
+143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -336,11 +337,14 @@ def _pack(args, overrides) -> int:
     m = sources.load(args.model, args.step)
     file = sources.packed_file(args.model) if m.kind == "packed" else None
     exported = pack.codes_of(file) if file else None  # a packed model packs again as it was
-    rep = artifact.pack_model(m, args.out, exported=exported, overwrite=args.overwrite)
+    # The report is written before the packed file is moved into place: a failure leaves neither.
+    with files.staged(args.out, overwrite=args.overwrite) as tmp:
+        rep = artifact.pack_model(m, tmp, exported=exported, overwrite=True)
+        rep["file"] = str(Path(args.out).expanduser().absolute())
+        if args.json:
+            files.write_json(Path(args.json), rep)
     print(artifact.table(rep))
     print(f"packed {args.model} into {rep['file']}")
-    if args.json:
-        files.write_json(Path(args.json), rep)
     return 0
 
 
@@ -559,11 +563,18 @@ _temperature = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite n
 _seed = _number(int, lambda v: 0 <= v < 2**32, "an integer seed in 0 .. 2**32 - 1")
 
 
+PATH_ARGS = ("workdir", "model", "out", "output", "input", "file", "json", "config", "corpus", "tokenizer", "wheel")
+
+
 def _check_outputs(args) -> None:
     """Checks every output file the command will write (its `output` / `out` file and `--json`) before any work:
     a missing directory, a directory where the file goes, or an existing file without --overwrite."""
     from research import files
 
+    for name in PATH_ARGS:  # '' would fall back to a default ("runs/demo") where a path was meant
+        if getattr(args, name, None) == "":
+            flag = name if name in ("input", "output", "file", "name") else "--" + name.replace("_", "-")
+            raise errors.UserError(f"{flag} is empty; give a path")
     overwrite = getattr(args, "overwrite", False)
     for name in ("output", "out") if args.command in ("encode", "decode", "pack") else ():
         if getattr(args, name, None):
@@ -786,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(2)
     except loop.Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum if e.signum else 130  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return _stopped(130)

@@ -7,6 +7,9 @@ failure. Without `overwrite` the commit itself refuses a target that appeared wh
 (a hard link for files, a rename onto a missing or empty directory for directories: both fail atomically when the
 target exists). New files and directories get the permissions the umask gives, as `open` and `mkdir` would.
 
+Temporaries are named `.<name>.<host>-<pid>.<random>` so that the next writer of the same target removes those
+of a process killed mid-write (`clean_stale`; only this host's, only of processes that are gone).
+
 Operating-system errors (no space left, read-only file system, permission denied, a directory where a file goes)
 become `errors.UserError` with one line naming the path, so the CLI prints them without a traceback.
 
@@ -20,7 +23,9 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -33,7 +38,23 @@ def os_error(e: OSError, doing: str) -> errors.UserError:
     return errors.UserError(f"{reason} {doing}")
 
 
-def _umask() -> int:
+# Operating-system errors as libraries that wrap them (orbax / tensorstore, safetensors) spell them in messages.
+_OS_REASONS = (
+    ("No space left on device", "no space left on device"),
+    ("Disk quota exceeded", "disk quota exceeded"),
+    ("Read-only file system", "read-only file system"),
+    ("Permission denied", "permission denied"),
+)
+
+
+def os_reason(e: Exception) -> str | None:
+    """The operating-system reason an exception's message carries ("no space left on device"), or None."""
+    text = str(e)
+    return next((reason for marker, reason in _OS_REASONS if marker in text), None)
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for longer than a call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -69,18 +90,32 @@ def atomic_file(path, *, overwrite: bool = True, mode: str = "wb"):
         the commit is refused (UserError) and nothing is changed.
       mode: "wb" or "w".
     """
+    with staged(path, overwrite=overwrite) as tmp:
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise os_error(e, f"writing {Path(path).expanduser().absolute()}") from None
+
+
+@contextlib.contextmanager
+def staged(path, *, overwrite: bool = True):
+    """Yields a temporary file path beside `path` for any writer to build the output at; it replaces `path` when
+    the block succeeds and is removed when it fails (so a command can finish its other outputs, a report, before
+    its main output appears). `overwrite` as in `atomic_file`."""
     target = Path(path).expanduser().absolute()
     _check_target(target, overwrite)
+    clean_stale(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
+        os.fchmod(fd, 0o666 & ~umask())
+        os.close(fd)
     except OSError as e:
         raise os_error(e, f"writing {target}") from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         if overwrite:
             os.replace(tmp, target)
         else:
@@ -95,6 +130,48 @@ def atomic_file(path, *, overwrite: bool = True, mode: str = "wb"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _owner() -> str:
+    """This process as temporary names record it: host and pid."""
+    return f"{re.sub(r'[^A-Za-z0-9]+', '', socket.gethostname())[:32] or 'host'}-{os.getpid()}"
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{_owner()}."
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Removes the temporaries a killed writer of `target` left beside it (`.<name>.<host>-<pid>.*`, from
+    `atomic_file` and `AtomicDir`) whose process, on this host, is gone; returns them. Another host's, or a
+    running process's, are left alone."""
+    host = _owner().rsplit("-", 1)[0]
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.{re.escape(host)}-(\d+)\.")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pattern.match(p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_bytes(path, data: bytes, *, overwrite: bool = True) -> Path:
@@ -131,8 +208,9 @@ class AtomicDir:
     def __enter__(self) -> Path:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-            os.chmod(self.tmp, 0o777 & ~_umask())
+            clean_stale(self.target)
+            self.tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(self.target), dir=self.target.parent))
+            os.chmod(self.tmp, 0o777 & ~umask())
         except OSError as e:
             raise os_error(e, f"creating {self.target}") from None
         return self.tmp
@@ -142,6 +220,8 @@ class AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if isinstance(exc, OSError):
                 raise os_error(exc, f"writing {self.target}") from None
+            if isinstance(exc, errors.UserError) and str(self.tmp) in str(exc):  # name the target, not the temporary
+                raise type(exc)(str(exc).replace(str(self.tmp), str(self.target))) from None
             return False
         try:
             self._commit()

@@ -6,8 +6,13 @@ reported.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import os
+import platform
 import re
+from pathlib import Path
 
 import jax
 
@@ -34,6 +39,74 @@ def host_cpus() -> int:
     threads, so CPU results are bit-reproducible at the same core count only: `taskset -c 0` and two cores round a
     calibration Hessian differently, and GPTQ / SparseGPT / Wanda then choose some codes or mask entries differently."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu() -> str:
+    """The host CPU's model and the widest x86 vector extension it has, e.g. "AMD EPYC (x86_64, avx512)".
+
+    XLA compiles CPU programs for the host's instruction set, and the vector width changes how reductions are
+    split: on the same core count, the demo's one-shot compression rows differ in the 4th decimal between AVX-512
+    and AVX2 code on one machine (`XLA_FLAGS=--xla_cpu_max_isa=AVX2`; the README's reproducibility note). A cap in
+    XLA_FLAGS is named too."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+            if flags and model != "unknown":
+                break
+    except OSError:
+        pass
+    isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), None)
+    isa = {"avx512f": "avx512"}.get(isa, isa)
+    cap = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    parts = [platform.machine()] + ([isa] if isa else []) + ([f"XLA max ISA {cap.group(1)}"] if cap else [])
+    return f"{model} ({', '.join(parts)})"
+
+
+LOCKS = ("test", "dev", "bench", "llama", "main")  # requirements/<name>.txt, the larger sets first
+
+
+@functools.lru_cache(maxsize=1)
+def lock() -> dict | None:
+    """Which lock file of the checkout (`requirements/*.txt`, made by `make lock`) this environment holds exactly:
+    {"file", "sha256" (of the file), "exact": True}; {"file": None, "exact": False, "differ": [...]} when no lock
+    file's every pin is installed at its version (a few of the main lock's differences named); None outside a
+    checkout."""
+    folder = Path(__file__).resolve().parents[1] / "requirements"
+    if not folder.is_dir():
+        return None
+    installed = {
+        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
+        for d in importlib.metadata.distributions()
+        if d.metadata["Name"]
+    }
+    differ = []
+    for name in LOCKS:
+        path = folder / f"{name}.txt"
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        pins = {
+            re.sub(r"[-_.]+", "-", n).lower(): v for n, v in re.findall(r"^([A-Za-z0-9_.\-]+)==([^ \\;]+)", text, re.M)
+        }
+        wrong = [
+            f"{n} {installed.get(n, 'missing')} (locked {v})" for n, v in sorted(pins.items()) if installed.get(n) != v
+        ]
+        if not wrong:
+            sha = hashlib.sha256(text.encode()).hexdigest()[:16]
+            return {"file": f"requirements/{name}.txt", "sha256": sha, "exact": True}
+        if name == "main":
+            differ = wrong[:5]
+    return {"file": None, "exact": False, "differ": differ}
+
+
+def environment() -> dict:
+    """What a result depends on beyond its config: the jax version, the CPU (`cpu`), the lock file (`lock`)."""
+    return {"jax": jax.__version__, "cpu": cpu(), "lock": lock()}
 
 
 def slug() -> str:

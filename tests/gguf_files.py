@@ -36,7 +36,7 @@ def _encode(w: np.ndarray, kind: str, rng) -> np.ndarray:
     return gguf.quants.quantize(w, qt)
 
 
-def write_llama(path, cfg, params, *, types=None, tokenizer=None, seed=0) -> dict:
+def write_llama(path, cfg, params, *, types=None, tokenizer=None, vocab=None, seed=0) -> dict:
     """Writes a Llama-style ziplm model as a GGUF file.
 
     Args:
@@ -45,6 +45,7 @@ def write_llama(path, cfg, params, *, types=None, tokenizer=None, seed=0) -> dic
       params: its parameter tree.
       types: {HF tensor name: GGUF type name} (default "F32" for all).
       tokenizer: a directory with GPT-2's vocab.json and merges.txt, written as tokenizer.ggml.* metadata.
+      vocab: or `add_vocab`'s arguments (e.g. `sentencepiece_vocab(text)`).
       seed: for the random blocks of the dequantize-only types.
 
     Returns:
@@ -89,6 +90,8 @@ def write_llama(path, cfg, params, *, types=None, tokenizer=None, seed=0) -> dic
         w.add_bos_token_id(vocab["<|endoftext|>"])
         w.add_eos_token_id(vocab["<|endoftext|>"])
         w.add_add_bos_token(False)
+    if vocab is not None:
+        add_vocab(w, **vocab)
     expected = {}
     for name, array in hf.items():
         heads = {"q_proj": cfg.n_head, "k_proj": cfg.kv_heads}.get(name.split(".")[-2])
@@ -119,8 +122,19 @@ def _names(cfg) -> dict[str, str]:
     return out
 
 
-def write_vocab(
-    path,
+def write_vocab(path, family: str, tokens: list[str], **fields) -> None:
+    """Writes a vocabulary-only GGUF file (no tensors) whose `tokenizer.ggml.*` metadata is the arguments (see
+    `add_vocab`)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    add_vocab(w, family, tokens, **fields)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def add_vocab(
+    w,
     family: str,
     tokens: list[str],
     *,
@@ -135,8 +149,7 @@ def write_vocab(
     add_bos: bool | None = None,
     add_space_prefix: bool | None = None,
 ) -> None:
-    """Writes a vocabulary-only GGUF file (no tensors) whose `tokenizer.ggml.*` metadata is the arguments."""
-    w = gguf.GGUFWriter(str(path), "llama")
+    """Adds `tokenizer.ggml.*` metadata to a `gguf.GGUFWriter` (None: the field is left out)."""
     w.add_tokenizer_model(family)
     if pre is not None:
         w.add_tokenizer_pre(pre)
@@ -156,10 +169,6 @@ def write_vocab(
         w.add_add_bos_token(add_bos)
     if add_space_prefix is not None:
         w.add_add_space_prefix(add_space_prefix)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def write_gpt2_vocab(path, tokenizer_dir, pre: str = "gpt-2") -> None:
@@ -175,10 +184,10 @@ def write_gpt2_vocab(path, tokenizer_dir, pre: str = "gpt-2") -> None:
     )  # fmt: skip
 
 
-def write_sentencepiece_vocab(path, text: str, size: int = 600, **kw) -> list[str]:
+def sentencepiece_vocab(text: str, size: int = 600) -> dict:
     """A Llama-2-style SentencePiece vocabulary learned from `text` (BPE over "▁"-joined words, byte fallback):
     <unk>, <s>, </s>, the 256 byte tokens <0xNN>, then pieces with descending scores and no merges, as llama.cpp
-    writes Llama 2 files. Returns the tokens."""
+    writes Llama 2 files. Returns `add_vocab`'s arguments."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     learner = Tokenizer(models.BPE())
@@ -189,5 +198,12 @@ def write_sentencepiece_vocab(path, text: str, size: int = 600, **kw) -> list[st
     tokens = head + [t for t, _ in learned if t not in head]
     types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - len(head))
     scores = [0.0] * len(head) + [-float(i) for i in range(len(tokens) - len(head))]
-    write_vocab(path, "llama", tokens, types=types, scores=scores, bos=1, eos=2, unk=0, **kw)
-    return tokens
+    return dict(family="llama", tokens=tokens, types=types, scores=scores, bos=1, eos=2, unk=0)
+
+
+def write_sentencepiece_vocab(path, text: str, size: int = 600, **fields) -> list[str]:
+    """`sentencepiece_vocab(text, size)` written as a vocabulary-only GGUF file (`fields` override its metadata);
+    returns the tokens."""
+    vocab = {**sentencepiece_vocab(text, size), **fields}
+    write_vocab(path, **vocab)
+    return vocab["tokens"]

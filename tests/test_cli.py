@@ -79,7 +79,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err  # as a shell reports a SIGTERM
     assert "interrupted: stopped at step" in err and "Traceback" not in err
     stopped = json.loads((run / "summary.json").read_text())["steps"]
     assert stopped >= 5 and (run / "checkpoints" / str(stopped)).is_dir()

@@ -74,3 +74,51 @@ def test_sample_from_an_hf_directory_with_its_tokenizer(tmp_path, capsys):
     assert {"vocab.json", "merges.txt"} <= set(info["tokenizer_files"])
     args = ["sample", "--model", str(tmp_path / "hf"), "--prompt", "Hello world", "--max-new-tokens", "5"]
     assert _out(capsys, args).startswith("Hello world")
+
+
+def test_gguf_commands_run_with_torch_unimportable(tmp_path):
+    """The commands a user runs on a GGUF model (its tokenizer built from the metadata) with torch made
+    unimportable, as in the main install: eval, encode, decode, sample, compress, pack, inspect, export.
+    (`test_main_install.py` runs the real model in an environment that has no torch at all.)"""
+    import subprocess
+    import sys
+
+    from research import models
+    from research.data import corpora
+    from tests import gguf_files
+
+    text = corpora.pydoc_text()[:60_000]
+    vocab = gguf_files.sentencepiece_vocab(text, size=500)
+    cfg = mc.llama_style(
+        vocab_size=len(vocab["tokens"]), n_layer=1, n_head=2, n_kv_head=1, d_model=32, d_ff=64, max_seq_len=64
+    )
+    _, params = models.init(cfg, 0)
+    model = tmp_path / "m.gguf"
+    gguf_files.write_llama(model, cfg, params, vocab=vocab)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(text[:6000])
+    m, t = str(model), str(tmp_path)
+    commands = [
+        ["eval", "--model", m, "--corpus", f"file:{corpus}", "--window", "64", "--max-windows", "4"],
+        ["encode", "--model", m, str(corpus), f"{t}/c.zlmc", "--context", "64"],
+        ["decode", "--model", m, f"{t}/c.zlmc", f"{t}/back.txt"],
+        ["sample", "--model", m, "--prompt", "The ", "--max-new-tokens", "5", "--temperature", "0"],
+        ["compress", "--model", m, "--workdir", f"{t}/pruned", f"--config.data.corpus=file:{corpus}",
+         "--config.calibration.n=0", "--config.eval.max_windows=2", "--config.wandb.mode=disabled"],
+        ["pack", "--model", m, "--out", f"{t}/m.zlm"],
+        ["inspect", f"{t}/m.zlm"],
+        ["export", "--model", f"{t}/m.zlm", "--out", f"{t}/hf"],
+    ]  # fmt: skip
+    code = (
+        "import json, sys\n"
+        "sys.modules['torch'] = None  # `import torch` raises; importlib.util.find_spec('torch') is None\n"
+        "from research import cli\n"
+        f"for args in json.loads({json.dumps(json.dumps(commands))}):\n"
+        "    assert cli.main(args) == 0, args\n"
+        "    assert not [m for m, v in sys.modules.items() if m.startswith('torch') and v is not None], args\n"
+        "print('all ran')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=helpers.REPO, timeout=900)
+    assert r.returncode == 0 and "all ran" in r.stdout, r.stderr[-3000:]
+    assert (tmp_path / "back.txt").read_text() == corpus.read_text()
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()  # the GGUF model's tokenizer goes with the export

@@ -496,6 +496,8 @@ def _run(job: _Job, atomic, t0: float) -> dict:
             "host_cpus": hardware.host_cpus(),
             "kind": hardware.describe(),
             "jax": jax.__version__,
+            "cpu": hardware.cpu(),
+            "lock": hardware.lock(),
         },
         "seconds": {**job.times, "total": time.time() - t0},
         "workdir": str(out),

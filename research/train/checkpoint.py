@@ -18,9 +18,14 @@ damage, not tampering. Steps written before the manifests existed restore with a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,7 +101,8 @@ class Checkpoints:
 
     def __init__(self, workdir: Path, keep: int = 2, create: bool = True):
         self.dir = Path(workdir).resolve() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+        # cleanup_tmp_directories: a step's temporary directory left by a killed save goes when the run resumes
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, cleanup_tmp_directories=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._mgr = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
 
@@ -107,12 +113,22 @@ class Checkpoints:
         self._mgr.delete(step)
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Saves `state` and `meta` as step `step`, with the manifest of the state's content in `meta`."""
+        """Saves `state` and `meta` as step `step`, with the manifest of the state's content in `meta`.
+
+        A failed save (a full disk, a vanished directory) raises with orbax's background threads' tracebacks kept
+        off stderr (the caller reports one line) and the step's temporary directory removed."""
         meta = {**meta, "checksum": CHECKSUM, "checksums": checksums(state)}
         meta["meta_sha256"] = _meta_digest(meta)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._mgr.save(step, args=args, force=True)
-        self._mgr.wait_until_finished()  # the files are final: hash them
+        try:
+            with _stderr_kept_on_failure():
+                self._mgr.save(step, args=args, force=True)
+                self._mgr.wait_until_finished()  # the files are final: hash them
+        except BaseException:
+            if jax.process_index() == 0:
+                for tmp in self.dir.glob(f"{step}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if jax.process_index() == 0:
             step_dir = self.dir / str(step)
             hashes = {str(f.relative_to(step_dir)): _sha256(f) for f in sorted(step_dir.rglob("*")) if f.is_file()}
@@ -277,6 +293,36 @@ class Checkpoints:
 
     def close(self) -> None:
         self._mgr.close()
+
+
+@contextlib.contextmanager
+def _stderr_kept_on_failure():
+    """Runs the block with stderr (the file descriptor, so threads and C++ logging too) going to a temporary file
+    and orbax's loggers quiet: replayed when the block succeeds, dropped when it raises. A failed orbax save logs
+    hundreds of lines of tracebacks from its threads before it raises; the caller's one-line error replaces them."""
+    quiet = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [lg.level for lg in quiet]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        failed = True
+        try:
+            for lg in quiet:
+                lg.setLevel(logging.CRITICAL)
+            yield
+            failed = False
+        finally:
+            for lg, level in zip(quiet, levels):
+                lg.setLevel(level)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                buf.seek(0)
+                text = buf.read()
+                if text:
+                    sys.stderr.write(text.decode(errors="replace"))
 
 
 def load_run(workdir: str | Path, step: int | None = None):

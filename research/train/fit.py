@@ -31,14 +31,19 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from research import errors, log
+from research import errors, files, log
 from research.parallel import distributed, sharding
 from research.train import checkpoint
 from research.train import step as step_lib
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint; rerunning the same command resumes."""
+    """Training stopped on a signal after saving a checkpoint; rerunning the same command resumes. `signum`: the
+    signal (the CLI exits with 128 + it, as a shell reports a process that signal ended), 0 for `stop_at`."""
+
+    def __init__(self, message: str, signum: int = 0):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclasses.dataclass
@@ -86,7 +91,7 @@ class Result:
     timed_steps: int
     timed_seconds: float
     last_loss: float
-    signalled: bool
+    signalled: int  # the signal that stopped the loop (0: none)
 
 
 def new_state(params, tx, cstate=None) -> dict:
@@ -149,9 +154,10 @@ def save(lp: Loop, step: int, state) -> None:
     except Exception as e:  # disk full, permissions, a vanished directory: orbax raises many types
         saved = [s for s in lp.ckpts.all_steps() if s < step]
         back = f"rerun the same command to resume from step {saved[-1]}" if saved else "rerun to start again"
+        why = files.os_reason(e) or f"{type(e).__name__}: {checkpoint._short(e)}"
         raise errors.UserError(
-            f"saving checkpoint step {step} in {lp.ckpts.dir} failed ({type(e).__name__}: "
-            f"{checkpoint._short(e)}); free space or fix the directory, then {back}"
+            f"saving checkpoint step {step} in {lp.ckpts.dir} failed ({why}); free space or fix the directory, "
+            f"then {back}"
         ) from None
 
 
@@ -173,7 +179,7 @@ def run(lp: Loop, state, *, stop_at: int | None = None, progress: bool | None = 
         transform=lp.transform,
     )
     timed_steps, t_mark, paused = 0, None, 0.0  # paused: evaluation and checkpoint time inside the timing
-    last_loss, signalled = float("nan"), False
+    last_loss, signalled = float("nan"), 0
     pending = []  # (step, loss, grad norm) on the device since the last check: checked without a sync per step
     show = distributed.is_main() and (progress is None or progress)
     bar = tqdm(range(start, end), desc=lp.desc, initial=start, total=end, disable=None if show else True)
@@ -219,8 +225,8 @@ def run(lp: Loop, state, *, stop_at: int | None = None, progress: bool | None = 
                 if do_save:
                     save(lp, done, state)
                 paused += time.time() - t0
-            if stopping:
-                signalled = True
+            if stopping:  # another process's signal stops this one too: as a SIGTERM
+                signalled = int(stop[0]) if stop else int(signal.SIGTERM)
                 break
     bar.close()
     jax.block_until_ready(state)
@@ -305,7 +311,9 @@ def finetune(
             ckpts.close()
     if res.signalled:
         where = f"; checkpoint saved in {workdir}" if workdir is not None else ""
-        raise Interrupted(f"stopped at fine-tuning step {int(res.state['step'])}{where}; rerun to resume")
+        raise Interrupted(
+            f"stopped at fine-tuning step {int(res.state['step'])}{where}; rerun to resume", res.signalled
+        )
     n = res.timed_steps
     info = {
         "steps": t.steps,
@@ -331,11 +339,12 @@ def _check_finite(pending: list, state, ckpts) -> None:
     saved = (
         ckpts.all_steps() if ckpts is not None else []
     )  # listed only when reporting: not a directory scan at every log step
-    kept = f"the last finite checkpoint, step {saved[-1]}, is kept" if saved else "no checkpoint was saved"
-    raise errors.UserError(
-        f"training diverged at step {step} ({what}); {kept}. Lower the learning rate or raise the warmup steps, "
-        "and use a new --workdir or resume from that checkpoint"
-    )
+    if saved:
+        then = f"the last finite checkpoint, step {saved[-1]}, is kept. Lower the learning rate or raise the warmup "
+        then += "steps, and use a new --workdir or resume from that checkpoint"
+    else:
+        then = "no checkpoint was saved. Lower the learning rate or raise the warmup steps, and rerun"
+    raise errors.UserError(f"training diverged at step {step} ({what}); {then}")
 
 
 @jax.jit

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,12 @@ def check_run_dir(workdir: Path, cfg: mlc.ConfigDict) -> bool:
             raise errors.UserError(f"{workdir} exists and is not a ziplm run directory; choose another --workdir")
         return False
     if not checkpoint.exists(workdir):
+        try:
+            json.loads(saved.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            print(
+                f"warning: {saved} is damaged ({e}) and no checkpoint was saved: the run starts afresh", file=sys.stderr
+            )
         return False
     try:
         recorded = json.loads(saved.read_text())
@@ -100,6 +107,19 @@ def _check_same_data(meta: dict, tok, splits, workdir: Path) -> None:
             f"{str(meta.get('corpus_sha256'))[:12]}... then, {splits.corpus_sha256[:12]}... now); "
             "resuming would train on other data: choose another --workdir"
         )
+
+
+def _discard_unsaved(workdir: Path, fresh: bool):
+    """An exit callback that removes a run directory this call created when the run fails (diverged, a full disk
+    at its first save, ...) before saving any checkpoint: nothing in it could be resumed, and the same command
+    after a fix starts clean. A run stopped by a signal, or one that saved a checkpoint, is kept."""
+
+    def callback(exc_type, exc, tb):
+        if fresh and exc_type is not None and issubclass(exc_type, errors.UserError) and not checkpoint.exists(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        return False
+
+    return callback
 
 
 def train(
@@ -154,9 +174,11 @@ def train(
     state_sh = fit.state_shardings(abstract_state, abstract_params, cfg.mesh.rules, mesh)
     batch_sh = sharding.batch_sharding(mesh, batch_axes)
 
+    fresh = not workdir.exists() or not any(workdir.iterdir())
     with contextlib.ExitStack() as cleanup:
         # Everything is checked: from here on the run directory is written, by this process alone.
         if distributed.is_main():
+            cleanup.push(_discard_unsaved(workdir, fresh))  # pushed first: runs last, after the lock is released
             cleanup.enter_context(files.RunLock(workdir))
         resume = check_run_dir(workdir, cfg)  # again, under the lock: another run may have written it meanwhile
         ckpts = checkpoint.Checkpoints(workdir, keep=cfg.train.keep_checkpoints)
@@ -248,13 +270,16 @@ def train(
         "mfu": tokens_per_s * flops / peak if tokens_per_s and peak else None,
         "devices": hardware.describe(),
         "host_cpus": hardware.host_cpus(),  # CPU results reproduce bit for bit at the same count (hardware.host_cpus)
+        "environment": hardware.environment(),  # jax version, CPU model and ISA, lock file
         "mesh": dict(mesh.shape),
         "wall_seconds": time.time() - t_start,
     }
     if distributed.is_main():
         files.write_json(summary_file, summary)
     if signalled or done < cfg.train.steps:
-        raise Interrupted(f"stopped at step {done}; checkpoint saved in {workdir}; rerun the same command to resume")
+        raise Interrupted(
+            f"stopped at step {done}; checkpoint saved in {workdir}; rerun the same command to resume", signalled
+        )
     return summary
 
 

@@ -70,7 +70,7 @@ def test_interrupted_chain_finetune_resumes_bit_identically(run, full, tmp_path,
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if sig == signal.SIGTERM else -9), err
+    assert proc.returncode == (143 if sig == signal.SIGTERM else -9), err
     if sig == signal.SIGTERM:
         assert "interrupted: stopped at fine-tuning step" in err and "Traceback" not in err
     assert not out.exists() and partial.is_dir()

@@ -112,6 +112,9 @@ def test_divergence_stops_before_saving_nan(tmp_path):
     cfg = helpers.tiny_config(steps=8, lr=1e25, min_lr=0.0, warmup_steps=0)
     with pytest.raises(errors.UserError, match=r"diverged at step \d+"):
         loop.train(cfg, run, progress=False)
+    if not checkpoint.exists(run):  # nothing resumable: the directory this call made is gone, a rerun starts clean
+        assert not run.exists()
+        return
     ckpts = checkpoint.Checkpoints(run, create=False)
     for step in ckpts.all_steps():  # whatever was saved is finite
         _, _, params, _ = checkpoint.load_run(run, step=step)

@@ -310,5 +310,7 @@ def export(
 def _tokenizer_dir(spec: str | None) -> Path | None:
     if not spec or spec == "byte":
         return None
+    if spec.startswith("gguf:"):  # the tokenizer ziplm builds from a GGUF file's metadata (cached as a directory)
+        return tokenizers.gguf_directory(spec.removeprefix("gguf:"))
     path = Path(spec.removeprefix("hf:")).expanduser()
     return path if path.is_dir() and tokenizers.has_files(path) else None

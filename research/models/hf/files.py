@@ -7,6 +7,7 @@ loaded; a damaged or truncated file is a one-line `UserError`, not a crash insid
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import ml_dtypes
@@ -14,7 +15,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from research import errors
+from research import errors, files
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -101,6 +102,19 @@ def _open(path: Path):
     return handle
 
 
+def _save(tensors: dict, path: Path, meta: dict) -> None:
+    """One safetensors file, with the permissions the umask gives (safetensors creates it 0600) and an
+    operating-system failure (a full disk) as a one-line UserError."""
+    try:
+        safetensors.numpy.save_file(tensors, str(path), metadata=meta)
+        os.chmod(path, 0o666 & ~files.umask())
+    except OSError as e:
+        raise files.os_error(e, f"writing {path}") from None
+    except Exception as e:  # SafetensorError wraps the OS error in its message
+        why = files.os_reason(e) or f"{type(e).__name__}: {str(e).strip()[:200]}"
+        raise errors.UserError(f"{why} writing {path}") from None
+
+
 def write(directory: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None) -> list[str]:
     """Writes `tensors` to `directory` as model.safetensors, or as shards plus an index past `max_shard_bytes`.
 
@@ -111,7 +125,7 @@ def write(directory: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int 
     total = sum(a.nbytes for a in tensors.values())
     meta = {"format": "pt"}
     if not max_shard_bytes or total <= max_shard_bytes:
-        safetensors.numpy.save_file(tensors, str(directory / SINGLE), metadata=meta)
+        _save(tensors, directory / SINGLE, meta)
         return [SINGLE]
     shards, current, size = [], {}, 0
     for name, arr in tensors.items():
@@ -124,7 +138,7 @@ def write(directory: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int 
     files, weight_map = [], {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        safetensors.numpy.save_file(shard, str(directory / fname), metadata=meta)
+        _save(shard, directory / fname, meta)
         files.append(fname)
         weight_map.update(dict.fromkeys(shard, fname))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
