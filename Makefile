@@ -1,27 +1,48 @@
-# Two commands set everything up on a fresh machine:
-#   make demo   creates .venv, installs ziplm, runs the demo (train + evaluate the default model)
-#   make test   creates .venv, installs ziplm with its dev, parity (torch CPU) and harness (lm_eval) extras, runs the whole test suite
+# Two commands set everything up on a fresh machine, from the lock files in requirements/ (hashed pins of every
+# package; `make lock` refreshes them, deliberately):
+#   make demo   creates .venv (the main install + dev tools, no torch) and runs the demo
+#   make test   also creates .venv-test (with the parity extra's CPU torch and the harness extra's lm_eval); pulls
+#               SmolLM2-135M into the cache, runs the real-model job in .venv (no torch), then the whole suite
 PYTHON ?= python3
 VENV ?= .venv
+TEST_VENV ?= .venv-test
 PY := $(VENV)/bin/python
+TEST_PY := $(TEST_VENV)/bin/python
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean lock
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $@
+# A venv made from scratch whenever its lock file changes, so that it holds exactly the locked versions.
+define make_venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --require-hashes -r requirements/pip.txt
+	$(1)/bin/python -m pip install -q --require-hashes --no-deps -r $(2)
+	$(1)/bin/python -m pip install -q --no-deps -e .
+	$(1)/bin/python -m pip check -q
+	touch $(1)/.installed
+endef
 
-$(VENV)/.installed-parity: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev,parity,harness]'
-	touch $@
+$(VENV)/.installed: requirements/dev.txt requirements/pip.txt pyproject.toml
+	$(call make_venv,$(VENV),requirements/dev.txt)
+
+$(TEST_VENV)/.installed: requirements/test.txt requirements/pip.txt pyproject.toml
+	$(call make_venv,$(TEST_VENV),requirements/test.txt)
 
 demo: $(VENV)/.installed
 	$(PY) -m research demo
 
-test: $(VENV)/.installed-parity
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
+test: $(VENV)/.installed $(TEST_VENV)/.installed
+	$(PY) -m research pull smollm2-135m
+	$(PY) -m pytest -q tests/test_main_install.py
+	$(TEST_PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
+
+# make lock: re-resolve every install set (requirements/lock.py says which) and rewrite requirements/*.txt
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --require-hashes -r requirements/pip.txt
+	.venv-lock/bin/python -m pip install -q --require-hashes -r requirements/lock-tools.txt
+	.venv-lock/bin/python requirements/lock.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check research tests experiments benchmarks
@@ -47,4 +68,4 @@ paper: $(VENV)/.installed
 	fi
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TEST_VENV) .venv-lock runs

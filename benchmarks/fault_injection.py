@@ -17,15 +17,26 @@ Probes:
   - kill -9:    `ziplm train` killed at random moments with checkpoints every step, then resumed: the resumed run
     must finish and equal an uninterrupted one bit for bit;
   - writers:    two `ziplm train` started together on one run directory: exactly one may run;
-  - disk full:  `ziplm pack` and `ziplm train` onto a 3 MiB tmpfs (root only; skipped otherwise): a one-line
-    error, and no temporary file left behind.
-Target: zero silent outputs and zero tracebacks. Writes benchmarks/results/fault_injection_<device>.json.
+  - disk full:  `ziplm pack`, `ziplm train` and `ziplm export` onto a 3 MiB tmpfs, and `pack --json` with its report
+    there (root only; skipped otherwise): a one-line error (one line of stderr in all), nothing half-written, no
+    temporary file left behind;
+  - claims:     a 2.4 kB coded file whose header (checksums recomputed) claims 2.5 GB of output: `ziplm decode`
+    refuses it at once by default; with `--max-output 0` it runs in bounded memory (peak RSS, stopped after 20 s);
+  - headers:    packed models whose header (checksums recomputed) lacks meta.model, has group 0, a bogus layout,
+    version "x", or a leaf of a huge shape: `eval`, `pack`, `inspect` and `export` each give one line;
+  - misuse:     `--workdir ''`, a diverged run (lr 1e30: no directory left), temporaries of a killed writer beside
+    the target (removed by the rerun), SIGTERM (exit 143), a truncated config.json (a warning), the modes of an
+    export's files (the umask's), a GGUF model exported with its tokenizer.
+Outcome "unbounded": a process's peak memory past the probe's bound.
+Target: zero silent outputs, zero tracebacks, zero hangs, memory bounded. Writes
+benchmarks/results/fault_injection_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -43,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from research import errors, files, hardware, tree  # noqa: E402
 
-OUTCOMES = ("error", "fallback", "harmless", "silent", "traceback", "hang")
+OUTCOMES = ("error", "fallback", "harmless", "silent", "traceback", "hang", "unbounded")
 TINY = [
     "--config.model.n_layer=2",
     "--config.model.d_model=32",
@@ -281,9 +292,26 @@ def probe_disk_full(work: Path) -> list[dict]:
         last = (again.stderr.strip().splitlines() or [""])[-1]
         ok = again.returncode == 0
         rows.append(dict(probe="rerun after space is freed", outcome="harmless" if ok else "traceback", detail=last))
+        _empty(mnt)
+        _fill(mnt, 16 << 10)
+        exported = _cli(["export", "--model", str(work / "run"), "--out", str(mnt / "hf")])
+        rows.append(_disk_row("export onto a full disk", exported, mnt, keep={"filler"}))
+        _empty(mnt)
+        _fill(mnt, 0)  # not even room for the report
+        zlm = work / "report-first.zlm"
+        report = _cli(["pack", "--model", str(work / "run"), "--out", str(zlm), "--json", str(mnt / "r.json")])
+        row = _disk_row("pack --json with the report on a full disk", report, mnt, keep={"filler"})
+        if zlm.exists():
+            row.update(outcome="silent", detail=row["detail"] + "; the packed file was written")
+        rows.append(row)
     finally:
         subprocess.run(["umount", str(mnt)])
     return rows
+
+
+def _empty(mnt: Path) -> None:
+    for p in mnt.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _fill(mnt: Path, leave: int) -> None:
@@ -292,12 +320,193 @@ def _fill(mnt: Path, leave: int) -> None:
 
 
 def _disk_row(what, proc, mnt: Path, keep: set) -> dict:
-    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    lines = proc.stderr.strip().splitlines() or [""]
+    last = lines[-1]
     leftovers = [p.name for p in mnt.iterdir() if p.name not in keep]
+    if len(lines) > 1:  # a one-line error after pages of library tracebacks is still a traceback to the user
+        return dict(probe=what, outcome="traceback", detail=f"{len(lines)} lines of stderr, last: {last[:100]}")
     if proc.returncode == 2 and last.startswith("error:") and not leftovers:
         return dict(probe=what, outcome="error", detail=last[:120])
     outcome = "traceback" if proc.returncode not in (0, 2) or not last.startswith("error:") else "silent"
     return dict(probe=what, outcome=outcome, detail=f"exit {proc.returncode}: {last[:100]}; left {leftovers}")
+
+
+def _one_line(what: str, proc, expect: str = "") -> dict:
+    """The row of a command that must fail with one line naming `expect`."""
+    lines = proc.stderr.strip().splitlines() or [""]
+    if proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0]:
+        return dict(probe=what, outcome="error", detail=lines[0][:120])
+    outcome = "silent" if proc.returncode == 0 else "traceback"
+    return dict(probe=what, outcome=outcome, detail=f"exit {proc.returncode}, {len(lines)} lines: {lines[-1][:100]}")
+
+
+def _peak_rss_run(cmd, seconds: float) -> tuple[int, float, int]:
+    """(exit status or None when stopped, seconds, peak RSS in bytes) of `cmd`, stopped after `seconds`."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu"}
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    peak = 0
+    while proc.poll() is None and time.time() - t0 < seconds:
+        try:
+            rss = int(open(f"/proc/{proc.pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            peak = max(peak, rss)
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(0.2)
+    code = proc.poll()
+    if code is None:
+        proc.kill()
+    proc.wait()
+    return code, time.time() - t0, peak
+
+
+def probe_claims(work: Path) -> list[dict]:
+    """A coded file that claims 2.5 GB of output (valid checksums): refused by default, bounded without a limit."""
+    from research.coding import lm
+    from research.models import hf
+
+    m = _byte_model()
+    model = work / "byte-model"
+    hf.export(m.cfg, m.params, model, tokenizer="byte")
+    blob, _ = lm.encode((ROOT / "README.md").read_bytes()[:9000], m, chunk_len=8, batch_size=4, fallback=False)
+    claim = lm.MAX_EXPANSION * len(blob)
+    crafted = work / "claims.zlmt"
+    crafted.write_bytes(lm.with_header(blob, length=claim, tokens=claim, runs=[["t", claim, claim]]))
+    detail = f"{len(blob):,} bytes claiming {claim:,}"
+    rows = []
+    cmd = [sys.executable, "-m", "research", "decode", "--model", str(model), str(crafted), str(work / "claims.out")]
+    code, secs, peak = _peak_rss_run(cmd, 60)
+    bound = 1 << 30
+    if code is None:
+        rows.append(dict(probe="decode, default limit", outcome="hang", detail=detail))
+    else:
+        ok = code == 2 and peak < bound and not (work / "claims.out").exists()
+        rows.append(dict(probe="decode, default limit", outcome="error" if ok else "traceback",
+                         detail=f"{detail}; exit {code} in {secs:.1f} s, peak RSS {peak / 2**20:.0f} MiB"))  # fmt: skip
+    code, secs, peak = _peak_rss_run([*cmd, "--max-output", "0"], 20)
+    outcome = "harmless" if peak < bound and not (work / "claims.out").exists() else "unbounded"
+    rows.append(dict(probe="decode --max-output 0 (stopped after 20 s)", outcome=outcome,
+                     detail=f"{detail}; peak RSS {peak / 2**20:.0f} MiB (bound {bound >> 20} MiB)"))  # fmt: skip
+    return rows
+
+
+def probe_headers(work: Path) -> list[dict]:
+    """Packed models with crafted headers (every checksum recomputed) through every command that reads them."""
+    from research.coding import container
+
+    good = work / "good.zlm"
+    _cli(["pack", "--model", str(work / "run"), "--out", str(good)])
+    data = good.read_bytes()
+    grid = work / "grid.zlm"  # a model with grid leaves, for the layout fields
+    rtn = "--config.compress=[{'method': 'rtn', 'bits': 4, 'granularity': 'group', 'group_size': 16}]"
+    quick = ["--config.calibration.n=0", "--config.eval.max_windows=1", "--config.wandb.mode=disabled"]
+    made = _cli(["compress", "--model", str(work / "run"), "--workdir", str(work / "rtn"), rtn, *quick])
+    if made.returncode:
+        raise RuntimeError(f"could not make the grid model: {made.stderr[-500:]}")
+    shutil.copy(work / "rtn" / "model.zlm", grid)
+    grid_data = grid.read_bytes()
+
+    def first_grid(h):
+        return next(leaf for leaf in h["leaves"] if leaf["kind"] == "grid")
+
+    cases = {
+        "no meta.model": (data, lambda h: h["meta"].pop("model")),
+        "group 0": (grid_data, lambda h: first_grid(h).update(layout="group", group=0)),
+        "bogus layout": (grid_data, lambda h: first_grid(h).update(layout="diagonal")),
+        'version "x"': (data, lambda h: h.update(version="x")),
+        "huge shape": (data, lambda h: h["leaves"][0].update(shape=[2**20, 2**19])),
+    }
+    rows = []
+    for name, (base, edit) in cases.items():
+        h = container.header_of(base)
+        edit(h)
+        bad = work / "crafted.zlm"
+        bad.write_bytes(container.with_header(base, h))
+        commands = [
+            ["eval", "--model", str(bad)],
+            ["pack", "--model", str(bad), "--out", str(work / "again.zlm")],
+            ["inspect", str(bad)],
+            ["export", "--model", str(bad), "--out", str(work / "crafted-hf")],
+        ]
+        for cmd in commands:
+            rows.append(_one_line(f"{name}: {cmd[0]}", _cli(cmd)))
+    return rows
+
+
+def probe_misuse(work: Path) -> list[dict]:
+    import socket
+
+    rows = [_one_line("--workdir ''", _cli(["train", "--workdir", "", *TINY]), "--workdir is empty")]
+    div = work / "diverged"
+    r = _cli(["train", "--workdir", str(div), *TINY, "--config.train.steps=20", "--config.train.lr=1e30"])
+    row = _one_line("diverged run (lr 1e30)", r, "diverged")
+    if div.exists():
+        row.update(outcome="silent", detail=row["detail"] + "; a run directory with nothing to resume was left")
+    rows.append(row)
+    # Temporaries of a killed writer (a pid that is gone) beside the target: the rerun removes them.
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+    dead = _dead_pid()
+    stale = [work / f".again.zlm.{host}-{dead}.abc123.tmp", work / f".again-hf.{host}-{dead}.abc123"]
+    stale[0].write_bytes(b"half a file")
+    stale[1].mkdir()
+    _cli(["pack", "--model", str(work / "run"), "--out", str(work / "again.zlm"), "--overwrite"])
+    _cli(["export", "--model", str(work / "run"), "--out", str(work / "again-hf")])
+    left = [p.name for p in stale if p.exists()]
+    rows.append(dict(probe="a killed writer's temporaries", outcome="silent" if left else "harmless",
+                     detail=f"left: {left}" if left else "removed by the rerun"))  # fmt: skip
+    # SIGTERM: 143, as a shell reports it.
+    env = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu"}
+    run = work / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "research", "train", "--workdir", str(run), *TINY,
+                             "--config.train.steps=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    ok = proc.returncode == 143 and "Traceback" not in err
+    rows.append(dict(probe="SIGTERM during train", outcome="harmless" if ok else "silent",
+                     detail=f"exit {proc.returncode}"))  # fmt: skip
+    # A truncated config.json: named in a warning, the checkpoints' config used, the run resumed.
+    cfg_file = run / "config.json"
+    cfg_file.write_text(cfg_file.read_text()[:100])
+    stopped = json.loads((run / "summary.json").read_text())["steps"]
+    warned = _cli(["train", "--workdir", str(run), *TINY, f"--config.train.steps={stopped + 1}"])
+    ok = warned.returncode == 0 and "config.json is damaged" in warned.stderr
+    rows.append(dict(probe="truncated config.json", outcome="harmless" if ok else "silent",
+                     detail=(warned.stderr.strip().splitlines() or [""])[0][:120]))  # fmt: skip
+    # The modes of an export's files: as the umask gives.
+    hf_dir = work / "modes-hf"
+    _cli(["export", "--model", str(work / "run"), "--out", str(hf_dir)])
+    want = 0o666 & ~files.umask()
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in hf_dir.iterdir()}
+    ok = all(int(m, 8) == want for m in modes.values())
+    rows.append(dict(probe="export file modes", outcome="harmless" if ok else "silent", detail=str(modes)))
+    # A GGUF model exported to Hugging Face: its tokenizer goes along.
+    from research import models
+    from research.models import config as model_config
+    from tests import gguf_files
+
+    text = (ROOT / "README.md").read_text()[:20000]
+    vocab = gguf_files.sentencepiece_vocab(text, size=300)
+    cfg = model_config.llama_style(vocab_size=len(vocab["tokens"]), n_layer=1, n_head=2, n_kv_head=1, d_model=32,
+                                   d_ff=64, max_seq_len=32)  # fmt: skip
+    _, params = models.init(cfg, 0)
+    gguf_files.write_llama(work / "m.gguf", cfg, params, vocab=vocab)
+    _cli(["export", "--model", str(work / "m.gguf"), "--out", str(work / "gguf-hf")])
+    ok = (work / "gguf-hf" / "tokenizer.json").is_file()
+    rows.append(dict(probe="GGUF model exported to hf", outcome="harmless" if ok else "silent",
+                     detail="tokenizer.json written" if ok else "no tokenizer"))  # fmt: skip
+    return rows
+
+
+def _dead_pid() -> int:
+    """A process id that is not running (a child that has exited)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def main() -> int:
@@ -318,18 +527,21 @@ def main() -> int:
             "kill -9": probe_kills(work, rng, args.kills),
             "writers": probe_writers(work),
             "disk full": probe_disk_full(work),
+            "claims": probe_claims(work),
+            "headers": probe_headers(work),
+            "misuse": probe_misuse(work),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     totals = {o: sum(tally(r)[o] for r in scenarios.values()) for o in OUTCOMES}
     result = {
-        "benchmark": "fault injection: damaged files, kill -9, concurrent writers, full disk",
+        "benchmark": "fault injection: damaged files, kill -9, concurrent writers, full disk, crafted headers, misuse",
         "command": "python benchmarks/fault_injection.py " + " ".join(sys.argv[1:]),
         "seed": args.seed,
         "seconds": time.time() - t0,
         "totals": totals,
-        "target": "zero silent outputs and zero tracebacks",
-        "met": totals["silent"] == 0 and totals["traceback"] == 0 and totals["hang"] == 0,
+        "target": "zero silent outputs, zero tracebacks, zero hangs, memory bounded",
+        "met": all(totals[o] == 0 for o in ("silent", "traceback", "hang", "unbounded")),
         "scenarios": {k: {"counts": tally(v), "probes": v} for k, v in scenarios.items()},
     }
     out = ROOT / "benchmarks" / "results" / f"fault_injection_{hardware.slug()}.json"
@@ -337,7 +549,7 @@ def main() -> int:
     for k, v in scenarios.items():
         print(f"{k:>10}: {tally(v)}")
         for r in v:
-            if r["outcome"] in ("silent", "traceback", "hang"):
+            if r["outcome"] in ("silent", "traceback", "hang", "unbounded"):
                 print(f"            {r['outcome']}: {r['probe']}: {r['detail']}")
     print(f"totals: {totals}; target met: {result['met']}; wrote {out}")
     return 0
