@@ -79,7 +79,9 @@ def compress_config(run_dir: Path, spec: dict, steps: int = FINETUNE_STEPS):
 def main(workdir: str | Path = "runs/demo", overrides: list[str] | None = None, skip_llm: bool = False) -> int:
     cfg = config_lib.apply_overrides(config_lib.base_config(), overrides or [])
     summary = loop.train(cfg, workdir)
-    run_dir = Path(summary["workdir"])
+    # The run directory as given (runs/demo): the packed files record their source, so an absolute path would make
+    # their sizes, and the table's last digits, depend on where the checkout lies.
+    run_dir = Path(workdir)
     plot = report.plot_losses(run_dir)
     rows = [["dense", 0.0, summary["val"]["loss"], summary["val"]["bits_per_byte"], 0.0, None, None, "-"]]
     dense_bpb = summary["val"]["bits_per_byte"]

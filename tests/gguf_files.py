@@ -151,24 +151,16 @@ def add_vocab(
 ) -> None:
     """Adds `tokenizer.ggml.*` metadata to a `gguf.GGUFWriter` (None: the field is left out)."""
     w.add_tokenizer_model(family)
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    if types is not None:
-        w.add_token_types(types)
-    if scores is not None:
-        w.add_token_scores(scores)
-    if merges is not None:
-        w.add_token_merges(merges)
-    for value, add in ((bos, w.add_bos_token_id), (eos, w.add_eos_token_id), (unk, w.add_unk_token_id)):
+    optional = (
+        (pre, w.add_tokenizer_pre), (types, w.add_token_types), (scores, w.add_token_scores),
+        (merges, w.add_token_merges), (bos, w.add_bos_token_id), (eos, w.add_eos_token_id),
+        (unk, w.add_unk_token_id), (pad, w.add_pad_token_id), (add_bos, w.add_add_bos_token),
+        (add_space_prefix, w.add_add_space_prefix),
+    )  # fmt: skip
+    for value, add in optional:
         if value is not None:
             add(value)
-    if pad is not None:
-        w.add_pad_token_id(pad)
-    if add_bos is not None:
-        w.add_add_bos_token(add_bos)
-    if add_space_prefix is not None:
-        w.add_add_space_prefix(add_space_prefix)
 
 
 def write_gpt2_vocab(path, tokenizer_dir, pre: str = "gpt-2") -> None:
