@@ -163,7 +163,7 @@ def add_vocab(
             add(value)
 
 
-def write_gpt2_vocab(path, tokenizer_dir, pre: str = "gpt-2") -> None:
+def write_gpt2_vocab(path, tokenizer_dir, pre: str | None = "gpt-2") -> None:
     """GPT-2's vocabulary (a directory with vocab.json and merges.txt) as a byte-level GGUF tokenizer with the
     pre-tokenizer `pre`, laid out as llama.cpp's converter writes it."""
     vocab = json.loads((tokenizer_dir / "vocab.json").read_text())

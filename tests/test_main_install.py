@@ -46,11 +46,12 @@ def test_real_model_codes_decodes_and_evaluates_without_torch(tmp_path):
     src, coded, back = tmp_path / "text.txt", tmp_path / "text.zlmc", tmp_path / "back.txt"
     src.write_bytes(held_out)
     report = tmp_path / "report.json"
-    _cli("encode", "--model", str(REAL), str(src), str(coded), "--context", "256", "--json", str(report))
+    _cli("encode", "--model", str(REAL), str(src), str(coded), "--context", "256", "--batch-size", "1", "--json",
+         str(report))  # fmt: skip
     _cli("decode", "--model", str(REAL), str(coded), str(back))
     assert back.read_bytes() == held_out
     r = json.loads(report.read_text())
-    assert 0.5 < r["bits_per_byte"] < 2.0, r  # SmolLM2 codes English prose near 1 bit per byte
+    assert 0.5 < r["bits_per_byte"] < 1.6, r  # one stream: SmolLM2 codes this prose near 1 bit per byte
     result = tmp_path / "eval.json"
     _cli(
         "eval", "--model", str(REAL), "--corpus", f"file:{src}", "--protocol", "gptq", "--window", "128",
