@@ -231,4 +231,4 @@ def test_eval_options_are_checked_against_the_command(tmp_path, capsys):
         "def get_config():\n    return dict(name='x', job='eval', base=dict(model='m'), axes=[{'windw': [8]}])\n",
     )
     assert cli.main(["sweep", cfg, "--dry-run"]) == 2
-    assert "'windw' is not an option of ziplm eval (did you mean window?)" in capsys.readouterr().err
+    assert "'windw' is not an option of ziplm eval (did you mean window, max_windows?)" in capsys.readouterr().err

@@ -153,6 +153,8 @@ def test_two_processes_compress_like_one(source, tmp_path):
     kind = b["devices"].pop("kind")  # "8 x cpu": jax.device_count() across both processes
     assert kind == "8 x cpu", kind
     assert b["devices"].pop("jax") == jax.__version__
+    assert b["devices"].pop("cpu") == a["devices"]["cpu"] == hardware.cpu()
+    assert b["devices"].pop("lock") == a["devices"]["lock"] == hardware.lock()
     assert b["devices"] == {"processes": 2, "mesh": {"data": 8, "model": 1}, "host_cpus": hardware.host_cpus()}
     assert a["devices"]["processes"] == 1
     # Calibration (Wanda's norms), the fine-tuning stage and every evaluation agree across layouts.
