@@ -79,17 +79,7 @@ def write_llama(path, cfg, params, *, types=None, tokenizer=None, vocab=None, se
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     if tokenizer is not None:
-        vocab = json.loads((tokenizer / "vocab.json").read_text())
-        tokens = sorted(vocab, key=vocab.get)
-        merges = [m for m in (tokenizer / "merges.txt").read_text().split("\n")[1:] if m]
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_list(tokens)
-        w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
-        w.add_token_merges(merges)
-        w.add_bos_token_id(vocab["<|endoftext|>"])
-        w.add_eos_token_id(vocab["<|endoftext|>"])
-        w.add_add_bos_token(False)
+        add_vocab(w, **gpt2_vocab(tokenizer))
     if vocab is not None:
         add_vocab(w, **vocab)
     expected = {}
@@ -163,17 +153,20 @@ def add_vocab(
             add(value)
 
 
-def write_gpt2_vocab(path, tokenizer_dir, pre: str | None = "gpt-2") -> None:
-    """GPT-2's vocabulary (a directory with vocab.json and merges.txt) as a byte-level GGUF tokenizer with the
-    pre-tokenizer `pre`, laid out as llama.cpp's converter writes it."""
-    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
-    tokens = sorted(vocab, key=vocab.get)
+def gpt2_vocab(tokenizer_dir, pre: str | None = "gpt-2") -> dict:
+    """GPT-2's vocabulary (a directory with vocab.json and merges.txt) as `add_vocab`'s arguments: a byte-level GGUF
+    tokenizer with the pre-tokenizer `pre`, laid out as llama.cpp's converter writes it."""
+    ids = json.loads((tokenizer_dir / "vocab.json").read_text())
+    tokens = sorted(ids, key=ids.get)
     merges = [m for m in (tokenizer_dir / "merges.txt").read_text().split("\n")[1:] if m]
-    eot = vocab["<|endoftext|>"]
-    write_vocab(
-        path, "gpt2", tokens, types=[3 if t == "<|endoftext|>" else 1 for t in tokens], merges=merges, pre=pre,
-        bos=eot, eos=eot, add_bos=False,
-    )  # fmt: skip
+    eot = ids["<|endoftext|>"]
+    types = [3 if t == "<|endoftext|>" else 1 for t in tokens]
+    return dict(family="gpt2", tokens=tokens, types=types, merges=merges, pre=pre, bos=eot, eos=eot, add_bos=False)
+
+
+def write_gpt2_vocab(path, tokenizer_dir, pre: str | None = "gpt-2") -> None:
+    """`gpt2_vocab` written as a vocabulary-only GGUF file."""
+    write_vocab(path, **gpt2_vocab(tokenizer_dir, pre))
 
 
 def sentencepiece_vocab(text: str, size: int = 600) -> dict:
