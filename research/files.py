@@ -115,7 +115,12 @@ def staged(path, *, overwrite: bool = True):
     except OSError as e:
         raise os_error(e, f"writing {target}") from None
     try:
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except errors.UserError as e:  # name the target, not the temporary
+            if tmp not in str(e):
+                raise
+            raise type(e)(str(e).replace(tmp, str(target))) from None
         if overwrite:
             os.replace(tmp, target)
         else:
