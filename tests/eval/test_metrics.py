@@ -210,3 +210,22 @@ def test_windows_split_over_devices_score_as_on_one_device():
         graphdef, placed, tokens, bytes_, protocol, batch_size=8, sharding=sharding.batch_sharding(mesh, ("data",))
     )
     assert again["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+def test_a_batch_never_holds_more_rows_than_windows(monkeypatch):
+    """One window with batch_size 8 runs one row, not eight (seven of them padding: 7.8x the work at 1B scale)."""
+    cfg = mc.gpt2_style(vocab_size=64, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    g, p = models.init(cfg, 0)
+    tokens = np.arange(17) % 64
+    rows = []
+    real = metrics._eval_step
+
+    class Spy:
+        def lower(self, graphdef, params, inputs, *rest):
+            rows.append(inputs.shape[0])
+            return real.lower(graphdef, params, inputs, *rest)
+
+    monkeypatch.setattr(metrics, "_eval_step", Spy())
+    one = metrics.evaluate(g, p, tokens, np.ones(64), metrics.Protocol.gptq(16), batch_size=8)
+    three = metrics.evaluate(g, p, np.arange(49) % 64, np.ones(64), metrics.Protocol.gptq(16), batch_size=2)
+    assert rows == [1, 2] and one["tokens"] == 15 and three["tokens"] == 45
