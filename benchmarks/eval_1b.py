@@ -8,7 +8,8 @@ tied embedding, llama3 RoPE scaling, 16 layers: 1.24B parameters), random bf16 w
 `--windows` windows of 2048 tokens, tokenized by GPT-2's tokenizer from ../shared (its 50,257 ids are valid ids of
 the larger vocabulary; both tools get the same ids). Each tool runs in its own subprocess, one after the other on
 the same cores: `ziplm eval --model DIR --protocol gptq --max-windows N` (the CLI as a user runs it, loading
-included), and transformers' LlamaForCausalLM (float32, `torch.no_grad()`, loss from its logits). Reported per
+included; once with the weights as stored, bf16, evaluated a block at a time, the default, and once with
+`--params float32`), and transformers' LlamaForCausalLM (float32, `torch.no_grad()`, loss from its logits). Reported per
 tool: wall and CPU seconds (user + system), peak RSS (ru_maxrss) as MiB and as a ratio to the checkpoint's bytes,
 and the loss; and ziplm's ratios to transformers. Writes benchmarks/results/eval_1b_<device>.json.
 
@@ -126,29 +127,36 @@ def main() -> int:
         model = Path(args.keep) if args.keep else Path(tmp) / "llama-1b"
         ckpt = (model / "model.safetensors").stat().st_size if (model / "model.safetensors").is_file() else None
         ckpt = ckpt or write_checkpoint(model, args.layers)
-        zjson, hjson = Path(tmp) / "ziplm.json", Path(tmp) / "hf.json"
-        ziplm = timed([sys.executable, "-m", "research", "eval", "--model", str(model), "--tokenizer", f"hf:{GPT2}",
-                       "--corpus", f"wikitext:{WIKITEXT}", "--protocol", "gptq", "--window", "2048",
-                       "--max-windows", str(args.windows), "--json", str(zjson)])  # fmt: skip
+        runs = {}
+        for params in ("checkpoint", "float32"):  # bf16 weights as stored (block by block), or float32 copies
+            zjson = Path(tmp) / f"ziplm-{params}.json"
+            runs[params] = timed([sys.executable, "-m", "research", "eval", "--model", str(model), "--tokenizer",
+                                  f"hf:{GPT2}", "--corpus", f"wikitext:{WIKITEXT}", "--protocol", "gptq", "--window",
+                                  "2048", "--max-windows", str(args.windows), "--params", params, "--json",
+                                  str(zjson)])  # fmt: skip
+            z = json.loads(zjson.read_text())
+            runs[params].update(loss=z["loss"], tokens=z["tokens"])
+        hjson = Path(tmp) / "hf.json"
         hf = timed([sys.executable, __file__, "--hf-worker", str(model), str(args.windows), str(hjson)])
-        z, h = json.loads(zjson.read_text()), json.loads(hjson.read_text())
-    ziplm.update(loss=z["loss"], tokens=z["tokens"])
+        h = json.loads(hjson.read_text())
+    ziplm, ziplm32 = runs["checkpoint"], runs["float32"]
     hf.update(loss=h["loss"], load_seconds=h["load_seconds"])
-    for r in (ziplm, hf):
+    for r in (ziplm, ziplm32, hf):
         r["peak_rss_vs_checkpoint"] = r["peak_rss_mib"] * 2**20 / ckpt
     result = dict(
         benchmark="ziplm eval vs transformers, Llama-3.2-1B-shaped random bf16 checkpoint, GPTQ windows of 2048",
         command="python benchmarks/eval_1b.py " + " ".join(sys.argv[1:]),
         layers=args.layers, windows=args.windows, checkpoint_bytes=ckpt, host_cpus=hardware.host_cpus(),
-        cpu=hardware.cpu(), lock=hardware.lock(), ziplm=ziplm, transformers=hf,
+        cpu=hardware.cpu(), lock=hardware.lock(), ziplm=ziplm, ziplm_float32=ziplm32, transformers=hf,
         ratios=dict(wall=ziplm["wall_seconds"] / hf["wall_seconds"], cpu=ziplm["cpu_seconds"] / hf["cpu_seconds"],
                     peak_rss=ziplm["peak_rss_mib"] / hf["peak_rss_mib"]),
         loss_difference=abs(ziplm["loss"] - hf["loss"]),
+        loss_difference_float32=abs(ziplm["loss"] - ziplm32["loss"]),
     )  # fmt: skip
     out = ROOT / "benchmarks" / "results" / f"eval_1b_{hardware.slug()}.json"
     files.write_json(out, result)
     print(json.dumps({k: result[k] for k in ("ratios", "loss_difference")}, indent=1))
-    print(f"ziplm {ziplm}\ntransformers {hf}\nwrote {out}")
+    print(f"ziplm {ziplm}\nziplm float32 {ziplm32}\ntransformers {hf}\nwrote {out}")
     return 0
 
 

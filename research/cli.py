@@ -77,7 +77,7 @@ def _eval(args, overrides) -> int:
             "--max-windows applies to perplexity; for --lastword take fewer items: --lastword-limit N"
         )
     corpus = corpora.load(args.corpus) if args.corpus else None  # a bad spec fails here, before the model loads
-    m = sources.load(source, args.step, args.dtype)
+    m = sources.load(source, args.step, args.dtype, params=args.params)
     tok = tokenizers.load(_tokenizer(args, m))
     if lastword:
         return _lastword(args, m, tok, source, corpus)
@@ -115,6 +115,7 @@ def _eval(args, overrides) -> int:
         batch_size=batch_size,
         sharding=_spread(args.devices),
         max_windows=args.max_windows,
+        blockwise=_held_as_stored(m),
     )
     result.update(corpus=spec, split=split, step=m.step, model=str(source), max_windows=args.max_windows)
     if args.max_windows:
@@ -127,6 +128,15 @@ def _eval(args, overrides) -> int:
 
         files.write_json(Path(args.json), result)
     return 0
+
+
+def _held_as_stored(m) -> bool:
+    """Whether the model holds weights of another dtype than float32 (`eval --params checkpoint` of a bf16 or fp16
+    checkpoint), which `metrics.evaluate(blockwise=True)` converts a block at a time."""
+    import jax
+    import numpy as np
+
+    return any(np.dtype(a.dtype) != np.float32 for a in jax.tree.leaves(m.params))
 
 
 def _lastword(args, m, tok, source, corpus=None) -> int:
@@ -625,6 +635,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=_positive, help="tokens between window starts (default: window, non-overlapping)")
     e.add_argument("--batch-size", type=_positive, help="windows per forward pass")
     e.add_argument("--max-windows", type=_positive, help="evaluate only the protocol's first N windows (default: all)")
+    e.add_argument(
+        "--params",
+        choices=["checkpoint", "float32"],
+        default="checkpoint",
+        help="an HF checkpoint's weights as stored (bf16 stays bf16, evaluated a block at a time; default) or as "
+        "float32 copies",
+    )
     e.add_argument(
         "--devices",
         type=_positive,

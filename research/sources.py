@@ -57,7 +57,7 @@ def packed_file(path) -> Path | None:
     return p if artifact.is_packed(p) else None
 
 
-def load(source: str, step: int | None = None, dtype: str | None = None) -> Model:
+def load(source: str, step: int | None = None, dtype: str | None = None, params: str = "float32") -> Model:
     """Loads the model `source` names (see the module docstring).
 
     Args:
@@ -65,6 +65,8 @@ def load(source: str, step: int | None = None, dtype: str | None = None) -> Mode
         Face checkpoint directory, or a hub id.
       step: checkpoint step of a run (default: the latest); not allowed for HF sources.
       dtype: compute dtype for HF and GGUF checkpoints (default float32); runs keep their configured dtype.
+      params: master weights of an HF checkpoint: "float32", or "checkpoint" (as stored, host arrays: bf16 stays
+        bf16; see `hf.load`). Runs, packed files and GGUF files load as they always do.
     """
     from research.models import gguf, zoo
 
@@ -97,7 +99,7 @@ def load(source: str, step: int | None = None, dtype: str | None = None) -> Mode
         raise errors.UserError(f"--step applies to run directories; {source} is not one (no checkpoints/ inside)")
     from research.models import hf
 
-    pre = hf.load(source, dtype or "float32")
+    pre = hf.load(source, dtype or "float32", params)
     return Model(pre.cfg, pre.graphdef, pre.params, pre.tokenizer, "hf", source, model_type=pre.model_type)
 
 

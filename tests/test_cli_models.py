@@ -122,3 +122,22 @@ def test_gguf_commands_run_with_torch_unimportable(tmp_path):
     assert r.returncode == 0 and "all ran" in r.stdout, r.stderr[-3000:]
     assert (tmp_path / "back.txt").read_text() == corpus.read_text()
     assert (tmp_path / "hf" / "tokenizer.json").is_file()  # the GGUF model's tokenizer goes with the export
+
+
+def test_a_bf16_checkpoint_evaluates_as_stored_with_float32_numbers(run, tmp_path, capsys):
+    """`eval` keeps a bf16 checkpoint's weights bf16 (evaluated a block at a time) and gives the numbers of their
+    float32 copies (`--params float32`)."""
+    out = tmp_path / "bf16"
+    assert cli.main(["export", "--model", str(run), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    common = ["eval", "--model", str(out), "--corpus", "pydoc", "--split", "all", "--window", "32"]
+    results = {}
+    for params in ("checkpoint", "float32"):
+        assert cli.main([*common, "--max-windows", "40", "--params", params, "--json", str(tmp_path / params)]) == 0
+        results[params] = json.loads((tmp_path / params).read_text())
+    capsys.readouterr()
+    a, b = results["checkpoint"], results["float32"]
+    assert a["tokens"] == b["tokens"] == 40 * 32 and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    from research import sources
+
+    m = sources.load(str(out), params="checkpoint")
+    assert {str(x.dtype) for x in __import__("jax").tree.leaves(m.params)} == {"bfloat16"}

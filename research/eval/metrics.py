@@ -160,6 +160,7 @@ def evaluate(
     attn_chunk: int | None = None,
     reference=None,
     sharding=None,
+    blockwise: bool = False,
 ) -> dict:
     """Scores `tokens` with the model (graphdef, params) under `protocol`.
 
@@ -186,6 +187,9 @@ def evaluate(
         over its devices (every process puts only its own rows, `distributed.put_rows`), the batch size is
         rounded up to a multiple of the devices they are split over, and parameters not yet on the mesh are
         replicated on it. The sums equal the one-device ones to float32 rounding. None: one device.
+      blockwise: run each batch a block at a time (`eval.blockwise`): only one block's weights are converted to
+        the compute dtype at once, so bf16 master weights (or host arrays) stay as they are; one device, no
+        reference.
 
     Returns:
       {"loss" (nats/token), "perplexity", "bits_per_byte", "accuracy", "tokens", "bytes", "protocol"}, and with a
@@ -217,6 +221,11 @@ def evaluate(
     # Compiled ahead of the loop (jax caches the executable per shape, as a jitted call would), then the heap the
     # compiler freed is handed back before the first batch runs: otherwise glibc keeps it (~90 MiB for
     # SmolLM2-135M) and the evaluation's peak stacks on top of it (benchmarks/eval_memory.py).
+    if blockwise:
+        if reference is not None or sharding is not None:
+            raise errors.UserError("blockwise evaluation runs on one device and without a reference model")
+        return _blockwise(graphdef, params, inputs, targets, mask, token_bytes, protocol, batch_size, logits_chunk,
+                          attn_chunk, disable=None if progress is None else not progress, desc=desc)  # fmt: skip
     first = [put(a[:batch_size]) for a in (inputs, targets, mask)]
     if reference is None:
         step = _eval_step.lower(graphdef, params, *first, logits_chunk, attn_chunk)
@@ -237,6 +246,28 @@ def evaluate(
             agree += int(b_agree)
         nll += float(b_nll)
         correct += int(b_correct)
+    return _result(nll, correct, kl, agree, targets, mask, token_bytes, protocol, reference)
+
+
+def _blockwise(graphdef, params, inputs, targets, mask, token_bytes, protocol, batch_size, logits_chunk,
+               attn_chunk, disable, desc) -> dict:  # fmt: skip
+    """`evaluate` with `blockwise=True`: the same sums, a block at a time (see `eval.blockwise`)."""
+    from research.eval import blockwise
+
+    cfg = models.merge(graphdef, params).cfg
+    attn_chunk = attn_chunk or auto_attn_chunk(batch_size, cfg.n_head, inputs.shape[1])
+    logits_chunk = logits_chunk or models.loss.auto_chunk(batch_size, inputs.shape[1], cfg.vocab_size)
+    nll, correct = 0.0, 0
+    for i in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=disable, leave=False):
+        b_nll, b_correct = blockwise.step(
+            graphdef, params, *(a[i : i + batch_size] for a in (inputs, targets, mask)), logits_chunk, attn_chunk
+        )
+        nll += float(b_nll)
+        correct += int(b_correct)
+    return _result(nll, correct, 0.0, 0, targets, mask, token_bytes, protocol, None)
+
+
+def _result(nll, correct, kl, agree, targets, mask, token_bytes, protocol, reference) -> dict:
     count = int(mask.sum())
     nbytes = int(np.asarray(token_bytes)[targets[mask]].sum())
     loss = nll / count

@@ -1,6 +1,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -229,3 +230,28 @@ def test_a_batch_never_holds_more_rows_than_windows(monkeypatch):
     one = metrics.evaluate(g, p, tokens, np.ones(64), metrics.Protocol.gptq(16), batch_size=8)
     three = metrics.evaluate(g, p, np.arange(49) % 64, np.ones(64), metrics.Protocol.gptq(16), batch_size=2)
     assert rows == [1, 2] and one["tokens"] == 15 and three["tokens"] == 45
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_blockwise_evaluation_equals_the_whole_model_step(style):
+    """A block at a time gives the whole-model step's sums; bf16 master weights (NumPy host arrays) give those of
+    their exact float32 values."""
+    make = mc.gpt2_style if style == "gpt2" else mc.llama_style
+    extra = {} if style == "gpt2" else dict(n_kv_head=1)
+    cfg = make(vocab_size=97, n_layer=3, n_head=2, d_model=32, max_seq_len=32, **extra)
+    g, p = models.init(cfg, 0)
+    tokens = np.random.default_rng(0).integers(0, 97, 200)
+    proto = metrics.Protocol(32, 16)
+    whole = metrics.evaluate(g, p, tokens, np.ones(97), proto, batch_size=4, attn_chunk=8, logits_chunk=8)
+    blocks = metrics.evaluate(g, p, tokens, np.ones(97), proto, batch_size=4, attn_chunk=8, logits_chunk=8,
+                              blockwise=True)  # fmt: skip
+    assert blocks["tokens"] == whole["tokens"] and blocks["loss"] == pytest.approx(whole["loss"], abs=1e-6)
+    import ml_dtypes
+
+    half = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), p)  # host arrays, bf16
+    exact = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), half)
+    want = metrics.evaluate(g, exact, tokens, np.ones(97), proto, batch_size=4)
+    got = metrics.evaluate(g, half, tokens, np.ones(97), proto, batch_size=4, blockwise=True)
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-6) and got["accuracy"] == want["accuracy"]
+    with pytest.raises(errors.UserError, match="one device and without a reference"):
+        metrics.evaluate(g, p, tokens, np.ones(97), proto, blockwise=True, reference=(g, p))

@@ -6,9 +6,11 @@
     hf.export(pre.cfg, pre.params, "out/dir", tokenizer=pre.tokenizer)   # transformers' from_pretrained loads it
 
 Families (see `families`): gpt2, llama, mistral, qwen2, opt, gpt_neox. Weights are read straight from the
-safetensors files (no torch); fp32, bf16 and fp16 checkpoints load into float32 master weights, and the compute
-dtype is the `dtype` argument. Every name, shape and dtype is checked against `config.json` before any weight is
-converted: a missing or extra tensor, or a shape that disagrees, is a one-line error naming the tensor.
+safetensors files (no torch); fp32, bf16 and fp16 checkpoints load into float32 master weights (what training and
+compression update), or with `params="checkpoint"` as stored (`ziplm eval`: a bf16 model in half the memory,
+evaluated a block at a time, the same numbers); the compute dtype is the `dtype`
+argument. Every name, shape and dtype is checked against `config.json` before any weight is converted: a missing
+or extra tensor, or a shape that disagrees, is a one-line error naming the tensor.
 
 Known gaps, each refused with a clear error: RoPE scalings other than linear and llama3 (dynamic, yarn, longrope),
 OPT-350m's post-LN and projection layers, Qwen2 per-layer sliding windows, PyTorch `.bin` checkpoints.
@@ -32,6 +34,7 @@ from research.files import AtomicDir
 from research.models.config import DTYPES, ModelConfig
 from research.models.hf import families, files
 
+PARAMS = ("float32", "checkpoint")  # the master weights' dtype (`load`)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *tokenizers.TOKENIZER_FILE_NAMES]
 
@@ -112,12 +115,15 @@ def read_hf_config(directory: Path):
         raise errors.UserError(f"cannot read {directory / 'config.json'}: {type(e).__name__}: {text}") from None
 
 
-def load(source: str, dtype: str = "float32") -> Pretrained:
+def load(source: str, dtype: str = "float32", params: str = "float32") -> Pretrained:
     """Loads a Hugging Face checkpoint (directory or hub id) into our parameter tree.
 
     Args:
       source: a directory with config.json and safetensors weights, or a hub id.
-      dtype: compute dtype of the model ("float32", "bfloat16", "float16"); weights stay float32.
+      dtype: compute dtype of the model ("float32", "bfloat16", "float16").
+      params: the master weights' dtype: "float32" (what training and compression update), or "checkpoint" (each
+        tensor as stored: a bf16 checkpoint stays bf16, half the memory; evaluate it with
+        `metrics.evaluate(..., blockwise=True)`, which converts one block at a time, exactly).
 
     Returns:
       A `Pretrained`.
@@ -127,10 +133,12 @@ def load(source: str, dtype: str = "float32") -> Pretrained:
     tok = f"hf:{directory}" if tokenizers.has_files(directory) else None
     if tok is None and getattr(hf_cfg, "ziplm_tokenizer", None) == "byte":
         tok = "byte"
-    return from_tensors(hf_cfg, files.Checkpoint(directory), directory, tok, dtype)
+    return from_tensors(hf_cfg, files.Checkpoint(directory), directory, tok, dtype, params)
 
 
-def from_tensors(hf_cfg, ckpt, where, tokenizer: str | None, dtype: str = "float32") -> Pretrained:
+def from_tensors(
+    hf_cfg, ckpt, where, tokenizer: str | None, dtype: str = "float32", params: str = "float32"
+) -> Pretrained:
     """Converts Hugging Face-named tensors into our parameter tree, checking every name and shape first.
 
     Args:
@@ -139,7 +147,8 @@ def from_tensors(hf_cfg, ckpt, where, tokenizer: str | None, dtype: str = "float
         Hugging Face layout); `files.Checkpoint` for safetensors, `gguf.Tensors` for GGUF files.
       where: the checkpoint's location, for messages and `Pretrained.directory`.
       tokenizer: the tokenizer spec to record.
-      dtype: compute dtype; weights stay float32.
+      dtype: compute dtype.
+      params: "float32" master weights, or "checkpoint": each tensor in its stored float dtype (see `load`).
 
     Returns:
       A `Pretrained`.
@@ -165,9 +174,12 @@ def from_tensors(hf_cfg, ckpt, where, tokenizer: str | None, dtype: str = "float
             raise errors.UserError(
                 f"tensor {stored} has shape {tuple(got)} but the config implies {tuple(want)} ({directory})"
             )
+    if params not in PARAMS:
+        raise errors.UserError(f"params must be one of {PARAMS}, got {params!r}")
     flat = {}
     for rule in rules:
-        array = np.asarray(ckpt.get(names[rule.hf])).astype(np.float32, copy=False)
+        array = np.asarray(ckpt.get(names[rule.hf]))
+        array = array.astype(np.float32 if params == "float32" else array.dtype, copy=False)
         for path, part in zip(rule.ours, families.to_ours(rule, array, [shapes[p] for p in rule.ours])):
             flat[path] = jnp.asarray(part)  # one tensor at a time: peak memory stays near the model's size
     params = tree.map_with_path(lambda p, _: flat[p], abstract)
