@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from research import errors, models
+from research.compress import journal as journal_lib
 from research.models import loss as loss_lib
 from research.models import transformer
 from research.parallel import distributed, sharding
@@ -55,6 +57,10 @@ class Calibration:
     inputs: np.ndarray
     batch_size: int = 8
     mesh: Any = None  # a device mesh: batches split over its "data" axis, parameters replicated (None: one device)
+    # Where the walks journal their finished blocks (`compress.journal`), one subdirectory per walk in call order;
+    # None: nothing is saved. The compress pipeline points it into its `.partial` directory.
+    journal: Path | None = None
+    _walks: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mesh is not None and self.batch_size % self.mesh.shape["data"]:
@@ -73,6 +79,13 @@ class Calibration:
     def replicate(self, tree):
         """Parameters on every device of the mesh (unchanged without one)."""
         return tree if self.mesh is None else sharding.replicate(tree, self.mesh)
+
+    def journal_for(self, desc: str):
+        """The journal of the next walk (`<journal>/<nn>-<desc>`), or None without a journal directory."""
+        self._walks.append(desc)
+        if self.journal is None:
+            return None
+        return journal_lib.Journal(Path(self.journal) / f"{len(self._walks) - 1:02d}-{desc.replace(' ', '-')}")
 
     def batches(self):
         for i in range(0, len(self.inputs), self.batch_size):
@@ -203,6 +216,7 @@ def walk(
     progress: bool | None = None,
     desc: str = "calibrate",
     head: Callable | None = None,
+    records: tuple = (),
 ):
     """Walks the blocks in order, calibrating each on the outputs of the already-rewritten blocks before it.
 
@@ -219,12 +233,17 @@ def walk(
       head: None, or (statistic of the final-normed hidden states, number of tokens) -> None, called after every
         block has been rewritten and run: the head's input statistic (an untied `lm_head` kernel's, or a tied
         embedding's used as the head), computed on the outputs of the compressed blocks.
+      records: the dicts `visit` writes its per-block results into (codes, masks, ...). With a journal
+        (`Calibration.journal`) each finished block's new kernels and new record entries are saved, and a rerun
+        replays them instead of visiting the block again (`compress.journal`): an interrupted compress continues
+        at its first unfinished block, with the same result bit for bit.
 
     Returns:
       params with the kernels `visit` returned.
     """
     if stat not in STATS:
         raise ValueError(f"stat must be one of {STATS}")
+    book = calib.journal_for(desc) if jax.process_count() == 1 else None  # one process writes and reads it
     targets = block_targets(paths)
     model = models.merge(calib.graphdef, params)
     block_def = nnx.split(model.layers[0], nnx.Param)[0]
@@ -239,13 +258,24 @@ def walk(
     for i in tqdm(range(last + 1), desc=desc, disable=None if progress is None else not progress):
         names = targets.get(i, [])
         if names:
-            total: dict = {}
-            for x, pos in zip(xs, positions):
-                _, stats = _run_block(block_def, layers[i], x, pos, stat, tuple(sorted(names)))
-                for name in names:
-                    total[name] = stats[name] if name not in total else total[name] + stats[name]
             kernels = {name: _get(layers[i], name) for name in names}
-            new = visit(i, total, n_tokens, kernels)
+            made_from = journal_lib.key(kernels, stat) if book is not None else None
+            saved = book.get(i, made_from) if book is not None else None
+            if saved is not None:  # finished before an interruption: replayed, not recomputed
+                new, entries = saved
+                for record, entry in zip(records, entries):
+                    record.update(entry)
+            else:
+                total: dict = {}
+                for x, pos in zip(xs, positions):
+                    _, stats = _run_block(block_def, layers[i], x, pos, stat, tuple(sorted(names)))
+                    for name in names:
+                        total[name] = stats[name] if name not in total else total[name] + stats[name]
+                before = [set(record) for record in records]
+                new = visit(i, total, n_tokens, kernels)
+                if book is not None:
+                    entries = [{k: v for k, v in record.items() if k not in b} for record, b in zip(records, before)]
+                    book.put(i, made_from, (new, entries))
             layers[i] = calib.replicate(_set(layers[i], new))
         if i < last or head is not None:
             xs = [_run_block(block_def, layers[i], x, pos, None)[0] for x, pos in zip(xs, positions)]  # propagate

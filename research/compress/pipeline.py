@@ -355,7 +355,8 @@ def run(cfg: mlc.ConfigDict, workdir: str | Path, *, overwrite: bool = False, pr
     try:
         summary = _locked(job, atomic, partial, t0)
     except BaseException:
-        if distributed.is_main() and _resume_step(partial) is None:  # nothing to resume: leave nothing behind
+        resumable = _resume_step(partial) is not None or any((partial / "calibration").glob("*/block-*"))
+        if distributed.is_main() and not resumable:  # nothing to resume: leave nothing behind
             shutil.rmtree(partial, ignore_errors=True)
         raise
     if distributed.is_main():
@@ -377,7 +378,8 @@ def _locked(job: _Job, atomic, partial: Path, t0: float) -> dict:
 
 
 def _partial_dir(out: Path, cfg, overwrite: bool) -> Path:
-    """`.<name>.partial` beside the output: the fine-tuning checkpoints and metrics of a run that has not finished.
+    """`.<name>.partial` beside the output: the calibration journal (`compress.journal`), fine-tuning checkpoints
+    and metrics of a run that has not finished.
     It is resumed when it holds this config, refused when it holds another (replaced with `overwrite`)."""
     partial = out.with_name(f".{out.name}.partial")
     saved = partial / "config.json"
@@ -429,7 +431,8 @@ def _run(job: _Job, atomic, t0: float) -> dict:
     if any(registry.needs_calibration(x) for x in job.specs):
         c = cfg.calibration
         inputs = calib_lib.sample(job.calib_tokens, c.n, c.length, c.seed, job.m.cfg.max_seq_len)
-        calib = calib_lib.Calibration(job.m.graphdef, inputs, c.batch_size, job.mesh if job.spread else None)
+        journal = job.partial / "calibration" if job.partial is not None else None  # resumable walks
+        calib = calib_lib.Calibration(job.m.graphdef, inputs, c.batch_size, job.mesh if job.spread else None, journal)
     _reserve_header(job)
     with job.timed("compress"):
         transform, cstate, base, stages, offset = _staged(job, calib)

@@ -193,7 +193,7 @@ def sparsegpt(
                 deltas[path] = jnp.where(found[path], out[name] - k, jnp.zeros((), k.dtype))
             return out
 
-        calib.walk(calib_data, params, paths, visit, stat="hessian", desc="sparsegpt")
+        calib.walk(calib_data, params, paths, visit, stat="hessian", desc="sparsegpt", records=(found, deltas))
         return {"masks": core.touched_tree(params, found), "delta": core.touched_tree(params, deltas)}
 
     def apply(params, state):

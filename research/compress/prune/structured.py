@@ -137,7 +137,7 @@ def _activation(params, lay: Layout | None, calib: calib_lib.Calibration):
         out[i] = (heads, jnp.sqrt(stats["mlp/down"]))
         return kernels
 
-    calib_lib.walk(calib, params, paths, visit, stat="sqnorm", progress=False, desc="activation scores")
+    calib_lib.walk(calib, params, paths, visit, stat="sqnorm", progress=False, desc="activation scores", records=(out,))
     return _stack([out[i] for i in sorted(out)])
 
 

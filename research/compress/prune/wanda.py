@@ -75,7 +75,7 @@ def wanda(
             found.update({f"layers/{i}/{name}/kernel": m[name] for name in kernels})
             return {name: jnp.where(m[name], k, jnp.zeros((), k.dtype)) for name, k in kernels.items()}
 
-        calib.walk(calib_data, params, paths, visit, stat="sqnorm", desc="wanda")
+        calib.walk(calib_data, params, paths, visit, stat="sqnorm", desc="wanda", records=(found,))
         return found
 
     return masks.transform(compute)

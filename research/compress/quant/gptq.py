@@ -266,7 +266,16 @@ def gptq(
                 else:
                     leaves[p] = quantize(p, flat[p], hessian, grid)
 
-        calib.walk(calib_data, params, paths, visit, stat="hessian", desc="gptq", head=head if heads else None)
+        calib.walk(
+            calib_data,
+            params,
+            paths,
+            visit,
+            stat="hessian",
+            desc="gptq",
+            head=head if heads else None,
+            records=(leaves,),
+        )
         return rtn_lib.codes_state(params, leaves, grid)
 
     return core.Transform(init, rtn_lib.dequantizer(grid), export=rtn_lib.exporter(grid))
