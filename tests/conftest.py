@@ -56,6 +56,7 @@ SLOW_FIRST = (
     "tests/compress/test_finetune_resume.py",
     "tests/test_cli.py",
     "tests/train/test_resume.py",
+    "tests/compress/test_calib_resume.py",
 )
 
 
